@@ -1,0 +1,62 @@
+"""Pure configuration: frozen attrs classes and their owned-pattern builders. No I/O, no GPU."""
+
+from .consolidator import (
+    ConsolidatorMode,
+    EventSource,
+    KvEventConsolidatorConfig,
+    KvEventConsolidatorConfigBuilder,
+)
+from .env import CacheSizes, cache_sizes_from_env, should_bypass_cpu_cache
+from .layout import (
+    BlockParallelismStrategy,
+    FullyContiguous,
+    KvManagerLayoutConfig,
+    KvManagerLayoutConfigBuilder,
+    LayerSeparate,
+    LayoutType,
+)
+from .manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
+from .model import KvManagerModelConfig, KvManagerModelConfigBuilder
+from .protocols import EventManager, OffloadFilter, Storage, StorageAllocator, StorageKind, Tier
+from .runtime import (
+    CancellationToken,
+    KvManagerRuntimeConfig,
+    KvManagerRuntimeConfigBuilder,
+    NixlMode,
+    NixlOptions,
+)
+from .sizes import GB, GiB, parse_size
+
+__all__ = [
+    "GB",
+    "BlockParallelismStrategy",
+    "CacheSizes",
+    "CancellationToken",
+    "ConsolidatorMode",
+    "EventManager",
+    "EventSource",
+    "FullyContiguous",
+    "GiB",
+    "KvBlockManagerConfig",
+    "KvBlockManagerConfigBuilder",
+    "KvEventConsolidatorConfig",
+    "KvEventConsolidatorConfigBuilder",
+    "KvManagerLayoutConfig",
+    "KvManagerLayoutConfigBuilder",
+    "KvManagerModelConfig",
+    "KvManagerModelConfigBuilder",
+    "KvManagerRuntimeConfig",
+    "KvManagerRuntimeConfigBuilder",
+    "LayerSeparate",
+    "LayoutType",
+    "NixlMode",
+    "NixlOptions",
+    "OffloadFilter",
+    "Storage",
+    "StorageAllocator",
+    "StorageKind",
+    "Tier",
+    "cache_sizes_from_env",
+    "parse_size",
+    "should_bypass_cpu_cache",
+]

@@ -1,0 +1,107 @@
+"""The builder machinery every config reuses: derive_builder's owned pattern, in Python.
+
+- each setter stores its value and returns the builder, so calls chain;
+- ``build()`` consumes the builder (using it afterwards raises :class:`BuilderConsumedError`);
+  ``clone()`` first to keep a template;
+- ``_validate`` is the ``build_fn(validate = ...)`` hook; it runs first and sees which setters were called;
+- a required field left unset gives :class:`UninitializedFieldError`
+  (`` `<field>` must be initialized ``, first missing in declaration order);
+- every problem found in one ``build()`` is reported together, in one error.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar, Generic, TypeVar
+
+import attrs
+
+from ..errors import BuilderConsumedError, ConfigError, Problem, UninitializedFieldError
+from ._rules import Validated
+
+T = TypeVar("T", bound=Validated)
+B = TypeVar("B", bound="Builder[Any]")
+
+
+class Builder(Generic[T]):
+    """Base of every ``XxxBuilder``. Subclasses set ``_target`` and write one typed setter per field."""
+
+    _target: ClassVar[type[Validated]]
+    __slots__ = ("_consumed", "_rejected", "_values")
+
+    def __init__(self) -> None:
+        self._values: dict[str, object] = {}
+        self._rejected: dict[str, str] = {}
+        self._consumed = False
+
+    def _set(self: B, name: str, value: object) -> B:
+        self._live(name)
+        self._values[name] = value
+        self._rejected.pop(name, None)
+        return self
+
+    def _reject(self: B, name: str, message: str) -> B:
+        """A custom setter got input it cannot use: counted as set, reported at ``build()``."""
+        self._live(name)
+        self._values.pop(name, None)
+        self._rejected[name] = message
+        return self
+
+    def _live(self, doing: str) -> None:
+        if self._consumed:
+            raise BuilderConsumedError(
+                f"{type(self).__name__} was consumed by build(); calling `{doing}` on it does nothing useful. "
+                "Call .clone() before build() to keep a builder as a template."
+            )
+
+    def is_set(self, name: str) -> bool:
+        """Whether the setter of ``name`` was called (even with ``None``)."""
+        return name in self._values or name in self._rejected
+
+    def clone(self: B) -> B:
+        """An independent copy (values are shallow-copied), e.g. one model builder per tier."""
+        self._live("clone")
+        twin = copy.copy(self)
+        twin._values = dict(self._values)
+        twin._rejected = dict(self._rejected)
+        twin._consumed = False
+        return twin
+
+    def _validate(self) -> list[Problem]:
+        """The build_fn(validate) hook; runs before the missing-field check."""
+        return []
+
+    def build(self) -> T:
+        """Validate everything and return the frozen config. Consumes the builder."""
+        self._live("build")
+        self._consumed = True
+        target = self._target
+        root = target._kvbm_root
+        problems = self._validate()
+        problems.extend(Problem((name,), message) for name, message in self._rejected.items())
+        values = dict(self._values)
+        missing = [
+            f.name
+            for f in attrs.fields(target)
+            if f.default is attrs.NOTHING and f.name not in values and f.name not in self._rejected
+        ]
+        if missing:
+            # Upstream's order: a failing validate hook is reported before a missing field.
+            hook_failed = bool(problems)
+            problems.extend(Problem((name,), "must be initialized") for name in missing)
+            problems.extend(target.check_values(values))
+            if hook_failed:
+                raise ConfigError(problems, root)
+            raise UninitializedFieldError(problems, root, missing)
+        try:
+            built = target(**values)
+        except ConfigError as err:
+            # the hook and the class may both see an exclusive choice: say it once
+            raise ConfigError(dict.fromkeys([*problems, *err.problems]), root) from None
+        if problems:
+            raise ConfigError(problems, root)
+        return built  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        state = "consumed" if self._consumed else ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        return f"{type(self).__name__}({state})"

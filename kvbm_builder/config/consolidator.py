@@ -1,0 +1,150 @@
+"""``KvEventConsolidatorConfig``: deduplicating KV events of the engine (G1) and KVBM (G2/G3)."""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+import attrs
+
+from ..errors import ConfigError, Problem
+from ._builder import Builder
+from ._rules import Validated, endpoint, instance, rule, show
+
+DEFAULT_ENGINE_EVENT_ENDPOINT = "tcp://localhost:5557"
+DEFAULT_CONSOLIDATED_EVENT_ENDPOINT = "tcp://*:5558"
+
+
+class EventSource(enum.Enum):
+    """Who publishes the events the consolidator reads."""
+
+    Vllm = "vllm"
+    Trtllm = "trtllm"
+    Kvbm = "kvbm"
+
+    @classmethod
+    def parse(cls, value: object) -> EventSource:
+        """Case-insensitive: ``vllm``/``gpu``, ``trtllm``/``tensorrt-llm``/``tensorrt_llm``, ``kvbm``."""
+        if isinstance(value, EventSource):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace("_", "-")
+            found = _SOURCE_NAMES.get(key)
+            if found is not None:
+                return found
+        raise ConfigError(
+            [Problem((), f"must be an event source (vllm, gpu, trtllm, tensorrt-llm, kvbm), got {show(value)}")]
+        )
+
+
+_SOURCE_NAMES = {
+    "vllm": EventSource.Vllm,
+    "gpu": EventSource.Vllm,
+    "trtllm": EventSource.Trtllm,
+    "tensorrt-llm": EventSource.Trtllm,
+    "kvbm": EventSource.Kvbm,
+}
+
+
+class ConsolidatorMode(enum.Enum):
+    dedup = "dedup"
+    passthrough = "passthrough"
+
+    @classmethod
+    def parse(cls, value: object) -> ConsolidatorMode:
+        if isinstance(value, ConsolidatorMode):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("dedup", "passthrough"):
+            return cls(value.strip().lower())
+        raise ConfigError([Problem((), f"must be 'dedup' or 'passthrough', got {show(value)}")])
+
+
+@attrs.frozen(kw_only=True)
+class KvEventConsolidatorConfig(Validated):
+    """Where the engine publishes its events, where consolidated events go, who the engine is."""
+
+    _kvbm_root: ClassVar[str] = "consolidator_config"
+
+    engine_event_endpoint: str = attrs.field(default=DEFAULT_ENGINE_EVENT_ENDPOINT, metadata=rule(endpoint))
+    consolidated_event_endpoint: str = attrs.field(
+        default=DEFAULT_CONSOLIDATED_EVENT_ENDPOINT, metadata=rule(endpoint)
+    )
+    engine_source: EventSource = attrs.field(
+        default=EventSource.Vllm, metadata=rule(instance(EventSource, what="an EventSource"))
+    )
+    mode: ConsolidatorMode = attrs.field(
+        default=ConsolidatorMode.dedup, metadata=rule(instance(ConsolidatorMode, what="a ConsolidatorMode"))
+    )
+
+    @classmethod
+    def new_vllm(cls, engine_event_endpoint: str, consolidated_event_endpoint: str) -> KvEventConsolidatorConfig:
+        return cls(
+            engine_event_endpoint=engine_event_endpoint,
+            consolidated_event_endpoint=consolidated_event_endpoint,
+            engine_source=EventSource.Vllm,
+        )
+
+    @classmethod
+    def new_trtllm(
+        cls, engine_event_endpoint: str, consolidated_event_endpoint: str
+    ) -> KvEventConsolidatorConfig:
+        return cls(
+            engine_event_endpoint=engine_event_endpoint,
+            consolidated_event_endpoint=consolidated_event_endpoint,
+            engine_source=EventSource.Trtllm,
+        )
+
+    @staticmethod
+    def builder() -> KvEventConsolidatorConfigBuilder:
+        return KvEventConsolidatorConfigBuilder()
+
+
+class KvEventConsolidatorConfigBuilder(Builder[KvEventConsolidatorConfig]):
+    _target = KvEventConsolidatorConfig
+
+    def engine_event_endpoint(self, value: str) -> KvEventConsolidatorConfigBuilder:
+        return self._set("engine_event_endpoint", value)
+
+    def consolidated_event_endpoint(self, value: str) -> KvEventConsolidatorConfigBuilder:
+        return self._set("consolidated_event_endpoint", value)
+
+    def engine_source(self, value: EventSource | str) -> KvEventConsolidatorConfigBuilder:
+        try:
+            return self._set("engine_source", EventSource.parse(value))
+        except ConfigError as err:
+            return self._reject("engine_source", err.problems[0].message)
+
+    def mode(self, value: ConsolidatorMode | str) -> KvEventConsolidatorConfigBuilder:
+        try:
+            return self._set("mode", ConsolidatorMode.parse(value))
+        except ConfigError as err:
+            return self._reject("mode", err.problems[0].message)
+
+
+def consolidator_from_setter(
+    engine_endpoint: object, output_endpoint: object, engine_source: object
+) -> KvEventConsolidatorConfig | str:
+    """Upstream's custom ``consolidator_config(engine_endpoint, output_endpoint, engine_source)`` rules.
+
+    Returns the config, or a message saying why these arguments cannot make one (upstream panics).
+    """
+    try:
+        source = EventSource.parse(engine_source)
+    except ConfigError as err:
+        return f"engine_source {err.problems[0].message}"
+    if source is EventSource.Kvbm:
+        return (
+            "engine_source Kvbm is not valid here: KVBM's own events reach the consolidator directly, "
+            "not over ZMQ; use EventSource.Vllm or EventSource.Trtllm"
+        )
+    if output_endpoint is None:
+        which = "vLLM" if source is EventSource.Vllm else "TensorRT-LLM (the endpoint the consolidator publishes on)"
+        return f"output_endpoint is required for {which}; e.g. 'tcp://*:5558'"
+    try:
+        return KvEventConsolidatorConfig(
+            engine_event_endpoint=engine_endpoint,  # type: ignore[arg-type]
+            consolidated_event_endpoint=output_endpoint,  # type: ignore[arg-type]
+            engine_source=source,
+        )
+    except ConfigError as err:
+        return "; ".join(f"{p.path[0]} {p.message}" for p in err.problems)

@@ -1,0 +1,208 @@
+"""``KvManagerLayoutConfig``: how many blocks a tier holds, in what layout, backed by what memory."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import attrs
+
+from ..errors import ConfigError, Problem
+from ._builder import Builder
+from ._rules import Validated, has_attributes, instance, integer, optional, power_of_two, rule, show
+from .protocols import OffloadFilter, Storage, StorageAllocator
+
+S = TypeVar("S", bound=Storage)
+
+
+class LayoutType:
+    """Base of the layout types; parse upstream's spellings with :meth:`parse`."""
+
+    __slots__ = ()
+
+    ACCEPTED: ClassVar[tuple[str, ...]] = (
+        "fullycontiguous",
+        "layerseparateoutercontiguous",
+        "layerseparateblockcontiguous",
+    )
+
+    @staticmethod
+    def parse(value: object) -> LayoutType:
+        """``"FullyContiguous"``, ``"layer_separate_outer_contiguous"``, ``"layer-separate-block-contiguous"``,
+        upstream's ``{"LayerSeparate": {"outer_contiguous": true}}``, or a LayoutType itself."""
+        if isinstance(value, LayoutType):
+            return value
+        if isinstance(value, str):
+            key = value.lower().replace("_", "").replace("-", "")
+            if key == "fullycontiguous":
+                return FullyContiguous()
+            if key == "layerseparateoutercontiguous":
+                return LayerSeparate(outer_contiguous=True)
+            if key == "layerseparateblockcontiguous":
+                return LayerSeparate(outer_contiguous=False)
+            raise ConfigError(
+                [Problem((), f"unknown layout {value!r}; accepted: {', '.join(LayoutType.ACCEPTED)}")]
+            )
+        if isinstance(value, Mapping) and len(value) == 1:
+            ((name, body),) = value.items()
+            if isinstance(name, str) and name.lower().replace("_", "") == "layerseparate":
+                if isinstance(body, Mapping) and set(body) == {"outer_contiguous"}:
+                    flag = body["outer_contiguous"]
+                    if isinstance(flag, bool):
+                        return LayerSeparate(outer_contiguous=flag)
+                raise ConfigError(
+                    [Problem((), f"LayerSeparate needs {{'outer_contiguous': true|false}}, got {body!r}")]
+                )
+            if isinstance(name, str) and name.lower().replace("_", "") == "fullycontiguous" and not body:
+                return FullyContiguous()
+        raise ConfigError(
+            [Problem((), f"must be a layout name ({', '.join(LayoutType.ACCEPTED)}), got {show(value)}")]
+        )
+
+    def to_upstream(self) -> str | dict[str, dict[str, bool]]:
+        """Upstream's serialized form: ``"FullyContiguous"`` or ``{"LayerSeparate": {"outer_contiguous": b}}``."""
+        raise NotImplementedError
+
+
+@attrs.frozen
+class FullyContiguous(LayoutType):
+    """One allocation: ``[num_blocks, num_layers, outer_dim, page_size, inner_dim]``."""
+
+    def to_upstream(self) -> str:
+        return "FullyContiguous"
+
+    def __str__(self) -> str:
+        return "FullyContiguous"
+
+
+@attrs.frozen
+class LayerSeparate(LayoutType):
+    """One allocation per layer: ``[outer_dim, num_blocks, ...]`` when ``outer_contiguous`` else
+    ``[num_blocks, outer_dim, ...]`` (block-contiguous)."""
+
+    outer_contiguous: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+
+    def to_upstream(self) -> dict[str, dict[str, bool]]:
+        return {"LayerSeparate": {"outer_contiguous": self.outer_contiguous}}
+
+    def __str__(self) -> str:
+        return f"LayerSeparate(outer_contiguous={self.outer_contiguous})"
+
+
+class BlockParallelismStrategy(enum.Enum):
+    """KV blocks are sharded across all workers under a leader."""
+
+    LeaderWorkerSharded = "leader_worker_sharded"
+
+
+def _storages_check(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return f"must be a list of storages (or None), got {show(value)}"
+    for i, item in enumerate(value):
+        if not isinstance(item, Storage):
+            return f"item {i} must be a storage (with kind, addr, size), got {show(item)}"
+    return None
+
+
+_allocator_check = optional(
+    has_attributes(("storage_kind", "allocate"), "a storage allocator (with storage_kind and allocate())")
+)
+
+
+@attrs.frozen(kw_only=True)
+class KvManagerLayoutConfig(Validated, Generic[S]):
+    """A tier's layout. Exactly one of ``storage``, ``allocator`` or ``logical`` is chosen with the builder
+    (upstream's rule: a setter called with ``None`` still counts). ``alignment`` (default 1, a power of two)
+    pads each block (or region) so every block starts on an aligned address."""
+
+    _kvbm_root: ClassVar[str] = "layout"
+
+    num_blocks: int = attrs.field(metadata=rule(integer(min=1)))
+    layout_type: LayoutType = attrs.field(
+        factory=FullyContiguous,
+        metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))")),
+    )
+    storage: Sequence[S] | None = attrs.field(
+        default=None, converter=lambda v: tuple(v) if isinstance(v, list) else v, metadata=rule(_storages_check)
+    )
+    allocator: StorageAllocator | None = attrs.field(default=None, metadata=rule(_allocator_check))
+    logical: BlockParallelismStrategy | None = attrs.field(
+        default=None,
+        metadata=rule(optional(instance(BlockParallelismStrategy, what="a BlockParallelismStrategy or None"))),
+    )
+    offload_filter: OffloadFilter | None = attrs.field(
+        default=None,
+        eq=False,
+        metadata=rule(optional(has_attributes(("should_offload",), "an offload filter (should_offload())"))),
+    )
+    alignment: int = attrs.field(default=1, metadata=rule(power_of_two))
+
+    @classmethod
+    def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
+        chosen = [name for name in ("storage", "allocator", "logical") if values.get(name) is not None]
+        if len(chosen) > 1:
+            return [Problem((chosen[1],), exclusive_message(chosen))]
+        return []
+
+    @property
+    def storage_kind(self) -> Any:
+        """The kind of memory backing this tier, when an allocator or storages say so (else None)."""
+        if self.allocator is not None:
+            return self.allocator.storage_kind
+        if self.storage:
+            return self.storage[0].kind
+        return None
+
+    @staticmethod
+    def builder() -> KvManagerLayoutConfigBuilder[Any]:
+        return KvManagerLayoutConfigBuilder()
+
+
+def exclusive_message(chosen: Sequence[str]) -> str:
+    return (
+        f"only one of `storage`, `allocator` or `logical` may be chosen, but {', '.join(f'`{c}`' for c in chosen)}"
+        " were set"
+    )
+
+
+class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]):
+    _target = KvManagerLayoutConfig
+
+    def num_blocks(self, value: int) -> KvManagerLayoutConfigBuilder[S]:
+        return self._set("num_blocks", value)
+
+    def layout_type(self, value: LayoutType | str) -> KvManagerLayoutConfigBuilder[S]:
+        """A LayoutType, or one of its names (normalised as upstream: case, ``_`` and ``-`` ignored)."""
+        if isinstance(value, str):
+            try:
+                return self._set("layout_type", LayoutType.parse(value))
+            except ConfigError as err:
+                return self._reject("layout_type", err.problems[0].message)
+        return self._set("layout_type", value)
+
+    def storage(self, value: Sequence[S] | None) -> KvManagerLayoutConfigBuilder[S]:
+        return self._set("storage", value)
+
+    def allocator(self, allocator: StorageAllocator) -> KvManagerLayoutConfigBuilder[S]:
+        """Custom setter: the allocator that makes this tier's storages (e.g. ``DeviceAllocator(0)``)."""
+        return self._set("allocator", allocator)
+
+    def logical(self, value: BlockParallelismStrategy | None) -> KvManagerLayoutConfigBuilder[S]:
+        return self._set("logical", value)
+
+    def offload_filter(self, value: OffloadFilter | None) -> KvManagerLayoutConfigBuilder[S]:
+        return self._set("offload_filter", value)
+
+    def alignment(self, value: int) -> KvManagerLayoutConfigBuilder[S]:
+        return self._set("alignment", value)
+
+    def _validate(self) -> list[Problem]:
+        chosen = [name for name in ("storage", "allocator", "logical") if self.is_set(name)]
+        if not chosen:
+            return [Problem((), "must provide either `storage` or `allocator` or `logical`")]
+        if len(chosen) > 1:
+            return [Problem((chosen[1],), exclusive_message(chosen))]
+        return []

@@ -1,0 +1,147 @@
+"""``KvBlockManagerConfig``: the whole cache hierarchy: runtime, model, up to three tiers, extras."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from ..errors import Problem
+from ._builder import Builder
+from ._rules import Validated, has_attributes, instance, optional, rule
+from .consolidator import EventSource, KvEventConsolidatorConfig, consolidator_from_setter
+from .layout import KvManagerLayoutConfig
+from .model import KvManagerModelConfig
+from .protocols import EventManager, Tier
+from .runtime import KvManagerRuntimeConfig
+
+_layout = rule(optional(instance(KvManagerLayoutConfig, what="a KvManagerLayoutConfig (build it first)")))
+
+
+@attrs.frozen(kw_only=True)
+class KvBlockManagerConfig(Validated):
+    """Everything a KV block manager needs. Tiers are optional; each tier's storage kind must suit its
+    slot (device memory for ``device_layout``, pinned or system memory for ``host_layout``, a file for
+    ``disk_layout``)."""
+
+    _kvbm_root: ClassVar[str] = ""
+
+    runtime: KvManagerRuntimeConfig = attrs.field(
+        metadata=rule(instance(KvManagerRuntimeConfig, what="a KvManagerRuntimeConfig (build it first)"))
+    )
+    model: KvManagerModelConfig = attrs.field(
+        metadata=rule(instance(KvManagerModelConfig, what="a KvManagerModelConfig (build it first)"))
+    )
+    device_layout: KvManagerLayoutConfig[Any] | None = attrs.field(default=None, metadata=_layout)
+    host_layout: KvManagerLayoutConfig[Any] | None = attrs.field(default=None, metadata=_layout)
+    disk_layout: KvManagerLayoutConfig[Any] | None = attrs.field(default=None, metadata=_layout)
+    event_manager: EventManager | None = attrs.field(
+        default=None,
+        eq=False,
+        metadata=rule(optional(has_attributes(("on_store", "on_remove"), "an event manager"))),
+    )
+    block_reset_channel: Any = attrs.field(default=None, eq=False)
+    kvbm_metrics: Any = attrs.field(default=None, eq=False)
+    consolidator_config: KvEventConsolidatorConfig | None = attrs.field(
+        default=None,
+        metadata=rule(optional(instance(KvEventConsolidatorConfig, what="a KvEventConsolidatorConfig"))),
+    )
+
+    @classmethod
+    def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
+        problems: list[Problem] = []
+        for tier in Tier:
+            layout = good.get(tier.slot)
+            if not isinstance(layout, KvManagerLayoutConfig):
+                continue
+            problems.extend(p.under(tier.slot) for p in tier_problems(tier, layout))
+        consolidator = good.get("consolidator_config")
+        if isinstance(consolidator, KvEventConsolidatorConfig) and consolidator.engine_source is EventSource.Kvbm:
+            problems.append(
+                Problem(
+                    ("consolidator_config", "engine_source"),
+                    "Kvbm is not valid here: KVBM's own events reach the consolidator directly; "
+                    "use vllm or trtllm",
+                )
+            )
+        return problems
+
+    def tiers(self) -> list[tuple[Tier, KvManagerLayoutConfig[Any]]]:
+        """The configured tiers, fastest first."""
+        return [(t, lay) for t in Tier if (lay := getattr(self, t.slot)) is not None]
+
+    @staticmethod
+    def builder() -> KvBlockManagerConfigBuilder:
+        return KvBlockManagerConfigBuilder()
+
+
+def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Problem]:
+    """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout)."""
+    problems: list[Problem] = []
+    accepted = " or ".join(sorted(k.value for k in tier.accepts))
+    if layout.allocator is not None:
+        kind = layout.allocator.storage_kind
+        if kind not in tier.accepts:
+            problems.append(
+                Problem(
+                    ("allocator",),
+                    f"a {getattr(kind, 'value', kind)} allocator cannot back the {tier.words}; "
+                    f"it needs {accepted} memory",
+                )
+            )
+    for i, storage in enumerate(layout.storage or ()):
+        if storage.kind not in tier.accepts:
+            problems.append(
+                Problem(
+                    ("storage", i),
+                    f"{getattr(storage.kind, 'value', storage.kind)} storage cannot back the {tier.words}; "
+                    f"it needs {accepted} memory",
+                )
+            )
+    if tier is Tier.G3 and layout.offload_filter is not None:
+        problems.append(
+            Problem(("offload_filter",), "the disk tier is the last tier: there is nothing to offload to")
+        )
+    return problems
+
+
+class KvBlockManagerConfigBuilder(Builder[KvBlockManagerConfig]):
+    _target = KvBlockManagerConfig
+
+    def runtime(self, value: KvManagerRuntimeConfig) -> KvBlockManagerConfigBuilder:
+        return self._set("runtime", value)
+
+    def model(self, value: KvManagerModelConfig) -> KvBlockManagerConfigBuilder:
+        return self._set("model", value)
+
+    def device_layout(self, value: KvManagerLayoutConfig[Any]) -> KvBlockManagerConfigBuilder:
+        return self._set("device_layout", value)
+
+    def host_layout(self, value: KvManagerLayoutConfig[Any]) -> KvBlockManagerConfigBuilder:
+        return self._set("host_layout", value)
+
+    def disk_layout(self, value: KvManagerLayoutConfig[Any]) -> KvBlockManagerConfigBuilder:
+        return self._set("disk_layout", value)
+
+    def event_manager(self, value: EventManager | None) -> KvBlockManagerConfigBuilder:
+        return self._set("event_manager", value)
+
+    def block_reset_channel(self, value: Any) -> KvBlockManagerConfigBuilder:
+        return self._set("block_reset_channel", value)
+
+    def kvbm_metrics(self, value: Any) -> KvBlockManagerConfigBuilder:
+        return self._set("kvbm_metrics", value)
+
+    def consolidator_config(
+        self,
+        engine_endpoint: str,
+        output_endpoint: str | None,
+        engine_source: EventSource | str,
+    ) -> KvBlockManagerConfigBuilder:
+        """Custom setter (upstream's): Vllm and Trtllm need ``output_endpoint``; Kvbm is never valid here.
+        Where upstream panics, this records a configuration error reported by ``build()``."""
+        made = consolidator_from_setter(engine_endpoint, output_endpoint, engine_source)
+        if isinstance(made, str):
+            return self._reject("consolidator_config", made)
+        return self._set("consolidator_config", made)

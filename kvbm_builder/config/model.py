@@ -1,0 +1,73 @@
+"""``KvManagerModelConfig``: the shape of one KV block, from the model's attention."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+from ._builder import Builder
+from ._rules import Validated, integer, one_of, rule
+
+DTYPE_WIDTHS = (1, 2, 4, 8)
+
+
+@attrs.frozen(kw_only=True)
+class KvManagerModelConfig(Validated):
+    """A block holds ``page_size`` tokens of every layer: ``[num_layers, outer_dim, page_size, inner_dim]``.
+
+    Checked at construction and at ``build()`` (upstream checks only when the manager starts).
+    """
+
+    _kvbm_root: ClassVar[str] = "model"
+
+    num_layers: int = attrs.field(metadata=rule(integer(min=1)))
+    outer_dim: int = attrs.field(metadata=rule(integer(min=1, max=2), "2 = separate K and V; 1 = MLA/fused"))
+    page_size: int = attrs.field(metadata=rule(integer(min=1), "tokens per block"))
+    inner_dim: int = attrs.field(metadata=rule(integer(min=1), "elements per token, e.g. kv_heads * head_dim"))
+    dtype_width_bytes: int = attrs.field(default=2, metadata=rule(one_of(DTYPE_WIDTHS)))
+
+    @property
+    def region_bytes(self) -> int:
+        """R: the bytes of one (block, layer, outer) region = page_size * inner_dim * dtype_width_bytes."""
+        return self.page_size * self.inner_dim * self.dtype_width_bytes
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block's data, without any layout alignment."""
+        return self.num_layers * self.outer_dim * self.region_bytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_layers * self.outer_dim * self.inner_dim * self.dtype_width_bytes
+
+    def blocks_for_bytes(self, budget: int) -> int:
+        """How many whole blocks fit in ``budget`` bytes (truncated, as upstream sizes tiers)."""
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            from ..errors import ConfigError, Problem
+
+            raise ConfigError([Problem(("budget",), f"must be a byte count >= 0, got {budget!r}")])
+        return budget // self.bytes_per_block
+
+    @staticmethod
+    def builder() -> KvManagerModelConfigBuilder:
+        return KvManagerModelConfigBuilder()
+
+
+class KvManagerModelConfigBuilder(Builder[KvManagerModelConfig]):
+    _target = KvManagerModelConfig
+
+    def num_layers(self, value: int) -> KvManagerModelConfigBuilder:
+        return self._set("num_layers", value)
+
+    def outer_dim(self, value: int) -> KvManagerModelConfigBuilder:
+        return self._set("outer_dim", value)
+
+    def page_size(self, value: int) -> KvManagerModelConfigBuilder:
+        return self._set("page_size", value)
+
+    def inner_dim(self, value: int) -> KvManagerModelConfigBuilder:
+        return self._set("inner_dim", value)
+
+    def dtype_width_bytes(self, value: int) -> KvManagerModelConfigBuilder:
+        return self._set("dtype_width_bytes", value)

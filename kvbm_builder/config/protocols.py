@@ -1,0 +1,91 @@
+"""What the configuration expects of runtime objects it cannot describe as data.
+
+Storage kinds and the duck-typed protocols of storages, allocators, offload filters and event
+managers live here, so that config stays pure: the real implementations (``kvbm_builder.storage``)
+depend on this module, never the other way round.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol, runtime_checkable
+
+
+class StorageKind(enum.Enum):
+    """Where a storage's bytes live; a tier slot accepts only some kinds."""
+
+    DEVICE = "device"  # G1: GPU memory
+    PINNED = "pinned"  # G2: page-locked host memory
+    SYSTEM = "system"  # G2 without CUDA: ordinary page-aligned host memory
+    DISK = "disk"  # G3: a file
+
+    @property
+    def nixl_mem_type(self) -> str:
+        return {"device": "VRAM", "pinned": "DRAM", "system": "DRAM", "disk": "FILE"}[self.value]
+
+
+class Tier(enum.Enum):
+    """A cache level and the slot of :class:`KvBlockManagerConfig` that describes it."""
+
+    G1 = "device_layout"
+    G2 = "host_layout"
+    G3 = "disk_layout"
+
+    @property
+    def slot(self) -> str:
+        return self.value
+
+    @property
+    def accepts(self) -> frozenset[StorageKind]:
+        return _ACCEPTS[self]
+
+    @property
+    def words(self) -> str:
+        return {"G1": "device tier (G1)", "G2": "host tier (G2)", "G3": "disk tier (G3)"}[self.name]
+
+
+_ACCEPTS = {
+    Tier.G1: frozenset({StorageKind.DEVICE}),
+    Tier.G2: frozenset({StorageKind.PINNED, StorageKind.SYSTEM}),
+    Tier.G3: frozenset({StorageKind.DISK}),
+}
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """One allocation a layout lives in. ``addr`` is a pointer, or for disk the file offset base (0)."""
+
+    @property
+    def kind(self) -> StorageKind: ...
+
+    @property
+    def addr(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@runtime_checkable
+class StorageAllocator(Protocol):
+    """Makes storages of one kind; ``allocate`` returns an owned storage of at least ``size`` bytes."""
+
+    @property
+    def storage_kind(self) -> StorageKind: ...
+
+    def allocate(self, size: int) -> Storage: ...
+
+
+@runtime_checkable
+class OffloadFilter(Protocol):
+    """Decides which blocks of a tier are offloaded to the next lower tier."""
+
+    def should_offload(self, sequence_hash: int) -> bool: ...
+
+
+@runtime_checkable
+class EventManager(Protocol):
+    """Receives store events when blocks are registered and remove events when they are released."""
+
+    def on_store(self, event: object) -> None: ...
+
+    def on_remove(self, event: object) -> None: ...

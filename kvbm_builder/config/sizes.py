@@ -1,0 +1,76 @@
+"""Byte sizes and positive numbers, parsed exactly (``Fraction``, never float rounding).
+
+GB means 10^9 bytes and GiB 2^30 bytes, never mixed up. Upstream sizes tiers with decimal GB.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+from ..errors import ConfigError, Problem
+
+GB = 10**9
+GiB = 2**30
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([A-Za-z]*)\s*$")
+
+
+def parse_number(text: str) -> Fraction | None:
+    """A plain non-negative decimal number (``4``, ``0.5``, ``1e3``) as an exact Fraction, else None."""
+    match = _SIZE.match(text)
+    if match is None or match.group(3):
+        return None
+    return _fraction(match)
+
+
+def _fraction(match: re.Match[str]) -> Fraction:
+    value = Fraction(match.group(1))
+    if match.group(2):
+        value *= Fraction(10) ** int(match.group(2))
+    return value
+
+
+def parse_size(value: object) -> int:
+    """``"16GiB"``, ``"16 GB"``, ``"512MiB"``, ``17179869184`` -> bytes. Raises ConfigError otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError([Problem((), f"{value!r} is not a size; write e.g. '16GiB' or '16GB'")])
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError([Problem((), f"a size cannot be negative, got {value}")])
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is not None:
+            unit = _UNITS.get(match.group(3).lower())
+            if unit is not None:
+                nbytes = _fraction(match) * unit
+                if nbytes.denominator != 1:
+                    raise ConfigError([Problem((), f"{value!r} is not a whole number of bytes")])
+                return int(nbytes)
+        raise ConfigError(
+            [Problem((), f"{value!r} is not a size; write e.g. '16GiB' (2^30 bytes) or '16GB' (10^9 bytes)")]
+        )
+    raise ConfigError([Problem((), f"must be a size such as '16GiB' or a byte count, got {type(value).__name__}")])
+
+
+def format_bytes(nbytes: int) -> str:
+    """``17179869184`` -> ``16.00 GiB (17.18 GB)``."""
+    return f"{nbytes / GiB:.2f} GiB ({nbytes / GB:.2f} GB)"
+
+
+def blocks_from_gb(gb: Fraction | int, bytes_per_block: int) -> int:
+    """Upstream's rule: ``floor(GB * 1e9 / bytes_per_block)``, computed exactly."""
+    return int(Fraction(gb) * GB // bytes_per_block)

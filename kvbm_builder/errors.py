@@ -1,0 +1,130 @@
+"""One exception tree, rooted in :class:`KvbmError`.
+
+Every error names what it is about (a field, a tier, a path or a variable) and says what to do.
+Configuration problems are data: a :class:`ConfigError` carries every :class:`Problem` found in one
+``build()`` or one ``load()``, each with the path of the value it is about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import attrs
+
+__all__ = [
+    "AllocationError",
+    "BuilderConsumedError",
+    "ConfigError",
+    "DiskStorageError",
+    "GpuUnavailableError",
+    "KvbmError",
+    "LayoutError",
+    "LoadError",
+    "NixlError",
+    "Problem",
+    "UninitializedFieldError",
+]
+
+PathItem = str | int
+
+
+def render_path(root: str, path: Sequence[PathItem]) -> str:
+    """``("layouts", 2, "num_blocks")`` under root ``"$"`` -> ``$.layouts[2].num_blocks``."""
+    out = root
+    for item in path:
+        if isinstance(item, int):
+            out += f"[{item}]"
+        else:
+            out = f"{out}.{item}" if out else item
+    return out
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with a configuration: where (a path relative to the object checked) and what."""
+
+    path: tuple[PathItem, ...]
+    message: str
+
+    def under(self, *prefix: PathItem) -> Problem:
+        return Problem((*prefix, *self.path), self.message)
+
+
+class KvbmError(Exception):
+    """Root of every error kvbm_builder raises on purpose."""
+
+
+class ConfigError(KvbmError, ValueError):
+    """A configuration is invalid. ``errors`` lists every problem found, as ``(path, message)`` pairs."""
+
+    def __init__(self, problems: Iterable[Problem], root: str = "") -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        self.root = root
+        super().__init__(self._summary())
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        return [(render_path(self.root, p.path), p.message) for p in self.problems]
+
+    def rerooted(self, root: str, *prefix: PathItem) -> ConfigError:
+        """The same problems, shown under another root (the loader shows ``$.host_layout...``)."""
+        return type(self)([p.under(*prefix) for p in self.problems], root)
+
+    def _summary(self) -> str:
+        lines = [f"{path}: {message}" if path else message for path, message in self.errors]
+        if len(lines) == 1:
+            return lines[0]
+        return f"{len(lines)} problems in the configuration:\n" + "\n".join(f"  {line}" for line in lines)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.problems, self.root))
+
+
+class UninitializedFieldError(ConfigError):
+    """A required builder field was never set.
+
+    ``str(err)`` is exactly upstream's message for the first missing field (declaration order),
+    e.g. `` `worker_id` must be initialized ``; ``missing`` names them all and ``errors`` also lists
+    any other problem found in the same ``build()``.
+    """
+
+    def __init__(self, problems: Iterable[Problem], root: str = "", missing: Sequence[str] = ()) -> None:
+        self.missing: tuple[str, ...] = tuple(missing)
+        super().__init__(problems, root)
+
+    def _summary(self) -> str:
+        return f"`{self.missing[0]}` must be initialized" if self.missing else super()._summary()
+
+    def rerooted(self, root: str, *prefix: PathItem) -> ConfigError:
+        return UninitializedFieldError([p.under(*prefix) for p in self.problems], root, self.missing)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.problems, self.root, self.missing))
+
+
+class BuilderConsumedError(KvbmError, RuntimeError):
+    """A builder was used after ``build()`` consumed it (owned pattern). Use ``clone()`` before building."""
+
+
+class LoadError(ConfigError):
+    """A configuration document could not be read (file missing, not JSON/TOML/YAML, ...)."""
+
+
+class LayoutError(KvbmError, ValueError):
+    """A layout was asked for a region that does not exist, or given storage that cannot hold it."""
+
+
+class AllocationError(KvbmError, RuntimeError):
+    """Memory or files for a tier could not be allocated. Names the tier and the step that failed."""
+
+
+class GpuUnavailableError(AllocationError):
+    """A device (G1) or pinned (G2) tier was asked for on a machine where CUDA cannot be used."""
+
+
+class DiskStorageError(AllocationError):
+    """The disk tier (G3) file could not be created, sized or opened. Names the path, step and variable."""
+
+
+class NixlError(KvbmError, RuntimeError):
+    """NIXL is missing, or an agent could not be created or could not register a storage."""
