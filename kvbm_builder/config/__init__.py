@@ -1,5 +1,6 @@
 """Pure configuration: frozen attrs classes and their owned-pattern builders. No I/O, no GPU."""
 
+from .allocators import DeviceAllocator, DiskAllocator, PinnedAllocator, PinningMode, SystemAllocator
 from .consolidator import (
     ConsolidatorMode,
     EventSource,
@@ -33,6 +34,8 @@ __all__ = [
     "CacheSizes",
     "CancellationToken",
     "ConsolidatorMode",
+    "DeviceAllocator",
+    "DiskAllocator",
     "EventManager",
     "EventSource",
     "FullyContiguous",
@@ -52,9 +55,12 @@ __all__ = [
     "NixlMode",
     "NixlOptions",
     "OffloadFilter",
+    "PinnedAllocator",
+    "PinningMode",
     "Storage",
     "StorageAllocator",
     "StorageKind",
+    "SystemAllocator",
     "Tier",
     "cache_sizes_from_env",
     "parse_size",

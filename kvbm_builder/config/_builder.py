@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import attrs
 
@@ -82,7 +82,7 @@ class Builder(Generic[T]):
         values = dict(self._values)
         missing = [
             f.name
-            for f in attrs.fields(target)
+            for f in attrs.fields(cast(Any, target))
             if f.default is attrs.NOTHING and f.name not in values and f.name not in self._rejected
         ]
         if missing:

@@ -8,7 +8,7 @@ every problem of one object is found in one pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import attrs
 
@@ -39,7 +39,7 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def integer(*, min: int | None = None, max: int | None = None) -> Check:  # noqa: A002
+def integer(*, min: int | None = None, max: int | None = None) -> Check:
     """An int (never a bool, str or float) within ``[min, max]``."""
 
     def check(value: object) -> str | None:
@@ -121,7 +121,7 @@ def endpoint(value: object) -> str | None:
 def _field_checks(cls: type) -> tuple[tuple[str, Check], ...]:
     cached: tuple[tuple[str, Check], ...] | None = cls.__dict__.get("_kvbm_checks")
     if cached is None:
-        cached = tuple((f.name, f.metadata[KEY][0]) for f in attrs.fields(cls) if KEY in f.metadata)
+        cached = tuple((f.name, f.metadata[KEY][0]) for f in attrs.fields(cast(Any, cls)) if KEY in f.metadata)
         type.__setattr__(cls, "_kvbm_checks", cached)
     return cached
 
@@ -157,7 +157,7 @@ class Validated:
         return []
 
     def __attrs_post_init__(self) -> None:
-        values = {f.name: getattr(self, f.name) for f in attrs.fields(type(self))}
+        values = {f.name: getattr(self, f.name) for f in attrs.fields(cast(Any, type(self)))}
         problems = self.check_values(values)
         if problems:
             raise ConfigError(problems, self._kvbm_root)

@@ -66,9 +66,7 @@ class KvEventConsolidatorConfig(Validated):
     _kvbm_root: ClassVar[str] = "consolidator_config"
 
     engine_event_endpoint: str = attrs.field(default=DEFAULT_ENGINE_EVENT_ENDPOINT, metadata=rule(endpoint))
-    consolidated_event_endpoint: str = attrs.field(
-        default=DEFAULT_CONSOLIDATED_EVENT_ENDPOINT, metadata=rule(endpoint)
-    )
+    consolidated_event_endpoint: str = attrs.field(default=DEFAULT_CONSOLIDATED_EVENT_ENDPOINT, metadata=rule(endpoint))
     engine_source: EventSource = attrs.field(
         default=EventSource.Vllm, metadata=rule(instance(EventSource, what="an EventSource"))
     )
@@ -85,9 +83,7 @@ class KvEventConsolidatorConfig(Validated):
         )
 
     @classmethod
-    def new_trtllm(
-        cls, engine_event_endpoint: str, consolidated_event_endpoint: str
-    ) -> KvEventConsolidatorConfig:
+    def new_trtllm(cls, engine_event_endpoint: str, consolidated_event_endpoint: str) -> KvEventConsolidatorConfig:
         return cls(
             engine_event_endpoint=engine_event_endpoint,
             consolidated_event_endpoint=consolidated_event_endpoint,

@@ -41,9 +41,7 @@ class LayoutType:
                 return LayerSeparate(outer_contiguous=True)
             if key == "layerseparateblockcontiguous":
                 return LayerSeparate(outer_contiguous=False)
-            raise ConfigError(
-                [Problem((), f"unknown layout {value!r}; accepted: {', '.join(LayoutType.ACCEPTED)}")]
-            )
+            raise ConfigError([Problem((), f"unknown layout {value!r}; accepted: {', '.join(LayoutType.ACCEPTED)}")])
         if isinstance(value, Mapping) and len(value) == 1:
             ((name, body),) = value.items()
             if isinstance(name, str) and name.lower().replace("_", "") == "layerseparate":
@@ -56,9 +54,7 @@ class LayoutType:
                 )
             if isinstance(name, str) and name.lower().replace("_", "") == "fullycontiguous" and not body:
                 return FullyContiguous()
-        raise ConfigError(
-            [Problem((), f"must be a layout name ({', '.join(LayoutType.ACCEPTED)}), got {show(value)}")]
-        )
+        raise ConfigError([Problem((), f"must be a layout name ({', '.join(LayoutType.ACCEPTED)}), got {show(value)}")])
 
     def to_upstream(self) -> str | dict[str, dict[str, bool]]:
         """Upstream's serialized form: ``"FullyContiguous"`` or ``{"LayerSeparate": {"outer_contiguous": b}}``."""
@@ -126,7 +122,8 @@ class KvManagerLayoutConfig(Validated, Generic[S]):
         metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))")),
     )
     storage: Sequence[S] | None = attrs.field(
-        default=None, converter=lambda v: tuple(v) if isinstance(v, list) else v, metadata=rule(_storages_check)
+        default=None,
+        metadata=rule(_storages_check),
     )
     allocator: StorageAllocator | None = attrs.field(default=None, metadata=rule(_allocator_check))
     logical: BlockParallelismStrategy | None = attrs.field(
@@ -184,7 +181,8 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
         return self._set("layout_type", value)
 
     def storage(self, value: Sequence[S] | None) -> KvManagerLayoutConfigBuilder[S]:
-        return self._set("storage", value)
+        """Memory allocated beforehand: one storage (FullyContiguous) or one per layer (LayerSeparate)."""
+        return self._set("storage", tuple(value) if isinstance(value, list) else value)
 
     def allocator(self, allocator: StorageAllocator) -> KvManagerLayoutConfigBuilder[S]:
         """Custom setter: the allocator that makes this tier's storages (e.g. ``DeviceAllocator(0)``)."""

@@ -61,8 +61,7 @@ class KvBlockManagerConfig(Validated):
             problems.append(
                 Problem(
                     ("consolidator_config", "engine_source"),
-                    "Kvbm is not valid here: KVBM's own events reach the consolidator directly; "
-                    "use vllm or trtllm",
+                    "Kvbm is not valid here: KVBM's own events reach the consolidator directly; use vllm or trtllm",
                 )
             )
         return problems
@@ -100,9 +99,7 @@ def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Proble
                 )
             )
     if tier is Tier.G3 and layout.offload_filter is not None:
-        problems.append(
-            Problem(("offload_filter",), "the disk tier is the last tier: there is nothing to offload to")
-        )
+        problems.append(Problem(("offload_filter",), "the disk tier is the last tier: there is nothing to offload to"))
     return problems
 
 

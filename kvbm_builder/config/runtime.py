@@ -154,8 +154,10 @@ class KvManagerRuntimeConfigBuilder(Builder[KvManagerRuntimeConfig]):
 
     def use_nixl_agent(self, agent: object) -> KvManagerRuntimeConfigBuilder:
         if agent is None:
-            return self._reject("nixl", "use_nixl_agent() needs an agent, got None; use enable_nixl() to "
-                                "let the manager create one")
+            return self._reject(
+                "nixl",
+                "use_nixl_agent() needs an agent, got None; use enable_nixl() to let the manager create one",
+            )
         return self._set("nixl", NixlOptions.enabled_with_agent(agent))
 
     def disable_nixl(self) -> KvManagerRuntimeConfigBuilder:

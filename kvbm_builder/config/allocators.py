@@ -1,0 +1,123 @@
+"""The built-in allocators, as plain data: *how* a tier's memory is made, not the memory itself.
+
+Each is a frozen attrs class that a config file can describe (``{"device_id": 0}``). Calling
+``allocate(size)`` imports the matching ``kvbm_builder.storage`` module on first use, so importing the
+configuration never imports cupy, nixl or touches a GPU.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar
+
+import attrs
+
+from ..errors import Problem
+from ._rules import Validated, instance, integer, optional, rule
+from .protocols import StorageKind
+
+if TYPE_CHECKING:
+    from ..storage import DeviceStorage, DiskStorage, PinnedStorage, SystemStorage
+
+#: ``progress(done_bytes, total_bytes)``, called from the allocating thread during long bring-ups.
+ProgressCallback = Callable[[int, int], None]
+
+_bool = rule(instance(bool, what="true or false"))
+_progress = rule(optional(lambda v: None if callable(v) else "must be callable as progress(done, total)"))
+
+
+@attrs.frozen(kw_only=True)
+class DeviceAllocator(Validated):
+    """G1: exact cupy allocations on GPU ``device_id`` (never cupy's caching pool)."""
+
+    _kvbm_root: ClassVar[str] = "allocator"
+    storage_kind: ClassVar[StorageKind] = StorageKind.DEVICE
+
+    device_id: int = attrs.field(default=0, metadata=rule(integer(min=0)))
+
+    def allocate(self, size: int) -> DeviceStorage:
+        from ..storage.device import allocate_device
+
+        return allocate_device(size, self.device_id)
+
+
+class PinningMode(enum.Enum):
+    """How G2 memory is pinned. ``register``: anonymous mmap, pages populated by several threads, then
+    ``cudaHostRegister`` (fast). ``host_alloc``: ``cudaHostAlloc``, as upstream (slow for large tiers)."""
+
+    register = "register"
+    host_alloc = "host_alloc"
+
+
+@attrs.frozen(kw_only=True)
+class PinnedAllocator(Validated):
+    """G2: page-locked host memory that GPU ``device_id`` copies to and from at full speed."""
+
+    _kvbm_root: ClassVar[str] = "allocator"
+    storage_kind: ClassVar[StorageKind] = StorageKind.PINNED
+
+    device_id: int = attrs.field(default=0, metadata=rule(integer(min=0)))
+    mode: PinningMode = attrs.field(
+        default=PinningMode.register, metadata=rule(instance(PinningMode, what="a PinningMode"))
+    )
+    huge_pages: bool = attrs.field(default=False, metadata=_bool)
+    numa: bool = attrs.field(default=False, metadata=_bool)
+    threads: int | None = attrs.field(default=None, metadata=rule(optional(integer(min=1, max=1024))))
+    progress: ProgressCallback | None = attrs.field(default=None, eq=False, repr=False, metadata=_progress)
+
+    @classmethod
+    def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
+        if good.get("huge_pages") is True and good.get("numa") is True:
+            return [
+                Problem(
+                    ("numa",),
+                    "huge_pages and numa cannot both be on (upstream: DYN_KVBM_USE_HUGE_PAGES with "
+                    "DYN_KVBM_ENABLE_NUMA is an error); turn one off",
+                )
+            ]
+        if good.get("mode") is PinningMode.host_alloc and good.get("huge_pages") is True:
+            return [Problem(("huge_pages",), "huge pages need mode 'register' (mmap + cudaHostRegister)")]
+        return []
+
+    def allocate(self, size: int) -> PinnedStorage:
+        from ..storage.pinned import allocate_pinned
+
+        return allocate_pinned(size, self)
+
+
+@attrs.frozen(kw_only=True)
+class SystemAllocator(Validated):
+    """G2 without CUDA: ordinary page-aligned host memory (no pinning, no GPU needed)."""
+
+    _kvbm_root: ClassVar[str] = "allocator"
+    storage_kind: ClassVar[StorageKind] = StorageKind.SYSTEM
+
+    def allocate(self, size: int) -> SystemStorage:
+        from ..storage.system import allocate_system
+
+        return allocate_system(size)
+
+
+@attrs.frozen(kw_only=True)
+class DiskAllocator(Validated):
+    """G3: one file per storage in ``directory`` (``DYN_KVBM_DISK_CACHE_DIR``), mode 0600, removed on release.
+
+    ``o_direct=False`` is ``DYN_KVBM_DISK_DISABLE_O_DIRECT``; ``zerofill_fallback=True`` is
+    ``DYN_KVBM_DISK_ZEROFILL_FALLBACK`` (zero-fill when the file system refuses ``fallocate``).
+    """
+
+    _kvbm_root: ClassVar[str] = "allocator"
+    storage_kind: ClassVar[StorageKind] = StorageKind.DISK
+
+    directory: str = attrs.field(
+        default="/tmp/",
+        metadata=rule(lambda v: None if isinstance(v, str) and v else f"must be a directory path, got {v!r}"),
+    )
+    o_direct: bool = attrs.field(default=True, metadata=_bool)
+    zerofill_fallback: bool = attrs.field(default=False, metadata=_bool)
+
+    def allocate(self, size: int) -> DiskStorage:
+        from ..storage.disk import allocate_disk
+
+        return allocate_disk(size, self)
