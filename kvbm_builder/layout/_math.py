@@ -1,0 +1,163 @@
+"""Layout arithmetic (upstream ``layout.rs``): where each (block, layer, outer) region lives, in pure integers.
+
+``R = page_size * inner_dim * dtype_width_bytes`` is the size of one region. Offsets are counted from the aligned
+start of an allocation; :class:`~kvbm_builder.layout.Layout` adds real addresses.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, ClassVar
+
+import attrs
+
+from ..config._rules import Validated, instance, integer, one_of, power_of_two, rule
+from ..config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate, LayoutType
+from ..config.model import DTYPE_WIDTHS, KvManagerModelConfig
+from ..errors import LayoutError
+
+
+def align_up(value: int, alignment: int) -> int:
+    """The smallest multiple of ``alignment`` (a power of two) that is >= ``value``."""
+    return (value + alignment - 1) & -alignment
+
+
+class LayoutIndexError(LayoutError, IndexError):
+    """A block, layer or outer index outside ``0 .. bound - 1``; ``axis``, ``index`` and ``bound`` say which."""
+
+    def __init__(self, axis: str, index: int, bound: int) -> None:
+        self.axis, self.index, self.bound = axis, index, bound
+        if index < 0:
+            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
+        else:
+            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
+        super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.axis, self.index, self.bound))
+
+
+def _checked(axis: str, value: int, bound: int) -> int:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise LayoutError(f"{axis} index must be an integer, got {value!r} ({type(value).__name__})")
+    index = operator.index(value)
+    if not 0 <= index < bound:
+        raise LayoutIndexError(axis, index, bound)
+    return index
+
+
+@attrs.frozen
+class LayoutSpec(Validated):
+    """The shape of one tier's layout, and every size and stride derived from it (see kvbm-behaviour §2).
+
+    Fields are checked at construction (a :class:`~kvbm_builder.errors.ConfigError` naming the field);
+    build one from configuration with :meth:`from_config`.
+    """
+
+    _kvbm_root: ClassVar[str] = "layout_spec"
+
+    num_blocks: int = attrs.field(metadata=rule(integer(min=1)))
+    num_layers: int = attrs.field(metadata=rule(integer(min=1)))
+    outer_dim: int = attrs.field(metadata=rule(integer(min=1, max=2)))
+    page_size: int = attrs.field(metadata=rule(integer(min=1)))
+    inner_dim: int = attrs.field(metadata=rule(integer(min=1)))
+    dtype_width_bytes: int = attrs.field(metadata=rule(one_of(DTYPE_WIDTHS)))
+    layout_type: LayoutType = attrs.field(
+        metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))"))
+    )
+    alignment: int = attrs.field(default=1, metadata=rule(power_of_two))
+
+    @classmethod
+    def from_config(cls, model: KvManagerModelConfig, layout: KvManagerLayoutConfig[Any]) -> LayoutSpec:
+        return cls(
+            num_blocks=layout.num_blocks,
+            num_layers=model.num_layers,
+            outer_dim=model.outer_dim,
+            page_size=model.page_size,
+            inner_dim=model.inner_dim,
+            dtype_width_bytes=model.dtype_width_bytes,
+            layout_type=layout.layout_type,
+            alignment=layout.alignment,
+        )
+
+    @property
+    def _outer_contiguous(self) -> bool:
+        return isinstance(self.layout_type, LayerSeparate) and self.layout_type.outer_contiguous
+
+    @property
+    def region_bytes(self) -> int:
+        """R: the bytes of one (block, layer, outer) region."""
+        return self.page_size * self.inner_dim * self.dtype_width_bytes
+
+    @property
+    def natural_block_bytes(self) -> int:
+        """The block stride before alignment: a whole block for FullyContiguous, one layer's part of it for
+        block-contiguous LayerSeparate, one region for outer-contiguous LayerSeparate."""
+        if isinstance(self.layout_type, FullyContiguous):
+            return self.num_layers * self.outer_dim * self.region_bytes
+        return self.region_bytes if self._outer_contiguous else self.outer_dim * self.region_bytes
+
+    @property
+    def block_stride(self) -> int:
+        return align_up(self.natural_block_bytes, self.alignment)
+
+    @property
+    def outer_stride(self) -> int:
+        return self.block_stride * self.num_blocks if self._outer_contiguous else self.region_bytes
+
+    @property
+    def layer_stride(self) -> int | None:
+        """Bytes between layers of one block; None for LayerSeparate, where each layer is its own allocation."""
+        if isinstance(self.layout_type, FullyContiguous):
+            return self.outer_dim * self.region_bytes
+        return None
+
+    @property
+    def num_allocations(self) -> int:
+        return 1 if isinstance(self.layout_type, FullyContiguous) else self.num_layers
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of data in each allocation, from its aligned start."""
+        if isinstance(self.layout_type, FullyContiguous):
+            # upstream: the last block is not padded up to the stride
+            return (self.num_blocks - 1) * self.block_stride + self.natural_block_bytes
+        if self._outer_contiguous:
+            return self.outer_stride * self.outer_dim
+        return self.block_stride * self.num_blocks
+
+    @property
+    def allocation_bytes(self) -> int:
+        """Bytes to request for each allocation: enough for the data wherever the allocator puts it."""
+        return self.data_bytes + self.alignment - 1
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes requested from the allocator for the whole tier."""
+        return self.num_allocations * self.allocation_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block occupies in this tier, padding between blocks included."""
+        if isinstance(self.layout_type, FullyContiguous):
+            return self.block_stride
+        per_layer = self.block_stride * (self.outer_dim if self._outer_contiguous else 1)
+        return self.num_layers * per_layer
+
+    @property
+    def alignment_overhead(self) -> int:
+        """Bytes requested beyond the blocks' own data (padding between blocks and before each allocation)."""
+        return self.total_bytes - self.num_blocks * self.num_layers * self.outer_dim * self.region_bytes
+
+    def offset(self, block: int, layer: int, outer: int) -> tuple[int, int]:
+        """(allocation index, byte offset from that allocation's aligned start) of a region.
+
+        Indices are checked in upstream's order (block, layer, outer); a bad one raises :class:`LayoutIndexError`.
+        """
+        block = _checked("block", block, self.num_blocks)
+        layer = _checked("layer", layer, self.num_layers)
+        outer = _checked("outer", outer, self.outer_dim)
+        within = block * self.block_stride + outer * self.outer_stride
+        if isinstance(self.layout_type, FullyContiguous):
+            return 0, within + layer * self.outer_dim * self.region_bytes
+        return layer, within
