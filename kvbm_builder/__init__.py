@@ -22,6 +22,36 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+# Imported on first use, so that `import kvbm_builder` stays fast and never imports cupy or nixl.
+_LAZY = {
+    "load": "kvbm_builder.loading",
+    "load_file": "kvbm_builder.loading",
+    "dump": "kvbm_builder.loading",
+    "from_env": "kvbm_builder.loading",
+    "LayoutSpec": "kvbm_builder.layout",
+    "Layout": "kvbm_builder.layout",
+    "MemoryRegion": "kvbm_builder.layout",
+    "KvBlockManager": "kvbm_builder.manager",
+    "KvBlockManagerBuilder": "kvbm_builder.manager",
+    "TierStorage": "kvbm_builder.manager",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvbm_builder' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
     *_config_all,
     "AllocationError",
@@ -36,4 +66,5 @@ __all__ = [
     "Problem",
     "UninitializedFieldError",
     "__version__",
+    *_LAZY,
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 
@@ -15,6 +15,8 @@ from .layout import KvManagerLayoutConfig
 from .model import KvManagerModelConfig
 from .protocols import EventManager, Tier
 from .runtime import KvManagerRuntimeConfig
+
+_B = TypeVar("_B", bound="KvBlockManagerConfigBuilder")
 
 _layout = rule(optional(instance(KvManagerLayoutConfig, what="a KvManagerLayoutConfig (build it first)")))
 
@@ -104,38 +106,40 @@ def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Proble
 
 
 class KvBlockManagerConfigBuilder(Builder[KvBlockManagerConfig]):
+    """Setters return the builder's own type, so ``KvBlockManager.builder()`` chains to a manager."""
+
     _target = KvBlockManagerConfig
 
-    def runtime(self, value: KvManagerRuntimeConfig) -> KvBlockManagerConfigBuilder:
+    def runtime(self: _B, value: KvManagerRuntimeConfig) -> _B:
         return self._set("runtime", value)
 
-    def model(self, value: KvManagerModelConfig) -> KvBlockManagerConfigBuilder:
+    def model(self: _B, value: KvManagerModelConfig) -> _B:
         return self._set("model", value)
 
-    def device_layout(self, value: KvManagerLayoutConfig[Any]) -> KvBlockManagerConfigBuilder:
+    def device_layout(self: _B, value: KvManagerLayoutConfig[Any]) -> _B:
         return self._set("device_layout", value)
 
-    def host_layout(self, value: KvManagerLayoutConfig[Any]) -> KvBlockManagerConfigBuilder:
+    def host_layout(self: _B, value: KvManagerLayoutConfig[Any]) -> _B:
         return self._set("host_layout", value)
 
-    def disk_layout(self, value: KvManagerLayoutConfig[Any]) -> KvBlockManagerConfigBuilder:
+    def disk_layout(self: _B, value: KvManagerLayoutConfig[Any]) -> _B:
         return self._set("disk_layout", value)
 
-    def event_manager(self, value: EventManager | None) -> KvBlockManagerConfigBuilder:
+    def event_manager(self: _B, value: EventManager | None) -> _B:
         return self._set("event_manager", value)
 
-    def block_reset_channel(self, value: Any) -> KvBlockManagerConfigBuilder:
+    def block_reset_channel(self: _B, value: Any) -> _B:
         return self._set("block_reset_channel", value)
 
-    def kvbm_metrics(self, value: Any) -> KvBlockManagerConfigBuilder:
+    def kvbm_metrics(self: _B, value: Any) -> _B:
         return self._set("kvbm_metrics", value)
 
     def consolidator_config(
-        self,
+        self: _B,
         engine_endpoint: str,
         output_endpoint: str | None,
         engine_source: EventSource | str,
-    ) -> KvBlockManagerConfigBuilder:
+    ) -> _B:
         """Custom setter (upstream's): Vllm and Trtllm need ``output_endpoint``; Kvbm is never valid here.
         Where upstream panics, this records a configuration error reported by ``build()``."""
         made = consolidator_from_setter(engine_endpoint, output_endpoint, engine_source)

@@ -1,0 +1,356 @@
+"""``KvBlockManager``: a validated config turned into real, registered memory.
+
+It composes what the layers below computed: the config says what to build, ``LayoutSpec`` how big each
+allocation is, the allocators make the memory, ``Layout`` places the regions in it, and the NIXL registry
+makes it reachable by peers. Tiers are brought up in the order device, host, disk; if any step fails,
+everything already done is undone (registrations first, then memory, newest first) before the error is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
+from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
+from .config.protocols import Storage, StorageKind, Tier
+from .errors import AllocationError, KvbmError, LayoutError
+from .layout import Layout, LayoutSpec, MemoryRegion
+
+if TYPE_CHECKING:
+    from .nixl import NixlRegistry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KvBlockManager", "KvBlockManagerBuilder", "TierStorage"]
+
+
+class TierStorage:
+    """One allocated tier: its layout, its storages and zero-copy views of its blocks."""
+
+    __slots__ = ("bringup_seconds", "config", "layout", "owned", "spec", "tier")
+
+    def __init__(
+        self,
+        tier: Tier,
+        config: KvManagerLayoutConfig[Any],
+        layout: Layout | None,
+        owned: bool,
+        bringup_seconds: float,
+    ) -> None:
+        self.tier = tier
+        self.config = config
+        self.layout = layout
+        self.spec: LayoutSpec | None = layout.spec if layout is not None else None
+        self.owned = owned
+        self.bringup_seconds = bringup_seconds
+
+    @property
+    def storages(self) -> tuple[Storage, ...]:
+        return self.layout.storages if self.layout is not None else ()
+
+    @property
+    def kind(self) -> StorageKind | None:
+        return self.storages[0].kind if self.storages else None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.size for s in self.storages)
+
+    def _layout(self) -> Layout:
+        if self.layout is None:
+            raise LayoutError(
+                f"the {self.tier.words} is logical ({self.config.logical}): its blocks live on other workers, "
+                "so it has no local memory to address"
+            )
+        return self.layout
+
+    def memory_region(self, block: int, layer: int, outer: int) -> MemoryRegion:
+        """(address, size, kind) of one region; for the disk tier the address is the file offset."""
+        return self._layout().memory_region(block, layer, outer)
+
+    def views(self, dtype: Any = None) -> list[Any]:
+        """Zero-copy arrays over the tier's memory, one per storage, shaped as the layout:
+
+        - FullyContiguous: ``[num_blocks, num_layers, outer_dim, page_size, inner_dim]``
+        - LayerSeparate(outer_contiguous=True), per layer: ``[outer_dim, num_blocks, page_size, inner_dim]``
+        - LayerSeparate(outer_contiguous=False), per layer: ``[num_blocks, outer_dim, page_size, inner_dim]``
+
+        cupy arrays for device memory, numpy arrays for host memory. ``dtype`` defaults to the unsigned integer of
+        the model's width; any dtype of that width works (e.g. ``float16``). Alignment padding shows in the strides.
+        """
+        layout = self._layout()
+        spec = layout.spec
+        kind = self.kind
+        if kind is StorageKind.DISK:
+            raise LayoutError(
+                "the disk tier (G3) is a file: it has no array view; read and write it with "
+                "storage.read_into(offset, buf) / storage.write(offset, data) at memory_region(...).addr"
+            )
+        if kind is StorageKind.DEVICE:
+            import cupy as xp
+        else:
+            import numpy as xp
+        width = spec.dtype_width_bytes
+        dt = xp.dtype(dtype if dtype is not None else f"u{width}")
+        if dt.itemsize != width:
+            raise LayoutError(f"dtype {dt} is {dt.itemsize} bytes wide but the model's dtype_width_bytes is {width}")
+        token = spec.inner_dim * width
+        if isinstance(spec.layout_type, FullyContiguous):
+            shape: tuple[int, ...] = (spec.num_blocks, spec.num_layers, spec.outer_dim, spec.page_size, spec.inner_dim)
+            strides: tuple[int, ...] = (
+                spec.block_stride,
+                spec.outer_dim * spec.region_bytes,
+                spec.region_bytes,
+                token,
+                width,
+            )
+        elif isinstance(spec.layout_type, LayerSeparate) and spec.layout_type.outer_contiguous:
+            shape = (spec.outer_dim, spec.num_blocks, spec.page_size, spec.inner_dim)
+            strides = (spec.outer_stride, spec.block_stride, token, width)
+        else:
+            shape = (spec.num_blocks, spec.outer_dim, spec.page_size, spec.inner_dim)
+            strides = (spec.block_stride, spec.region_bytes, token, width)
+        out = []
+        for storage, base in zip(layout.storages, layout.base_addrs):
+            raw = _raw_view(storage)
+            start = base - storage.addr
+            if kind is StorageKind.DEVICE:
+                out.append(xp.ndarray(shape, dt, memptr=raw.data + start, strides=strides))
+            else:
+                out.append(xp.ndarray(shape, dt, buffer=raw, offset=start, strides=strides))
+        return out
+
+    def torch_views(self, dtype: Any = None) -> list[Any]:
+        """The device tier's views as torch tensors through DLPack (no copy), e.g. ``dtype=torch.bfloat16``,
+        so an engine can use the tier as its KV cache."""
+        if self.kind is not StorageKind.DEVICE:
+            raise LayoutError(f"torch views are for the device tier (G1); the {self.tier.words} gives numpy views")
+        from torch.utils.dlpack import from_dlpack
+
+        tensors = [from_dlpack(v) for v in self.views()]
+        return [t.view(dtype) for t in tensors] if dtype is not None else tensors
+
+    def __repr__(self) -> str:
+        kind = self.kind.value if self.kind else "logical"
+        return f"TierStorage({self.tier.name}, {kind}, blocks={self.num_blocks}, bytes={self.nbytes})"
+
+
+def _raw_view(storage: Storage) -> Any:
+    for name in ("as_cupy", "as_numpy"):
+        method: Callable[[], Any] | None = getattr(storage, name, None)
+        if method is not None:
+            return method()
+    raise LayoutError(f"storage {storage!r} offers no array view (as_cupy() or as_numpy())")
+
+
+class KvBlockManager:
+    """The tiers of a :class:`KvBlockManagerConfig`, allocated and registered.
+
+    Use as a context manager, or call :meth:`close`: registrations are removed before memory is freed.
+    """
+
+    def __init__(self, config: KvBlockManagerConfig) -> None:
+        if not isinstance(config, KvBlockManagerConfig):
+            raise KvbmError(
+                f"KvBlockManager needs a KvBlockManagerConfig, got {type(config).__name__}; "
+                "build one with KvBlockManagerConfig.builder() or kvbm_builder.load()"
+            )
+        self.config = config
+        self._tiers: dict[Tier, TierStorage] = {}
+        self._owned: list[Storage] = []
+        self._nixl: NixlRegistry | None = None
+        self._closed = False
+        try:
+            self._bring_up()
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def builder() -> KvBlockManagerBuilder:
+        return KvBlockManagerBuilder()
+
+    # -- bring-up -------------------------------------------------------------------------------------------
+
+    def _bring_up(self) -> None:
+        config = self.config
+        tiers = config.tiers()
+        if config.runtime.nixl.enabled:
+            from .nixl import NixlRegistry
+
+            self._nixl = NixlRegistry(
+                config.runtime.nixl,
+                config.runtime.worker_id,
+                with_files=any(t is Tier.G3 for t, _ in tiers),
+            )
+        for tier, layout_config in tiers:
+            started = time.perf_counter()
+            spec = LayoutSpec.from_config(config.model, layout_config)
+            if layout_config.logical is not None:
+                self._tiers[tier] = TierStorage(tier, layout_config, None, False, 0.0)
+                continue
+            storages, owned = self._storages_for(tier, layout_config, spec)
+            try:
+                layout = Layout(spec, storages)
+            except LayoutError as err:
+                raise LayoutError(f"{tier.words}: {err}") from err
+            if self._nixl is not None:
+                for storage in storages:
+                    self._nixl.register(storage, tier)
+            elapsed = time.perf_counter() - started
+            self._tiers[tier] = TierStorage(tier, layout_config, layout, owned, elapsed)
+            log.info("%s: %d blocks, %d bytes in %.3f s", tier.words, spec.num_blocks, spec.total_bytes, elapsed)
+
+    def _storages_for(
+        self, tier: Tier, layout_config: KvManagerLayoutConfig[Any], spec: LayoutSpec
+    ) -> tuple[Sequence[Storage], bool]:
+        if layout_config.storage is not None:
+            return tuple(layout_config.storage), False
+        allocator = layout_config.allocator
+        if allocator is None:
+            raise AllocationError(
+                f"the {tier.words} has no memory: `storage` was set to None and no allocator was given; "
+                f"set `{tier.slot}` with .allocator(...) (e.g. {_example_allocator(tier)}) or .storage([...])"
+            )
+        for _ in range(spec.num_allocations):
+            try:
+                storage = allocator.allocate(spec.allocation_bytes)
+            except KvbmError:
+                raise
+            except Exception as err:  # a user's allocator: say which tier it failed for
+                raise AllocationError(
+                    f"the {tier.words}'s allocator {allocator!r} failed to allocate {spec.allocation_bytes} bytes: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            self._owned.append(storage)
+        return tuple(self._owned[-spec.num_allocations :]), True
+
+    # -- access ---------------------------------------------------------------------------------------------
+
+    @property
+    def worker_id(self) -> int:
+        return self.config.runtime.worker_id
+
+    @property
+    def tiers(self) -> dict[Tier, TierStorage]:
+        return dict(self._tiers)
+
+    def tier(self, tier: Tier | str) -> TierStorage:
+        """A tier by ``Tier.G2``, ``"G2"`` or its slot name ``"host_layout"``."""
+        key = _tier_key(tier)
+        found = self._tiers.get(key)
+        if found is None:
+            raise KvbmError(
+                f"the {key.words} is not configured; set `{key.slot}` on the builder "
+                f"(configured: {', '.join(t.name for t in self._tiers) or 'none'})"
+            )
+        return found
+
+    @property
+    def device(self) -> TierStorage | None:
+        return self._tiers.get(Tier.G1)
+
+    @property
+    def host(self) -> TierStorage | None:
+        return self._tiers.get(Tier.G2)
+
+    @property
+    def disk(self) -> TierStorage | None:
+        return self._tiers.get(Tier.G3)
+
+    @property
+    def nixl_agent(self) -> Any:
+        """The NIXL agent the tiers are registered with (None when NIXL is disabled)."""
+        return self._nixl.agent if self._nixl is not None else None
+
+    @property
+    def metrics_registry(self) -> Any:
+        return self.config.runtime.metrics_registry
+
+    def memory_region(self, tier: Tier | str, block: int, layer: int, outer: int) -> MemoryRegion:
+        return self.tier(tier).memory_region(block, layer, outer)
+
+    # -- release --------------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Deregister from NIXL, then free memory and remove files, newest first. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+        if self._nixl is not None:
+            try:
+                self._nixl.close()
+            except Exception as err:  # keep freeing memory; report after
+                errors.append(err)
+        while self._owned:
+            storage = self._owned.pop()
+            try:
+                close: Callable[[], None] | None = getattr(storage, "close", None)
+                if close is not None:
+                    close()
+            except Exception as err:
+                errors.append(err)
+        self.config.runtime.cancellation_token.cancel()
+        if errors:
+            raise AllocationError(
+                f"releasing the tiers hit {len(errors)} error(s); first: {type(errors[0]).__name__}: {errors[0]}"
+            ) from errors[0]
+
+    def __enter__(self) -> KvBlockManager:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # nothing can be reported from a finalizer
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ", ".join(repr(t) for t in self._tiers.values())
+        return f"KvBlockManager(worker_id={self.worker_id}, {state})"
+
+
+def _tier_key(tier: Tier | str) -> Tier:
+    if isinstance(tier, Tier):
+        return tier
+    for t in Tier:
+        if tier in (t.name, t.slot, t.name.lower()):
+            return t
+    raise KvbmError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
+
+
+def _example_allocator(tier: Tier) -> str:
+    return {
+        Tier.G1: "DeviceAllocator(device_id=0)",
+        Tier.G2: "PinnedAllocator() or SystemAllocator()",
+        Tier.G3: "DiskAllocator(directory='/tmp/kvbm')",
+    }[tier]
+
+
+class KvBlockManagerBuilder(KvBlockManagerConfigBuilder):
+    """``KvBlockManagerConfig.builder()``'s setters; ``build()`` validates, then allocates."""
+
+    def build_config(self) -> KvBlockManagerConfig:
+        return super().build()
+
+    def build(self) -> KvBlockManager:  # type: ignore[override]  # same setters, the product is the manager
+        return KvBlockManager(self.build_config())
