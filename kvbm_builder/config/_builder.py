@@ -12,12 +12,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Generic, TypeVar, cast
-
-import attrs
+from typing import Any, ClassVar, Generic, TypeVar
 
 from ..errors import BuilderConsumedError, ConfigError, Problem, UninitializedFieldError
-from ._rules import Validated
+from ._rules import Validated, plan
 
 T = TypeVar("T", bound=Validated)
 B = TypeVar("B", bound="Builder[Any]")
@@ -27,7 +25,12 @@ class Builder(Generic[T]):
     """Base of every ``XxxBuilder``. Subclasses set ``_target`` and write one typed setter per field."""
 
     _target: ClassVar[type[Validated]]
+    _hooked: ClassVar[bool] = False  # whether the subclass has a build_fn(validate) hook
     __slots__ = ("_consumed", "_rejected", "_values")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._hooked = cls._validate is not Builder._validate
 
     def __init__(self) -> None:
         self._values: dict[str, object] = {}
@@ -35,9 +38,11 @@ class Builder(Generic[T]):
         self._consumed = False
 
     def _set(self: B, name: str, value: object) -> B:
-        self._live(name)
+        if self._consumed:
+            self._live(name)
         self._values[name] = value
-        self._rejected.pop(name, None)
+        if self._rejected:
+            self._rejected.pop(name, None)
         return self
 
     def _reject(self: B, name: str, message: str) -> B:
@@ -73,33 +78,33 @@ class Builder(Generic[T]):
 
     def build(self) -> T:
         """Validate everything and return the frozen config. Consumes the builder."""
-        self._live("build")
+        if self._consumed:
+            self._live("build")
         self._consumed = True
         target = self._target
-        root = target._kvbm_root
-        problems = self._validate()
-        problems.extend(Problem((name,), message) for name, message in self._rejected.items())
-        values = dict(self._values)
-        missing = [
-            f.name
-            for f in attrs.fields(cast(Any, target))
-            if f.default is attrs.NOTHING and f.name not in values and f.name not in self._rejected
-        ]
+        values = self._values  # no copy: nothing can touch a consumed builder
+        rejected = self._rejected
+        problems = self._validate() if self._hooked else []
+        if rejected:
+            problems.extend(Problem((name,), message) for name, message in rejected.items())
+        required = (target.__dict__.get("_kvbm_plan") or plan(target)).required
+        missing = [name for name in required if name not in values and name not in rejected]
         if missing:
             # Upstream's order: a failing validate hook is reported before a missing field.
             hook_failed = bool(problems)
             problems.extend(Problem((name,), "must be initialized") for name in missing)
-            problems.extend(target.check_values(values))
+            # the hook and the class may both see an exclusive choice: say it once
+            problems = list(dict.fromkeys([*problems, *target.check_values(values)]))
+            root = target._kvbm_root
             if hook_failed:
                 raise ConfigError(problems, root)
             raise UninitializedFieldError(problems, root, missing)
         try:
             built = target(**values)
         except ConfigError as err:
-            # the hook and the class may both see an exclusive choice: say it once
-            raise ConfigError(dict.fromkeys([*problems, *err.problems]), root) from None
+            raise ConfigError(dict.fromkeys([*problems, *err.problems]), target._kvbm_root) from None
         if problems:
-            raise ConfigError(problems, root)
+            raise ConfigError(problems, target._kvbm_root)
         return built  # type: ignore[return-value]
 
     def __repr__(self) -> str:

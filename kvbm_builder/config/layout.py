@@ -11,9 +11,12 @@ import attrs
 from ..errors import ConfigError, Problem
 from ._builder import Builder
 from ._rules import Validated, has_attributes, instance, integer, optional, power_of_two, rule, show
-from .protocols import OffloadFilter, Storage, StorageAllocator
+from .protocols import OffloadFilter, Storage, StorageAllocator, StorageKind
 
 S = TypeVar("S", bound=Storage)
+
+
+_CHOICES = ("storage", "allocator", "logical")  # upstream's exclusive choice, in declaration order
 
 
 class LayoutType:
@@ -77,13 +80,23 @@ class LayerSeparate(LayoutType):
     """One allocation per layer: ``[outer_dim, num_blocks, ...]`` when ``outer_contiguous`` else
     ``[num_blocks, outer_dim, ...]`` (block-contiguous)."""
 
-    outer_contiguous: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    outer_contiguous: bool
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.outer_contiguous, bool):
+            raise ConfigError(
+                [Problem(("outer_contiguous",), f"must be true or false, got {show(self.outer_contiguous)}")],
+                "layout_type",
+            )
 
     def to_upstream(self) -> dict[str, dict[str, bool]]:
         return {"LayerSeparate": {"outer_contiguous": self.outer_contiguous}}
 
     def __str__(self) -> str:
         return f"LayerSeparate(outer_contiguous={self.outer_contiguous})"
+
+
+_FULLY_CONTIGUOUS = FullyContiguous()  # frozen, so one default serves every config
 
 
 class BlockParallelismStrategy(enum.Enum):
@@ -97,15 +110,29 @@ def _storages_check(value: object) -> str | None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         return f"must be a list of storages (or None), got {show(value)}"
+    if not value:
+        return "must hold at least one storage (one for FullyContiguous, one per layer for LayerSeparate), got []"
     for i, item in enumerate(value):
         if not isinstance(item, Storage):
             return f"item {i} must be a storage (with kind, addr, size), got {show(item)}"
+        if not isinstance(item.kind, StorageKind):
+            return f"item {i} must have a StorageKind as its kind, got {show(item.kind)}"
     return None
 
 
-_allocator_check = optional(
-    has_attributes(("storage_kind", "allocate"), "a storage allocator (with storage_kind and allocate())")
+_allocator_shape = has_attributes(
+    ("storage_kind", "allocate"), "a storage allocator (with storage_kind and allocate())"
 )
+
+
+def _allocator_check(value: object) -> str | None:
+    if value is None:
+        return None
+    message = _allocator_shape(value)
+    if message is None and not isinstance(value.storage_kind, StorageKind):  # type: ignore[attr-defined]
+        # the tier slot is chosen by this kind: anything else could never match one
+        return f"must have a StorageKind as its storage_kind, got {show(value.storage_kind)}"  # type: ignore[attr-defined]
+    return message
 
 
 @attrs.frozen(kw_only=True)
@@ -118,7 +145,7 @@ class KvManagerLayoutConfig(Validated, Generic[S]):
 
     num_blocks: int = attrs.field(metadata=rule(integer(min=1)))
     layout_type: LayoutType = attrs.field(
-        factory=FullyContiguous,
+        default=_FULLY_CONTIGUOUS,
         metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))")),
     )
     storage: Sequence[S] | None = attrs.field(
@@ -139,7 +166,10 @@ class KvManagerLayoutConfig(Validated, Generic[S]):
 
     @classmethod
     def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
-        chosen = [name for name in ("storage", "allocator", "logical") if values.get(name) is not None]
+        get = values.get
+        if (get("storage") is None) + (get("allocator") is None) + (get("logical") is None) >= 2:
+            return []  # the usual case, checked without building a list
+        chosen = [name for name in _CHOICES if get(name) is not None]
         if len(chosen) > 1:
             return [Problem((chosen[1],), exclusive_message(chosen))]
         return []
@@ -198,7 +228,7 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
         return self._set("alignment", value)
 
     def _validate(self) -> list[Problem]:
-        chosen = [name for name in ("storage", "allocator", "logical") if self.is_set(name)]
+        chosen = [name for name in _CHOICES if name in self._values or name in self._rejected]
         if not chosen:
             return [Problem((), "must provide either `storage` or `allocator` or `logical`")]
         if len(chosen) > 1:

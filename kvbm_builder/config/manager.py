@@ -53,11 +53,10 @@ class KvBlockManagerConfig(Validated):
     @classmethod
     def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
         problems: list[Problem] = []
-        for tier in Tier:
-            layout = good.get(tier.slot)
-            if not isinstance(layout, KvManagerLayoutConfig):
-                continue
-            problems.extend(p.under(tier.slot) for p in tier_problems(tier, layout))
+        for tier, slot in _SLOTS:
+            layout = good.get(slot)
+            if layout is not None:
+                problems.extend(p.under(slot) for p in tier_problems(tier, layout))  # type: ignore[arg-type]
         consolidator = good.get("consolidator_config")
         if isinstance(consolidator, KvEventConsolidatorConfig) and consolidator.engine_source is EventSource.Kvbm:
             problems.append(
@@ -77,13 +76,19 @@ class KvBlockManagerConfig(Validated):
         return KvBlockManagerConfigBuilder()
 
 
+_SLOTS = tuple((tier, tier.slot) for tier in Tier)
+# tuples, not Tier.accepts' frozensets: membership by identity skips Enum's Python-level __hash__
+_ACCEPTS = {tier: tuple(tier.accepts) for tier in Tier}
+
+
 def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Problem]:
     """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout)."""
     problems: list[Problem] = []
-    accepted = " or ".join(sorted(k.value for k in tier.accepts))
+    accepts = _ACCEPTS[tier]
     if layout.allocator is not None:
         kind = layout.allocator.storage_kind
-        if kind not in tier.accepts:
+        if kind not in accepts:
+            accepted = " or ".join(sorted(k.value for k in accepts))
             problems.append(
                 Problem(
                     ("allocator",),
@@ -92,7 +97,8 @@ def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Proble
                 )
             )
     for i, storage in enumerate(layout.storage or ()):
-        if storage.kind not in tier.accepts:
+        if storage.kind not in accepts:
+            accepted = " or ".join(sorted(k.value for k in accepts))
             problems.append(
                 Problem(
                     ("storage", i),

@@ -7,7 +7,7 @@ from typing import ClassVar
 import attrs
 
 from ._builder import Builder
-from ._rules import Validated, integer, one_of, rule
+from ._rules import Validated, integer, one_of, rule, show
 
 DTYPE_WIDTHS = (1, 2, 4, 8)
 
@@ -46,7 +46,7 @@ class KvManagerModelConfig(Validated):
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
             from ..errors import ConfigError, Problem
 
-            raise ConfigError([Problem(("budget",), f"must be a byte count >= 0, got {budget!r}")])
+            raise ConfigError([Problem(("budget",), f"must be a byte count >= 0, got {show(budget)}")])
         return budget // self.bytes_per_block
 
     @staticmethod

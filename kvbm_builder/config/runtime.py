@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import threading
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -10,9 +11,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from ._builder import Builder
-from ._rules import Validated, has_attributes, instance, integer, optional, rule
+from ._rules import Validated, has_attributes, instance, integer, rule, show
 
 if TYPE_CHECKING:
+    import asyncio
+
     from prometheus_client import CollectorRegistry
 
 U64_MAX = 2**64 - 1
@@ -21,32 +24,44 @@ U64_MAX = 2**64 - 1
 class CancellationToken:
     """Cancelling it stops the manager's background work. Children are cancelled with their parent."""
 
-    __slots__ = ("_children", "_event", "_lock")
+    # The threading.Event is made on the first wait(): every runtime config makes a token, few tokens are
+    # ever waited on, and an Event (a Condition and two locks) costs more than the rest of the config.
+    __slots__ = ("_cancelled", "_children", "_event", "_lock")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._cancelled = False
+        self._event: threading.Event | None = None
         self._children: list[CancellationToken] = []
         self._lock = threading.Lock()
 
     def cancel(self) -> None:
         with self._lock:
-            self._event.set()
+            self._cancelled = True
+            event = self._event
             children = list(self._children)
+        if event is not None:
+            event.set()
         for child in children:
             child.cancel()
 
     def is_cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until cancelled (True) or until ``timeout`` seconds pass (False)."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._cancelled:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def child_token(self) -> CancellationToken:
         child = CancellationToken()
         with self._lock:
             self._children.append(child)
-            cancelled = self._event.is_set()
+            cancelled = self._cancelled
         if cancelled:
             child.cancel()
         return child
@@ -74,9 +89,11 @@ class NixlOptions:
     DISABLED: ClassVar[NixlOptions]
 
     def __attrs_post_init__(self) -> None:
-        if (self.mode is NixlMode.ENABLED_WITH_AGENT) != (self.agent is not None):
-            from ..errors import ConfigError, Problem
+        from ..errors import ConfigError, Problem
 
+        if not isinstance(self.mode, NixlMode):
+            raise ConfigError([Problem(("nixl", "mode"), f"must be a NixlMode, got {show(self.mode)}")], "runtime")
+        if (self.mode is NixlMode.ENABLED_WITH_AGENT) != (self.agent is not None):
             raise ConfigError(
                 [Problem(("nixl",), "an agent is given exactly when the mode is ENABLED_WITH_AGENT")],
                 "runtime",
@@ -102,8 +119,17 @@ def _new_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)
 
 
-def _registry_check(value: object) -> str | None:
-    return has_attributes(("register", "collect"), "a prometheus_client CollectorRegistry")(value)
+_registry_check = has_attributes(("register", "collect"), "a prometheus_client CollectorRegistry")
+
+
+def _async_runtime_check(value: object) -> str | None:
+    if value is None or isinstance(value, Executor):
+        return None
+    # an event loop can only exist once asyncio is imported; importing it here would slow `import kvbm_builder`
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and isinstance(value, asyncio.AbstractEventLoop):
+        return None
+    return f"must be a concurrent.futures.Executor, an asyncio event loop or None, got {show(value)}"
 
 
 @attrs.frozen(kw_only=True)
@@ -123,10 +149,8 @@ class KvManagerRuntimeConfig(Validated):
         default=NixlOptions.ENABLED,
         metadata=rule(instance(NixlOptions, what="a NixlOptions (use enable_nixl() / disable_nixl())")),
     )
-    async_runtime: Executor | None = attrs.field(
-        default=None,
-        eq=False,
-        metadata=rule(optional(instance(Executor, what="a concurrent.futures.Executor or None"))),
+    async_runtime: Executor | asyncio.AbstractEventLoop | None = attrs.field(
+        default=None, eq=False, metadata=rule(_async_runtime_check)
     )
     metrics_registry: CollectorRegistry = attrs.field(
         factory=_new_registry, eq=False, repr=False, metadata=rule(_registry_check)
@@ -163,7 +187,7 @@ class KvManagerRuntimeConfigBuilder(Builder[KvManagerRuntimeConfig]):
     def disable_nixl(self) -> KvManagerRuntimeConfigBuilder:
         return self._set("nixl", NixlOptions.DISABLED)
 
-    def async_runtime(self, value: Executor | None) -> KvManagerRuntimeConfigBuilder:
+    def async_runtime(self, value: Executor | asyncio.AbstractEventLoop | None) -> KvManagerRuntimeConfigBuilder:
         return self._set("async_runtime", value)
 
     def metrics_registry(self, value: CollectorRegistry) -> KvManagerRuntimeConfigBuilder:

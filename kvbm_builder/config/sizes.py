@@ -9,6 +9,7 @@ import re
 from fractions import Fraction
 
 from ..errors import ConfigError, Problem
+from ._rules import show
 
 GB = 10**9
 GiB = 2**30
@@ -28,6 +29,12 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([A-Za-z]*)\s*$")
 
 
+# Past these, text is no size anyone means, and exact arithmetic on it could take minutes (1e999999999)
+# or raise ValueError (Python refuses int() of more than 4300 digits).
+_MAX_DIGITS = 64
+_MAX_EXPONENT = 64
+
+
 def parse_number(text: str) -> Fraction | None:
     """A plain non-negative decimal number (``4``, ``0.5``, ``1e3``) as an exact Fraction, else None."""
     match = _SIZE.match(text)
@@ -36,11 +43,18 @@ def parse_number(text: str) -> Fraction | None:
     return _fraction(match)
 
 
-def _fraction(match: re.Match[str]) -> Fraction:
-    value = Fraction(match.group(1))
-    if match.group(2):
-        value *= Fraction(10) ** int(match.group(2))
+def _fraction(match: re.Match[str]) -> Fraction | None:
+    mantissa, exponent = match.group(1), match.group(2)
+    if len(mantissa) > _MAX_DIGITS or (exponent and (len(exponent) > 4 or abs(int(exponent)) > _MAX_EXPONENT)):
+        return None
+    value = Fraction(mantissa)
+    if exponent:
+        value *= Fraction(10) ** int(exponent)
     return value
+
+
+def _clip(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def parse_size(value: object) -> int:
@@ -49,19 +63,20 @@ def parse_size(value: object) -> int:
         raise ConfigError([Problem((), f"{value!r} is not a size; write e.g. '16GiB' or '16GB'")])
     if isinstance(value, int):
         if value < 0:
-            raise ConfigError([Problem((), f"a size cannot be negative, got {value}")])
+            raise ConfigError([Problem((), f"a size cannot be negative, got {show(value)}")])
         return value
     if isinstance(value, str):
         match = _SIZE.match(value)
         if match is not None:
             unit = _UNITS.get(match.group(3).lower())
-            if unit is not None:
-                nbytes = _fraction(match) * unit
+            number = _fraction(match)
+            if unit is not None and number is not None:
+                nbytes = number * unit
                 if nbytes.denominator != 1:
-                    raise ConfigError([Problem((), f"{value!r} is not a whole number of bytes")])
+                    raise ConfigError([Problem((), f"{_clip(value)} is not a whole number of bytes")])
                 return int(nbytes)
         raise ConfigError(
-            [Problem((), f"{value!r} is not a size; write e.g. '16GiB' (2^30 bytes) or '16GB' (10^9 bytes)")]
+            [Problem((), f"{_clip(value)} is not a size; write e.g. '16GiB' (2^30 bytes) or '16GB' (10^9 bytes)")]
         )
     raise ConfigError([Problem((), f"must be a size such as '16GiB' or a byte count, got {type(value).__name__}")])
 
