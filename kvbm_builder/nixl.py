@@ -1,0 +1,282 @@
+"""NIXL registration of the tiers' storages, so that NIXL can move blocks between them (and to peers).
+
+:class:`NixlRegistry` owns the registrations and, for ``NixlOptions.ENABLED``, the agent:
+
+- ``ENABLED``: creates ``nixl_agent(str(worker_id))`` with the UCX backend, POSIX when a disk tier exists,
+  and GDS_MT when that plugin loads (its absence is not an error);
+- ``ENABLED_WITH_AGENT``: uses the caller's agent and never tears it down;
+- ``DISABLED``: creates nothing; ``register()`` returns None.
+
+Each storage is registered with every backend of the agent that handles its memory type: device ->
+``VRAM`` (devId: the GPU ordinal), pinned and system -> ``DRAM`` (devId 0), disk -> ``FILE`` (offset 0,
+the whole file, devId: the file descriptor). ``close()`` deregisters everything in reverse order; call it
+before the memory is freed. nixl itself is imported on first use (``pip install 'kvbm-builder[nixl]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from .config.protocols import Storage, StorageKind, Tier
+from .config.runtime import NixlMode, NixlOptions
+from .errors import NixlError
+
+__all__ = ["NixlRegistration", "NixlRegistry"]
+
+log = logging.getLogger("kvbm_builder.nixl")
+
+_TIER_OF_KIND = {
+    StorageKind.DEVICE: Tier.G1,
+    StorageKind.PINNED: Tier.G2,
+    StorageKind.SYSTEM: Tier.G2,
+    StorageKind.DISK: Tier.G3,
+}
+_INSTALL = "pip install 'kvbm-builder[nixl]'"
+
+
+@attrs.frozen
+class NixlRegistration:
+    """One storage registered with an agent: what NIXL was told, and with which backends."""
+
+    storage: Storage = attrs.field(eq=False)
+    tier: Tier
+    mem_type: str
+    addr: int
+    size: int
+    dev_id: int
+    backends: tuple[str, ...]
+    descs: Any = attrs.field(eq=False, repr=False)
+
+
+def _describe(storage: Storage, tier: Tier | None = None) -> str:
+    words = (tier or _TIER_OF_KIND[storage.kind]).words
+    where = getattr(storage, "path", None) or f"0x{storage.addr:x}"
+    return f"the {words} storage ({storage.kind.nixl_mem_type}, {storage.size} bytes at {where})"
+
+
+def _import_nixl(log_level: int | str | None) -> tuple[Any, Any]:
+    """``(nixl_agent, nixl_agent_config)``, with NIXL's Python logging lowered to WARNING unless the user
+    asked otherwise (``NIXL_LOG_LEVEL`` set, or ``log_level`` given)."""
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as exc:
+        raise NixlError(f"NIXL is not installed ({exc}); install it with {_INSTALL}, or disable NIXL") from exc
+    if log_level is not None:
+        logging.getLogger("nixl").setLevel(log_level)
+    elif not os.environ.get("NIXL_LOG_LEVEL"):
+        logging.getLogger("nixl").setLevel(logging.WARNING)
+    return nixl_agent, nixl_agent_config
+
+
+class NixlRegistry:
+    """The NIXL agent of one manager and the storages registered with it.
+
+    ``with_files=True`` says a disk tier exists (the agent then gets the POSIX backend). ``log_level`` sets the
+    ``nixl`` logger's level (default: WARNING, unless ``NIXL_LOG_LEVEL`` is set).
+    """
+
+    def __init__(
+        self, options: NixlOptions, worker_id: int, *, with_files: bool = False, log_level: int | str | None = None
+    ) -> None:
+        self._options = options
+        self._registrations: list[NixlRegistration] = []
+        self._agent: Any = None
+        self._owns_agent = False
+        self._closed = False
+        if options.mode is NixlMode.DISABLED:
+            return
+        if options.mode is NixlMode.ENABLED_WITH_AGENT:
+            agent = options.agent
+            missing = [n for n in ("get_reg_descs", "register_memory", "deregister_memory") if not hasattr(agent, n)]
+            if missing:
+                raise NixlError(
+                    f"the agent given to use_nixl_agent() is not a nixl_agent (it lacks {', '.join(missing)})"
+                )
+            self._agent = agent
+            return
+        nixl_agent, nixl_agent_config = _import_nixl(log_level)
+        name = str(worker_id)
+        wanted = ["UCX", "POSIX"] if with_files else ["UCX"]
+        try:
+            agent = nixl_agent(name, nixl_agent_config(backends=wanted))
+        except Exception as exc:
+            raise NixlError(f"cannot create the NIXL agent {name!r} (worker_id) with backends {wanted}: {exc}") from exc
+        missing = [b for b in wanted if b not in agent.backends]
+        if missing:
+            raise NixlError(
+                f"NIXL agent {name!r}: backend(s) {missing} could not be created (plugins found: "
+                f"{agent.get_plugin_list()}); reinstall nixl ({_INSTALL})"
+                + ("; the disk tier needs POSIX" if "POSIX" in missing else "")
+            )
+        if with_files:
+            self._try_gds(agent)
+        self._agent = agent
+        self._owns_agent = True
+
+    @staticmethod
+    def _try_gds(agent: Any) -> None:
+        # GPUDirect Storage moves G1 <-> G3 without a host bounce. It needs CUDA and cuFile: probe quietly.
+        from .storage import cuda_available
+
+        if not cuda_available() or "GDS_MT" not in agent.get_plugin_list():
+            log.debug("NIXL GDS_MT not tried: no CUDA or no plugin")
+            return
+        try:
+            agent.create_backend("GDS_MT")
+        except Exception as exc:
+            log.debug("NIXL GDS_MT backend unavailable (%s); disk transfers use POSIX", exc)
+
+    # --- properties -----------------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self._options.mode is not NixlMode.DISABLED
+
+    @property
+    def agent(self) -> Any:
+        """The nixl_agent, or None when NIXL is disabled or the registry is closed."""
+        return self._agent
+
+    @property
+    def owns_agent(self) -> bool:
+        """True when this registry created the agent (``ENABLED``)."""
+        return self._owns_agent
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(getattr(self._agent, "backends", {})) if self._agent is not None else ()
+
+    @property
+    def registrations(self) -> tuple[NixlRegistration, ...]:
+        return tuple(self._registrations)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- registration ---------------------------------------------------------------------------------
+
+    def backends_for(self, mem_type: str) -> tuple[str, ...]:
+        """The agent's backends that can register ``mem_type`` (``"DRAM"``, ``"VRAM"``, ``"FILE"``)."""
+        agent = self._agent
+        if agent is None:
+            return ()
+        return tuple(b for b in getattr(agent, "backends", {}) if f"{mem_type}_SEG" in agent.get_backend_mem_types(b))
+
+    def register(self, storage: Storage, tier: Tier | None = None) -> NixlRegistration | None:
+        """Register ``storage`` (of ``tier``, by default the tier its kind belongs to) with NIXL.
+
+        Returns None when NIXL is disabled, the earlier registration when the storage already is registered.
+        On failure everything this registry registered is deregistered, then NixlError names the storage."""
+        tier = tier or _TIER_OF_KIND[storage.kind]
+        if self._closed:
+            raise NixlError(f"cannot register {_describe(storage, tier)}: the NIXL registry is closed")
+        if self._agent is None:
+            return None
+        for existing in self._registrations:
+            if existing.storage is storage:
+                return existing
+        if getattr(storage, "closed", False):
+            raise NixlError(f"cannot register {_describe(storage, tier)}: the storage is closed")
+        mem_type = storage.kind.nixl_mem_type
+        dev_id = int(getattr(storage, "device_id", 0))
+        backends = self.backends_for(mem_type)
+        if not backends and self._owns_agent and mem_type == "FILE":
+            backends = self._add_posix()
+        if not backends:
+            self._rollback()
+            raise NixlError(
+                f"cannot register {_describe(storage, tier)}: no backend of NIXL agent {self._name()!r} handles "
+                f"{mem_type} memory (backends: {list(self.backends)})"
+                + (
+                    "; create a POSIX backend on the agent (agent.create_backend('POSIX'))"
+                    if mem_type == "FILE"
+                    else ""
+                )
+            )
+        try:
+            descs = self._agent.get_reg_descs([(storage.addr, storage.size, dev_id, "")], mem_type)
+            if descs is None:
+                raise ValueError("get_reg_descs() returned no descriptor list")
+            self._agent.register_memory(descs, backends=list(backends))
+        except Exception as exc:
+            before = len(self._registrations)
+            self._rollback()
+            raise NixlError(
+                f"NIXL agent {self._name()!r} could not register {_describe(storage, tier)} with backends "
+                f"{list(backends)}: {type(exc).__name__}: {exc}; the {before} storage(s) registered before were "
+                "deregistered. Run with NIXL_LOG_LEVEL=DEBUG for NIXL's reason"
+                + ("; VRAM needs NIXL's UCX built with CUDA support" if mem_type == "VRAM" else "")
+            ) from exc
+        registration = NixlRegistration(storage, tier, mem_type, storage.addr, storage.size, dev_id, backends, descs)
+        self._registrations.append(registration)
+        return registration
+
+    def register_all(self, storages: Iterable[Storage], tier: Tier | None = None) -> list[NixlRegistration]:
+        """Register each storage in order; all or nothing (see :meth:`register`)."""
+        out = []
+        for storage in storages:
+            registration = self.register(storage, tier)
+            if registration is not None:
+                out.append(registration)
+        return out
+
+    def _add_posix(self) -> tuple[str, ...]:
+        try:
+            self._agent.create_backend("POSIX")
+        except Exception as exc:
+            log.debug("NIXL POSIX backend could not be created: %s", exc)
+            return ()
+        return self.backends_for("FILE")
+
+    def _name(self) -> str:
+        return str(getattr(self._agent, "name", "?"))
+
+    def _deregister(self, registration: NixlRegistration) -> Exception | None:
+        try:
+            self._agent.deregister_memory(registration.descs, backends=list(registration.backends))
+        except Exception as exc:
+            log.warning("NIXL could not deregister %s: %s", _describe(registration.storage, registration.tier), exc)
+            return exc
+        return None
+
+    def _rollback(self) -> list[tuple[NixlRegistration, Exception]]:
+        failures = []
+        while self._registrations:
+            registration = self._registrations.pop()
+            exc = self._deregister(registration)
+            if exc is not None:
+                failures.append((registration, exc))
+        return failures
+
+    def close(self) -> None:
+        """Deregister every storage, newest first, then let go of the agent (an own agent is destroyed;
+        a caller's agent is left as it is). Call it before the storages are freed. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        failures = self._rollback() if self._agent is not None else []
+        self._agent = None
+        if failures:
+            raise NixlError(
+                "NIXL could not deregister: "
+                + "; ".join(f"{_describe(r.storage, r.tier)} ({type(e).__name__}: {e})" for r, e in failures)
+            )
+
+    def __enter__(self) -> NixlRegistry:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._registrations)} registered"
+        return f"NixlRegistry({self._options.mode.value}, agent={self._name() if self._agent else None}, {state})"

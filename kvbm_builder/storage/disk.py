@@ -1,0 +1,330 @@
+"""G3: one file per storage, created in the disk allocator's directory (``DYN_KVBM_DISK_CACHE_DIR``).
+
+The file is ``kvbm-g3-<pid>-<random>.bin``, created with O_CREAT | O_EXCL and mode 0600, opened with O_DIRECT
+unless ``o_direct`` is off (``DYN_KVBM_DISK_DISABLE_O_DIRECT``), its space reserved with fallocate(2).
+When the file system refuses fallocate, the file is zero-filled (``DYN_KVBM_DISK_ZEROFILL_FALLBACK``) or
+truncated to size with a :class:`DiskReservationWarning`. ``close()`` closes and removes the file; so does
+any failure while it is being made. Every error says which step failed and which variable changes it.
+
+A region's "address" is its offset in the file (``addr`` is 0) and NIXL's devId is the file descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import ClassVar
+
+from ..config.allocators import DiskAllocator
+from ..config.protocols import StorageKind
+from ..errors import DiskStorageError, LayoutError
+from . import _libc
+from ._base import OwnedStorage, check_size, human, log, tier_words
+
+_TIER = tier_words(StorageKind.DISK)
+#: O_DIRECT needs buffer address, file offset and length aligned to the logical block size; 4096 covers all.
+ALIGNMENT = 4096
+_BOUNCE = 8 * 2**20
+_DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+
+
+class DiskReservationWarning(UserWarning):
+    """The file system could not reserve the disk tier's space: the file was truncated to size instead."""
+
+
+class DiskStorage(OwnedStorage):
+    """A file holding ``size`` bytes of the disk tier, open read/write as ``fd``."""
+
+    kind: ClassVar[StorageKind] = StorageKind.DISK
+
+    def __init__(self, path: str, fd: int, size: int, *, o_direct: bool, reserved: str) -> None:
+        super().__init__(0, size, fd)
+        self._path = path
+        self._fd = fd
+        self._o_direct = o_direct
+        self._reserved = reserved
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def o_direct(self) -> bool:
+        return self._o_direct
+
+    @property
+    def reserved(self) -> str:
+        """How the space was reserved: ``"fallocate"``, ``"zerofill"`` or ``"truncate"`` (not reserved)."""
+        return self._reserved
+
+    def write(self, offset: int, data: object) -> None:
+        """Write the bytes of ``data`` (any contiguous buffer) at file offset ``offset``.
+
+        Works under O_DIRECT whatever the alignment: unaligned pieces go through an aligned bounce buffer
+        (read-modify-write of the partly covered 4096-byte blocks)."""
+        self._check_open("write")
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        self._check_range(offset, len(view), "write")
+        with self._io("write"):
+            if not self._o_direct or _aligned(view, offset):
+                _pwrite_all(self._fd, view, offset)
+            else:
+                self._bounced(offset, view, write=True)
+
+    def read_into(self, offset: int, buf: object) -> None:
+        """Fill the writable buffer ``buf`` with the bytes at file offset ``offset``."""
+        self._check_open("read")
+        view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+        if view.readonly:
+            raise TypeError(f"read_into() needs a writable buffer, got a read-only {type(buf).__name__}")
+        self._check_range(offset, len(view), "read")
+        with self._io("read"):
+            if not self._o_direct or _aligned(view, offset):
+                _pread_all(self._fd, view, offset)
+            else:
+                self._bounced(offset, view, write=False)
+
+    def _bounced(self, offset: int, view: memoryview, *, write: bool) -> None:
+        end = offset + len(view)
+        start = offset - offset % ALIGNMENT
+        with mmap.mmap(-1, _BOUNCE) as bounce:  # page aligned, so O_DIRECT accepts it
+            window = start
+            while window < end:
+                span = min(_BOUNCE, _round_up(end, ALIGNMENT) - window)
+                lo, hi = max(offset, window), min(end, window + span)
+                part = memoryview(bounce)[:span]
+                try:
+                    if not write or lo > window or hi < window + span:  # partly covered: keep what is there
+                        _pread_all(self._fd, part, window)
+                    if write:
+                        part[lo - window : hi - window] = view[lo - offset : hi - offset]
+                        _pwrite_all(self._fd, part, window)
+                    else:
+                        view[lo - offset : hi - offset] = part[lo - window : hi - window]
+                finally:
+                    part.release()
+                window += span
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or offset + length > self._size:
+            raise LayoutError(
+                f"{_TIER}: cannot {what} [{offset}, {offset + length}) in {self._path}: "
+                f"the storage holds {self._size} bytes"
+            )
+
+    @contextmanager
+    def _io(self, step: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            hint = ""
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and self._reserved == "truncate":
+                hint = (
+                    "; the space was never reserved (fallocate unsupported): set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 "
+                    f"to reserve it up front, or move {_DIR_VAR} to a file system with room"
+                )
+            raise DiskStorageError(f"{_TIER}: {step} failed on {self._path}: {exc.strerror}{hint}") from exc
+
+    def _release(self) -> None:
+        try:
+            os.close(self._fd)
+        finally:
+            _remove(self._path)
+
+    def _repr_extra(self) -> str:
+        return f", {self._path}"
+
+
+def allocate_disk(size: int, spec: DiskAllocator) -> DiskStorage:
+    """A new file of ``size`` bytes in ``spec.directory``; closed and removed again on any failure."""
+    check_size(size, StorageKind.DISK)
+    directory = spec.directory
+    _check_directory(directory)
+    path = os.path.join(directory, f"kvbm-g3-{os.getpid()}-{secrets.token_hex(6)}.bin")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if spec.o_direct else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:  # never remove a file that is not ours
+            # O_CREAT | O_DIRECT on a file system without O_DIRECT creates the file, then fails
+            _remove(path)
+        raise _open_error(path, directory, exc, spec.o_direct) from exc
+    try:
+        file_size = _round_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
+        reserved = _reserve(fd, path, directory, file_size, spec)
+    except BaseException:
+        os.close(fd)
+        _remove(path)
+        raise
+    return DiskStorage(path, fd, size, o_direct=spec.o_direct, reserved=reserved)
+
+
+def _check_directory(directory: str) -> None:
+    try:
+        is_dir = os.path.isdir(directory)
+        exists = is_dir or os.path.lexists(directory)
+    except OSError:  # pragma: no cover - isdir swallows almost everything
+        is_dir, exists = False, False
+    if not exists:
+        raise DiskStorageError(
+            f"{_TIER}: the directory {directory!r} does not exist (step: open); create it, or point "
+            f"{_DIR_VAR} (the disk allocator's directory) at an existing directory"
+        )
+    if not is_dir:
+        raise DiskStorageError(
+            f"{_TIER}: {directory!r} is not a directory (step: open); point {_DIR_VAR} "
+            "(the disk allocator's directory) at a directory"
+        )
+
+
+def _open_error(path: str, directory: str, exc: OSError, o_direct: bool) -> DiskStorageError:
+    fs = fs_type(directory)
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    if exc.errno == errno.EINVAL and o_direct:
+        why = (
+            f"the file system of {directory!r} ({fs}) does not support O_DIRECT; set "
+            f"DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false), or choose another {_DIR_VAR}"
+        )
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = (
+            f"{directory!r} ({fs}) is read-only or not writable by this user ({code}); "
+            f"set {_DIR_VAR} to a writable directory"
+        )
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = f"no space or inodes left on {directory!r} ({fs}); free some, or choose another {_DIR_VAR}"
+    else:
+        why = f"{exc.strerror} ({code}) on {directory!r} ({fs}); check the directory, or choose another {_DIR_VAR}"
+    return DiskStorageError(f"{_TIER}: cannot create {path} (step: open): {why}")
+
+
+def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAllocator) -> str:
+    """Reserve ``file_size`` bytes for the file: ``"fallocate"``, ``"zerofill"`` or ``"truncate"``."""
+    while True:
+        try:
+            _libc.fallocate(fd, 0, file_size)
+            return "fallocate"
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                break
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(path, directory, file_size, "fallocate") from exc
+            raise DiskStorageError(
+                f"{_TIER}: cannot reserve {human(file_size)} for {path} (step: fallocate): {exc.strerror} "
+                f"({fs_type(directory)}); choose another {_DIR_VAR}"
+            ) from exc
+    if spec.zerofill_fallback:
+        log.info("%s: fallocate unsupported on %s (%s); zero-filling %s", _TIER, directory, fs_type(directory), path)
+        try:
+            _zero_fill(fd, file_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _no_space(path, directory, file_size, "zero-fill") from exc
+            raise DiskStorageError(f"{_TIER}: cannot zero-fill {path} (step: zero-fill): {exc.strerror}") from exc
+        return "zerofill"
+    try:
+        os.ftruncate(fd, file_size)
+    except OSError as exc:
+        raise DiskStorageError(f"{_TIER}: cannot size {path} (step: ftruncate): {exc.strerror}") from exc
+    warnings.warn(
+        f"{_TIER}: the file system of {directory!r} ({fs_type(directory)}) does not support fallocate, so the "
+        f"{human(file_size)} of {path} are not reserved and writes may fail later when the disk fills; "
+        "set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 (zerofill_fallback=true) to reserve them by writing zeros",
+        DiskReservationWarning,
+        stacklevel=3,
+    )
+    return "truncate"
+
+
+def _no_space(path: str, directory: str, needed: int, step: str) -> DiskStorageError:
+    try:
+        st = os.statvfs(directory)
+        free = human(st.f_bavail * st.f_frsize)
+    except OSError:
+        free = "unknown"
+    return DiskStorageError(
+        f"{_TIER}: not enough space for {path} (step: {step}): {human(needed)} needed, {free} free in "
+        f"{directory!r}; make the disk tier smaller (DYN_KVBM_DISK_CACHE_GB, num_blocks) or point {_DIR_VAR} "
+        "at a larger file system"
+    )
+
+
+def _zero_fill(fd: int, file_size: int) -> None:
+    with mmap.mmap(-1, _BOUNCE) as zeros:  # page aligned and zeroed: fine for O_DIRECT
+        view = memoryview(zeros)
+        try:
+            for offset in range(0, file_size, _BOUNCE):
+                _pwrite_all(fd, view[: min(_BOUNCE, file_size - offset)], offset)
+        finally:
+            view.release()
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "unexpected end of file")
+        done += n
+
+
+def _aligned(view: memoryview, offset: int) -> bool:
+    """True when O_DIRECT can use the caller's buffer as it is."""
+    if offset % ALIGNMENT or len(view) % ALIGNMENT or not len(view):
+        return False
+    if view.readonly:
+        return False  # no portable way to learn its address: bounce it
+    import ctypes
+
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor) % ALIGNMENT == 0
+    finally:
+        del anchor
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _remove(path: str) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def fs_type(directory: str) -> str:
+    """``"overlay at /"``: the file system a directory lives on, from /proc/self/mounts (best effort)."""
+    try:
+        real = os.path.realpath(directory)
+        best, kind = "", "unknown file system"
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                point = parts[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, parts[2]
+        return f"{kind} at {best}" if best else kind
+    except OSError:
+        return "unknown file system"

@@ -1,0 +1,256 @@
+"""G2: page-locked host memory that the GPU copies to and from at full speed.
+
+Mode ``register`` (the default) is the fast path for large tiers:
+
+1. one anonymous mmap (MAP_HUGETLB when ``huge_pages``; otherwise 4 KiB pages with MADV_HUGEPAGE, so
+   the kernel backs it with transparent huge pages where it can),
+2. NUMA placement on the GPU's node when the machine has several (mbind; MPOL_BIND when ``numa``,
+   else MPOL_PREFERRED),
+3. every page faulted in by ``threads`` threads (madvise MADV_POPULATE_WRITE per chunk; memset on
+   kernels older than 5.14), through ctypes calls that release the GIL,
+4. ``cudaHostRegister(..., cudaHostRegisterPortable)``, in one call or in chunks (see :class:`PinTuning`).
+
+Mode ``host_alloc`` is upstream's ``cudaHostAlloc``: simple, but slow for tens of GiB. Neither mode uses
+a caching pinned pool (cupy's and torch's round sizes up to a power of two: 33 GiB would become 64 GiB).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import attrs
+
+from ..config.allocators import PinnedAllocator, PinningMode
+from ..config.protocols import StorageKind
+from ..errors import AllocationError
+from . import _cuda, _host, _libc
+from ._base import check_size, human, tier_words
+
+log = logging.getLogger("kvbm_builder.storage")
+
+_TIER = tier_words(StorageKind.PINNED)
+_NO_CUDA_HINT = (
+    "Pinned memory needs CUDA; without a GPU use the system allocator for the host tier: SystemAllocator() "
+    '(in a config file: {"kind": "system"})'
+)
+MiB = 2**20
+
+
+def default_threads() -> int:
+    """Threads that populate pages when ``PinnedAllocator.threads`` is not set: the usable CPUs, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus))
+
+
+@attrs.frozen(kw_only=True)
+class PinTuning:
+    """How the ``register`` mode does its work; the defaults are what ``benchmarks/bench_pinned.py`` found fastest.
+
+    ``register_chunk_bytes=None`` pins the whole range with one cudaHostRegister call; a size pins it in
+    chunks of that many bytes on ``register_threads`` threads (copies that span two chunks still work).
+    """
+
+    populate_chunk_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(1))
+    register_chunk_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    register_threads: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    transparent_huge_pages: bool = True
+    write_combined: bool = False  # host_alloc only: cudaHostAllocWriteCombined (fast H2D, very slow CPU reads)
+
+
+class PinnedStorage(_host.HostStorage):
+    """Page-locked host memory. ``device_id`` is 0 (NIXL's devId for host memory); ``gpu`` is the GPU
+    whose NUMA node it was placed on and whose context registered it (portable: every GPU can use it)."""
+
+    kind: ClassVar[StorageKind] = StorageKind.PINNED
+
+    def __init__(
+        self,
+        mapping: _host.HostMapping | None,
+        addr: int,
+        size: int,
+        *,
+        gpu: int,
+        mode: PinningMode,
+        registered: tuple[int, ...] = (),
+        numa_node: int | None = None,
+        populate_method: str | None = None,
+        phase_seconds: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(mapping, addr, size)
+        self._gpu = gpu
+        self._mode = mode
+        self._registered = registered
+        self._numa_node = numa_node
+        self._populate_method = populate_method
+        self._phase_seconds = dict(phase_seconds or {})
+
+    @property
+    def gpu(self) -> int:
+        return self._gpu
+
+    @property
+    def mode(self) -> PinningMode:
+        return self._mode
+
+    @property
+    def registrations(self) -> int:
+        """How many cudaHostRegister ranges pin the memory (0 in host_alloc mode)."""
+        return len(self._registered)
+
+    @property
+    def numa_node(self) -> int | None:
+        """The NUMA node the pages were placed on, or None when left to the kernel."""
+        return self._numa_node
+
+    @property
+    def populate_method(self) -> str | None:
+        """``"madvise"`` or ``"memset"`` (register mode), None in host_alloc mode."""
+        return self._populate_method
+
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Wall time of each bring-up step (``map``, ``populate``, ``register`` or ``host_alloc``)."""
+        return dict(self._phase_seconds)
+
+    def _release(self) -> None:
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        if self._mapping is None:
+            try:
+                runtime.freeHost(self._addr)
+            except Exception as exc:
+                log.warning("%s: cudaFreeHost of %r failed: %s", _TIER, self, exc)
+            return
+        _unregister(cupy, self._gpu, self._registered)
+        self._mapping.unmap()
+
+    def _repr_extra(self) -> str:
+        return f", {self.pages} pages, {self._mode.value}"
+
+
+def allocate_pinned(size: int, spec: PinnedAllocator, *, tuning: PinTuning | None = None) -> PinnedStorage:
+    """``size`` bytes of pinned host memory as ``spec`` says. ``spec.progress(done, total)`` is called from
+    this thread while it works (throttled; the last call has ``done == total``); an exception it raises
+    aborts the allocation. On any failure everything done so far is undone before the error propagates."""
+    check_size(size, StorageKind.PINNED)
+    tuning = tuning or PinTuning()
+    cupy = _cuda.require_cuda(_TIER, spec.device_id, _NO_CUDA_HINT)
+    if spec.mode is PinningMode.host_alloc:
+        return _host_alloc(cupy, size, spec, tuning)
+    return _map_and_register(cupy, size, spec, tuning)
+
+
+def _host_alloc(cupy: Any, size: int, spec: PinnedAllocator, tuning: PinTuning) -> PinnedStorage:
+    if spec.numa:
+        log.warning("%s: numa placement needs mode 'register'; cudaHostAlloc memory is placed by the driver", _TIER)
+    progress = _host.Progress(spec.progress, size)
+    progress.start()
+    flags = _cuda.HOST_ALLOC_PORTABLE | (_cuda.HOST_ALLOC_WRITE_COMBINED if tuning.write_combined else 0)
+    start = time.perf_counter()
+    with cupy.cuda.Device(spec.device_id):
+        try:
+            ptr = int(cupy.cuda.runtime.hostAlloc(size, flags))
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise _pin_error("cudaHostAlloc", size, exc) from exc
+    seconds = {"host_alloc": time.perf_counter() - start}
+    try:
+        progress.finish()
+    except BaseException:
+        cupy.cuda.runtime.freeHost(ptr)
+        raise
+    return PinnedStorage(None, ptr, size, gpu=spec.device_id, mode=spec.mode, phase_seconds=seconds)
+
+
+def _map_and_register(cupy: Any, size: int, spec: PinnedAllocator, tuning: PinTuning) -> PinnedStorage:
+    runtime = cupy.cuda.runtime
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    mapping = _host.map_host(size, _TIER, hugetlb=spec.huge_pages, thp=tuning.transparent_huge_pages)
+    registered: list[int] = []
+    try:
+        node = _numa_node(spec)
+        if node is not None:
+            _host.place(mapping, node, _TIER, strict=spec.numa)
+        seconds["map"] = time.perf_counter() - start
+        progress = _host.Progress(spec.progress, size, work=2 * mapping.length)
+        progress.start()
+
+        start = time.perf_counter()
+        threads = spec.threads or default_threads()
+        method = _host.populate(
+            mapping, _TIER, threads=threads, chunk_bytes=tuning.populate_chunk_bytes, progress=progress
+        )
+        seconds["populate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        chunk = tuning.register_chunk_bytes or mapping.length
+        pieces = _host.chunks(mapping.length, chunk, mapping.page_size)
+
+        def register(off: int, n: int) -> None:
+            try:
+                with cupy.cuda.Device(spec.device_id):  # the current device is per thread
+                    runtime.hostRegister(mapping.addr + off, n, _cuda.HOST_REGISTER_PORTABLE)
+            except runtime.CUDARuntimeError as exc:
+                raise _pin_error("cudaHostRegister", n, exc, offset=off) from exc
+            registered.append(mapping.addr + off)  # list.append is atomic under the GIL
+
+        _host.run_chunks(pieces, register, tuning.register_threads, progress.add, "kvbm-register")
+        seconds["register"] = time.perf_counter() - start
+        progress.finish()
+    except BaseException:
+        _unregister(cupy, spec.device_id, sorted(registered))
+        mapping.unmap()
+        raise
+    return PinnedStorage(
+        mapping,
+        mapping.addr,
+        size,
+        gpu=spec.device_id,
+        mode=spec.mode,
+        registered=tuple(sorted(registered)),
+        numa_node=node,
+        populate_method=method,
+        phase_seconds=seconds,
+    )
+
+
+def _numa_node(spec: PinnedAllocator) -> int | None:
+    """The GPU's NUMA node when placing there means something (several nodes), else None."""
+    if _host.numa_node_count() <= 1:
+        return None
+    if not _libc.mbind_supported():
+        if spec.numa:
+            log.warning("%s: NUMA placement is not supported on this CPU architecture; skipped", _TIER)
+        return None
+    node = _cuda.gpu_numa_node(spec.device_id)
+    if node is None and spec.numa:
+        log.warning("%s: the NUMA node of GPU %d is unknown (sysfs numa_node is -1); skipped", _TIER, spec.device_id)
+    return node
+
+
+def _unregister(cupy: Any, gpu: int, ptrs: Sequence[int]) -> None:
+    for ptr in reversed(ptrs):
+        try:
+            with cupy.cuda.Device(gpu):
+                cupy.cuda.runtime.hostUnregister(ptr)
+        except Exception as exc:
+            log.warning("%s: cudaHostUnregister(0x%x) failed: %s", _TIER, ptr, exc)
+
+
+def _pin_error(call: str, size: int, exc: Exception, offset: int | None = None) -> AllocationError:
+    where = "" if offset is None else f" at offset {human(offset)}"
+    return AllocationError(
+        f"{_TIER}: {call} of {human(size)}{where} failed: {exc}. RLIMIT_MEMLOCK is "
+        f"{_host.memlock_limit()}: raise it (`ulimit -l unlimited`; in a container `--ulimit memlock=-1`); "
+        f"MemAvailable is {_host.mem_available_words()}: a smaller tier (num_blocks, DYN_KVBM_CPU_CACHE_GB) may fit"
+    )
