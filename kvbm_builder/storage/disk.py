@@ -96,7 +96,7 @@ class DiskStorage(OwnedStorage):
     def _bounced(self, offset: int, view: memoryview, *, write: bool) -> None:
         end = offset + len(view)
         start = offset - offset % ALIGNMENT
-        with mmap.mmap(-1, _BOUNCE) as bounce:  # page aligned, so O_DIRECT accepts it
+        with _aligned_buffer(_BOUNCE) as bounce:
             window = start
             while window < end:
                 span = min(_BOUNCE, _round_up(end, ALIGNMENT) - window)
@@ -260,13 +260,25 @@ def _no_space(path: str, directory: str, needed: int, step: str) -> DiskStorageE
 
 
 def _zero_fill(fd: int, file_size: int) -> None:
-    with mmap.mmap(-1, _BOUNCE) as zeros:  # page aligned and zeroed: fine for O_DIRECT
+    with _aligned_buffer(_BOUNCE) as zeros:  # zeroed by the kernel
         view = memoryview(zeros)
         try:
             for offset in range(0, file_size, _BOUNCE):
                 _pwrite_all(fd, view[: min(_BOUNCE, file_size - offset)], offset)
         finally:
             view.release()
+
+
+@contextmanager
+def _aligned_buffer(size: int) -> Iterator[mmap.mmap]:
+    """A page-aligned scratch buffer (O_DIRECT accepts it), unmapped afterwards."""
+    buffer = mmap.mmap(-1, size)
+    try:
+        yield buffer
+    finally:
+        # a traceback that still holds a slice keeps it exported: the collector unmaps it later
+        with suppress(BufferError):
+            buffer.close()
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

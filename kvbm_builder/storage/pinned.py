@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import attrs
 
+from ..config._rules import Validated, instance, integer, optional, rule
 from ..config.allocators import PinnedAllocator, PinningMode
 from ..config.protocols import StorageKind
 from ..errors import AllocationError
@@ -49,21 +50,25 @@ def default_threads() -> int:
     return max(1, min(16, cpus))
 
 
+_bool = rule(instance(bool, what="true or false"))
+
+
 @attrs.frozen(kw_only=True)
-class PinTuning:
+class PinTuning(Validated):
     """How the ``register`` mode does its work; the defaults are what ``benchmarks/bench_pinned.py`` found fastest.
 
     ``register_chunk_bytes=None`` pins the whole range with one cudaHostRegister call; a size pins it in
     chunks of that many bytes on ``register_threads`` threads (copies that span two chunks still work).
     """
 
-    populate_chunk_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(1))
-    register_chunk_bytes: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
-    )
-    register_threads: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    transparent_huge_pages: bool = True
-    write_combined: bool = False  # host_alloc only: cudaHostAllocWriteCombined (fast H2D, very slow CPU reads)
+    _kvbm_root: ClassVar[str] = "tuning"
+
+    populate_chunk_bytes: int = attrs.field(default=64 * MiB, metadata=rule(integer(min=4096)))
+    register_chunk_bytes: int | None = attrs.field(default=None, metadata=rule(optional(integer(min=4096))))
+    register_threads: int = attrs.field(default=1, metadata=rule(integer(min=1, max=1024)))
+    transparent_huge_pages: bool = attrs.field(default=True, metadata=_bool)
+    #: host_alloc only: cudaHostAllocWriteCombined (fast host-to-device copies, very slow CPU reads)
+    write_combined: bool = attrs.field(default=False, metadata=_bool)
 
 
 class PinnedStorage(_host.HostStorage):

@@ -1,0 +1,19 @@
+"""Shared test setup: tests marked ``gpu`` run only where a CUDA device is visible."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    # probed only when GPU tests were collected: importing cupy costs a second
+    from kvbm_builder.storage import cuda_available, cuda_unavailable_reason
+
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {cuda_unavailable_reason()}")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -1,0 +1,121 @@
+"""System host memory (G2 without CUDA): an anonymous mapping, viewable from numpy, unmapped on close."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvbm_builder import KvbmError, StorageKind, SystemAllocator
+from kvbm_builder.config.protocols import Storage
+from kvbm_builder.storage import StorageClosedError, SystemStorage, allocate_system
+
+
+def is_mapped(addr: int) -> bool:
+    """Whether ``addr`` lies in any mapping of this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+def test_a_system_storage_is_page_aligned_zeroed_host_memory() -> None:
+    with allocate_system(10_000) as storage:
+        assert isinstance(storage, Storage)
+        assert storage.kind is StorageKind.SYSTEM
+        assert storage.size == 10_000
+        assert storage.device_id == 0
+        assert storage.addr % mmap.PAGESIZE == 0
+        view = storage.as_numpy()
+        assert view.dtype == np.uint8 and view.shape == (10_000,)
+        assert not view.any()
+
+
+def test_views_share_the_memory_without_copying() -> None:
+    with allocate_system(4096) as storage:
+        first, second = storage.as_numpy(), storage.as_numpy()
+        first[100:200] = 7
+        assert second[100:200].tolist() == [7] * 100
+        assert first.ctypes.data == storage.addr
+
+
+def test_close_unmaps_the_memory_and_is_idempotent() -> None:
+    storage = allocate_system(3 * mmap.PAGESIZE)
+    addr = storage.addr
+    assert is_mapped(addr)
+    storage.close()
+    storage.close()
+    assert storage.closed
+    assert not is_mapped(addr)
+
+
+def test_a_closed_storage_refuses_new_views() -> None:
+    storage = allocate_system(4096)
+    storage.close()
+    with pytest.raises(StorageClosedError, match=r"host tier \(G2\).*closed"):
+        storage.as_numpy()
+
+
+def test_the_allocator_spec_allocates_through_this_module() -> None:
+    with SystemAllocator().allocate(1 << 20) as storage:
+        assert isinstance(storage, SystemStorage)
+        assert storage.size == 1 << 20
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 1.5])
+def test_a_size_must_be_a_positive_byte_count(size: object) -> None:
+    with pytest.raises(KvbmError, match=r"host tier \(G2\): size must be a positive number of bytes"):
+        allocate_system(size)  # type: ignore[arg-type]
+
+
+def test_a_forgotten_storage_is_released_when_collected_and_says_so() -> None:
+    storage = allocate_system(4096)
+    addr = storage.addr
+    with pytest.warns(ResourceWarning, match="unclosed SystemStorage"):
+        del storage
+        gc.collect()
+    assert not is_mapped(addr)
+
+
+def test_a_view_keeps_a_forgotten_storage_alive() -> None:
+    view = allocate_system(4096).as_numpy()
+    gc.collect()
+    view[:] = 3  # still mapped: the view holds the storage
+    assert int(view.sum()) == 3 * 4096
+    with pytest.warns(ResourceWarning):
+        del view
+        gc.collect()
+
+
+def test_as_torch_is_a_zero_copy_cpu_tensor() -> None:
+    torch = pytest.importorskip("torch")
+    with allocate_system(4096) as storage:
+        tensor = storage.as_torch()
+        tensor[:10] = 9
+        assert tensor.dtype == torch.uint8 and tensor.device.type == "cpu"
+        assert storage.as_numpy()[:10].tolist() == [9] * 10
+
+
+def test_importing_storage_imports_neither_cupy_nor_nixl() -> None:
+    import subprocess
+
+    code = "import kvbm_builder.storage, sys; print('cupy' in sys.modules, 'nixl' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(min_value=1, max_value=5 * mmap.PAGESIZE + 17))
+def test_every_byte_of_any_size_is_usable(size: int) -> None:
+    with allocate_system(size) as storage:
+        view = storage.as_numpy()
+        assert storage.size == size == view.size
+        view[:] = 0xAB
+        assert int(view.sum()) == 0xAB * size
