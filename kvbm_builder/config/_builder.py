@@ -39,7 +39,7 @@ class Builder(Generic[T]):
 
     def _set(self: B, name: str, value: object) -> B:
         if self._consumed:
-            self._live(name)
+            self._live(f"setting `{name}`")
         self._values[name] = value
         if self._rejected:
             self._rejected.pop(name, None)
@@ -47,7 +47,8 @@ class Builder(Generic[T]):
 
     def _reject(self: B, name: str, message: str) -> B:
         """A custom setter got input it cannot use: counted as set, reported at ``build()``."""
-        self._live(name)
+        if self._consumed:
+            self._live(f"setting `{name}`")
         self._values.pop(name, None)
         self._rejected[name] = message
         return self
@@ -55,7 +56,7 @@ class Builder(Generic[T]):
     def _live(self, doing: str) -> None:
         if self._consumed:
             raise BuilderConsumedError(
-                f"{type(self).__name__} was consumed by build(); calling `{doing}` on it does nothing useful. "
+                f"{type(self).__name__} was consumed by build(); {doing} on it does nothing useful. "
                 "Call .clone() before build() to keep a builder as a template."
             )
 
@@ -65,7 +66,7 @@ class Builder(Generic[T]):
 
     def clone(self: B) -> B:
         """An independent copy (values are shallow-copied), e.g. one model builder per tier."""
-        self._live("clone")
+        self._live("calling clone()")
         twin = copy.copy(self)
         twin._values = dict(self._values)
         twin._rejected = dict(self._rejected)
@@ -79,7 +80,7 @@ class Builder(Generic[T]):
     def build(self) -> T:
         """Validate everything and return the frozen config. Consumes the builder."""
         if self._consumed:
-            self._live("build")
+            self._live("calling build()")
         self._consumed = True
         target = self._target
         values = self._values  # no copy: nothing can touch a consumed builder

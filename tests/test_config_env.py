@@ -1,0 +1,184 @@
+"""The DYN_KVBM_* sizing variables, should_bypass_cpu_cache, and byte sizes (GB = 10^9, GiB = 2^30)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvbm_builder import ConfigError, KvManagerModelConfig
+from kvbm_builder.config import GB, CacheSizes, GiB, cache_sizes_from_env, parse_size, should_bypass_cpu_cache
+from kvbm_builder.config.sizes import format_bytes
+
+CPU_GB = "DYN_KVBM_CPU_CACHE_GB"
+CPU_BLOCKS = "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"
+DISK_GB = "DYN_KVBM_DISK_CACHE_GB"
+DISK_BLOCKS = "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"
+
+MODEL = KvManagerModelConfig.builder().num_layers(28).outer_dim(2).page_size(16).inner_dim(1024).build()
+
+
+class TestShouldBypassCpuCache:
+    """G1 offloads straight to G3 when a disk tier is asked for and a CPU tier is not."""
+
+    @pytest.mark.parametrize(
+        ("environ", "bypass"),
+        [
+            ({}, False),
+            ({DISK_GB: "100"}, True),
+            ({DISK_BLOCKS: "5000"}, True),
+            ({DISK_GB: "100", CPU_GB: "4"}, False),
+            ({DISK_GB: "100", CPU_BLOCKS: "1000"}, False),
+            ({CPU_GB: "4"}, False),
+            ({DISK_GB: "100", CPU_GB: "0"}, True),  # zero counts as unset
+            ({DISK_GB: "100", CPU_GB: ""}, True),  # so does empty
+            ({DISK_GB: "100", CPU_GB: "lots"}, True),  # and unparsable, as upstream
+            ({DISK_GB: "0", DISK_BLOCKS: "0"}, False),
+            ({DISK_GB: "-5"}, False),
+        ],
+    )
+    def test_the_rule(self, environ: dict[str, str], bypass: bool) -> None:
+        assert should_bypass_cpu_cache(environ) is bypass
+
+    def test_any_positive_number_counts_where_upstream_wants_an_integer(self) -> None:
+        # upstream parses the GB variables as integers here (0.5 would be unset) but as floats when sizing;
+        # one parser here: 0.5 GB is a disk tier both when sizing and when deciding to bypass
+        assert should_bypass_cpu_cache({DISK_GB: "0.5"}) is True
+        assert should_bypass_cpu_cache({DISK_GB: "100", CPU_GB: "0.5"}) is False
+
+    def test_a_block_count_must_be_whole(self) -> None:
+        assert should_bypass_cpu_cache({DISK_BLOCKS: "10.5"}) is False
+
+    def test_it_reads_the_process_environment_by_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in (CPU_GB, CPU_BLOCKS, DISK_GB, DISK_BLOCKS):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(DISK_GB, "10")
+
+        assert should_bypass_cpu_cache() is True
+
+
+class TestCacheSizesFromEnv:
+    def test_the_reference_example(self) -> None:
+        # 28 layers, outer 2, page 16, inner 1024, 2 bytes = 1,835,008 bytes per block; 4 GB -> 2179 blocks
+        assert cache_sizes_from_env(MODEL, {CPU_GB: "4"}) == CacheSizes(cpu_blocks=2179, disk_blocks=None)
+
+    def test_decimal_gigabytes_truncated(self) -> None:
+        sizes = cache_sizes_from_env(MODEL, {CPU_GB: "0.5", DISK_GB: "100"})
+
+        assert sizes.cpu_blocks == 500_000_000 // 1_835_008 == 272
+        assert sizes.disk_blocks == 100 * GB // 1_835_008 == 54_495
+
+    def test_nothing_asked_for(self) -> None:
+        assert cache_sizes_from_env(MODEL, {}) == CacheSizes(cpu_blocks=None, disk_blocks=None)
+        assert cache_sizes_from_env(MODEL, {CPU_GB: "0", DISK_GB: " "}) == CacheSizes(None, None)
+
+    def test_a_positive_override_wins(self) -> None:
+        sizes = cache_sizes_from_env(MODEL, {CPU_GB: "4", CPU_BLOCKS: "1000", DISK_BLOCKS: "20000"})
+
+        assert sizes == CacheSizes(cpu_blocks=1000, disk_blocks=20000)
+
+    def test_a_zero_override_does_not(self) -> None:
+        assert cache_sizes_from_env(MODEL, {CPU_GB: "4", CPU_BLOCKS: "0"}).cpu_blocks == 2179
+
+    def test_exact_arithmetic_no_float_rounding(self) -> None:
+        one_block = KvManagerModelConfig.builder().num_layers(1).outer_dim(1).page_size(1).inner_dim(1).build()
+        # 2 bytes a block; 0.3 GB is exactly 150,000,000 blocks, where float math gives 149,999,999.99...
+        assert cache_sizes_from_env(one_block, {CPU_GB: "0.3"}).cpu_blocks == 150_000_000
+
+    def test_it_reads_the_process_environment_by_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in (CPU_GB, CPU_BLOCKS, DISK_GB, DISK_BLOCKS):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(CPU_GB, "4")
+
+        assert cache_sizes_from_env(MODEL).cpu_blocks == 2179
+
+    @pytest.mark.parametrize(
+        ("environ", "path", "message"),
+        [
+            ({CPU_GB: "four"}, CPU_GB, "must be a non-negative number, such as 4 or 0.5, got 'four'"),
+            ({CPU_GB: "4GB"}, CPU_GB, "must be a non-negative number, such as 4 or 0.5, got '4GB'"),
+            ({CPU_GB: "-1"}, CPU_GB, "must be a non-negative number, such as 4 or 0.5, got '-1'"),
+            ({DISK_BLOCKS: "1.5"}, DISK_BLOCKS, "must be a whole number of blocks, got '1.5'"),
+            (
+                {DISK_GB: "0.001"},
+                DISK_GB,
+                "0.001 GB holds no whole block of 1835008 bytes; raise it or set the override variable",
+            ),
+        ],
+    )
+    def test_what_cannot_size_a_tier_names_the_variable(self, environ: dict[str, str], path: str, message: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            cache_sizes_from_env(MODEL, environ)
+
+        assert caught.value.errors == [(f"$env.{path}", message)]
+
+    def test_both_tiers_are_reported_together(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            cache_sizes_from_env(MODEL, {CPU_GB: "x", DISK_BLOCKS: "y"})
+
+        assert [path for path, _ in caught.value.errors] == [f"$env.{CPU_GB}", f"$env.{DISK_BLOCKS}"]
+
+    def test_absurd_numbers_are_refused_not_computed(self) -> None:
+        # 1e999999999 would take minutes of exact arithmetic; 5000 digits would make int() raise ValueError
+        for text in ("1e999999999", "9" * 5000):
+            with pytest.raises(ConfigError, match=CPU_GB):
+                cache_sizes_from_env(MODEL, {CPU_GB: text})
+
+
+class TestParseSize:
+    @pytest.mark.parametrize(
+        ("text", "nbytes"),
+        [
+            ("16GiB", 16 * 2**30),
+            ("16 GiB", 16 * 2**30),
+            ("16gib", 16 * 2**30),
+            ("16GB", 16 * 10**9),
+            ("16 gb", 16 * 10**9),
+            ("512MiB", 512 * 2**20),
+            ("512MB", 512 * 10**6),
+            ("4KiB", 4096),
+            ("4kb", 4000),
+            ("1TiB", 2**40),
+            ("1TB", 10**12),
+            ("0.5GB", 500_000_000),
+            ("1.5GiB", 3 * 2**29),
+            ("1e3", 1000),
+            ("100B", 100),
+            ("100", 100),
+            (" 7 ", 7),
+            (17179869184, 17179869184),
+            (0, 0),
+        ],
+    )
+    def test_sizes(self, text: object, nbytes: int) -> None:
+        assert parse_size(text) == nbytes
+
+    def test_gb_and_gib_are_never_mixed_up(self) -> None:
+        assert (GB, GiB) == (10**9, 2**30)
+        assert parse_size("1GB") == GB != parse_size("1GiB") == GiB
+
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            ("16G", "'16G' is not a size; write e.g. '16GiB' (2^30 bytes) or '16GB' (10^9 bytes)"),
+            ("lots", "'lots' is not a size; write e.g. '16GiB' (2^30 bytes) or '16GB' (10^9 bytes)"),
+            ("-1GB", "'-1GB' is not a size; write e.g. '16GiB' (2^30 bytes) or '16GB' (10^9 bytes)"),
+            ("1.5B", "'1.5B' is not a whole number of bytes"),
+            ("0.1KiB", "'0.1KiB' is not a whole number of bytes"),
+            (-1, "a size cannot be negative, got -1"),
+            (True, "True is not a size; write e.g. '16GiB' or '16GB'"),
+            (1.5, "must be a size such as '16GiB' or a byte count, got float"),
+            (None, "must be a size such as '16GiB' or a byte count, got NoneType"),
+        ],
+    )
+    def test_what_is_not_a_size(self, value: object, message: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            parse_size(value)
+
+        assert caught.value.errors == [("", message)]
+
+    def test_absurd_sizes_are_refused_quickly(self) -> None:
+        for text in ("1e99999999GB", "1" * 5000, "1e-99999999"):
+            with pytest.raises(ConfigError, match="is not a size"):
+                parse_size(text)
+
+    def test_format_bytes_shows_both_units(self) -> None:
+        assert format_bytes(16 * GiB) == "16.00 GiB (17.18 GB)"

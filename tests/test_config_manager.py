@@ -1,0 +1,289 @@
+"""KvBlockManagerConfig: runtime, model, up to three tiers (each in the slot its memory suits), extras."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+
+from kvbm_builder import (
+    ConfigError,
+    KvBlockManagerConfig,
+    KvManagerLayoutConfig,
+    KvManagerModelConfig,
+    KvManagerRuntimeConfig,
+    UninitializedFieldError,
+)
+from kvbm_builder.config import (
+    BlockParallelismStrategy,
+    DeviceAllocator,
+    DiskAllocator,
+    KvBlockManagerConfigBuilder,
+    PinnedAllocator,
+    StorageKind,
+    SystemAllocator,
+    Tier,
+)
+
+
+@attrs.frozen
+class Region:
+    """Memory the caller allocated elsewhere, as the config sees it (kind, addr, size; never touched)."""
+
+    kind: StorageKind
+    addr: int
+    size: int
+
+
+class SeenTwice:
+    """An offload filter: offload a block the second time its hash is seen."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def should_offload(self, sequence_hash: int) -> bool:
+        if sequence_hash in self.seen:
+            return True
+        self.seen.add(sequence_hash)
+        return False
+
+
+class EventLog:
+    """An event manager that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def on_store(self, event: object) -> None:
+        self.events.append(("store", event))
+
+    def on_remove(self, event: object) -> None:
+        self.events.append(("remove", event))
+
+
+RUNTIME = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
+MODEL = KvManagerModelConfig.builder().num_layers(28).outer_dim(2).page_size(16).inner_dim(1024).build()
+
+
+def layout(allocator: Any = None, *, storage: Any = None, offload_filter: Any = None) -> KvManagerLayoutConfig[Any]:
+    builder = KvManagerLayoutConfig.builder().num_blocks(64)
+    if storage is not None:
+        builder.storage(storage)
+    else:
+        builder.allocator(allocator)
+    if offload_filter is not None:
+        builder.offload_filter(offload_filter)
+    return builder.build()
+
+
+def manager() -> KvBlockManagerConfigBuilder:
+    return KvBlockManagerConfig.builder().runtime(RUNTIME).model(MODEL)
+
+
+def test_runtime_and_model_are_enough_and_everything_else_defaults_to_none() -> None:
+    config = manager().build()
+
+    assert config.runtime is RUNTIME
+    assert config.model is MODEL
+    for name in (
+        "device_layout",
+        "host_layout",
+        "disk_layout",
+        "event_manager",
+        "block_reset_channel",
+        "kvbm_metrics",
+        "consolidator_config",
+    ):
+        assert getattr(config, name) is None, name
+    assert config.tiers() == []
+
+
+def test_a_full_hierarchy() -> None:
+    device = layout(DeviceAllocator(device_id=0))
+    host = layout(PinnedAllocator(device_id=0), offload_filter=SeenTwice())
+    disk = layout(DiskAllocator(directory="/var/cache/kv"))
+    events = EventLog()
+    reset_channel = object()  # upstream reserves the field; nothing reads it yet
+    metrics = object()
+
+    config = (
+        manager()
+        .device_layout(device)  # strip_option: the bare layout, no Some(...)
+        .host_layout(host)
+        .disk_layout(disk)
+        .event_manager(events)
+        .block_reset_channel(reset_channel)
+        .kvbm_metrics(metrics)
+        .build()
+    )
+
+    assert (config.device_layout, config.host_layout, config.disk_layout) == (device, host, disk)
+    assert config.event_manager is events
+    assert config.block_reset_channel is reset_channel
+    assert config.kvbm_metrics is metrics
+    assert config.tiers() == [(Tier.G1, device), (Tier.G2, host), (Tier.G3, disk)]
+
+
+def test_runtime_left_unset_is_named_first() -> None:
+    with pytest.raises(UninitializedFieldError) as caught:
+        KvBlockManagerConfig.builder().device_layout(layout(DeviceAllocator())).build()
+
+    assert str(caught.value) == "`runtime` must be initialized"
+    assert caught.value.missing == ("runtime", "model")
+
+
+def test_model_left_unset() -> None:
+    with pytest.raises(UninitializedFieldError, match=r"^`model` must be initialized$"):
+        KvBlockManagerConfig.builder().runtime(RUNTIME).build()
+
+
+def test_a_builder_is_not_a_config() -> None:
+    with pytest.raises(ConfigError) as caught:
+        KvBlockManagerConfig.builder().runtime(KvManagerRuntimeConfig.builder().worker_id(1)).model(MODEL).build()  # type: ignore[arg-type]
+
+    ((path, message),) = caught.value.errors
+    assert path == "runtime"
+    assert message.startswith("must be a KvManagerRuntimeConfig (build it first), got KvManagerRuntimeConfigBuilder(")
+
+
+def test_a_layout_slot_takes_a_built_layout() -> None:
+    with pytest.raises(ConfigError) as caught:
+        manager().host_layout(KvManagerLayoutConfig.builder().num_blocks(4)).build()  # type: ignore[arg-type]
+
+    ((path, message),) = caught.value.errors
+    assert path == "host_layout"
+    assert message.startswith("must be a KvManagerLayoutConfig (build it first), got")
+
+
+class TestTierKinds:
+    """Each slot accepts only memory that suits it: device for G1, pinned or system for G2, a file for G3."""
+
+    @pytest.mark.parametrize(
+        ("slot", "allocator"),
+        [
+            ("device_layout", DeviceAllocator()),
+            ("host_layout", PinnedAllocator()),
+            ("host_layout", SystemAllocator()),
+            ("disk_layout", DiskAllocator()),
+        ],
+    )
+    def test_suitable(self, slot: str, allocator: Any) -> None:
+        builder = manager()
+        getattr(builder, slot)(layout(allocator))
+
+        assert getattr(builder.build(), slot).allocator is allocator
+
+    @pytest.mark.parametrize(
+        ("slot", "allocator", "message"),
+        [
+            (
+                "device_layout",
+                PinnedAllocator(),
+                "a pinned allocator cannot back the device tier (G1); it needs device memory",
+            ),
+            (
+                "device_layout",
+                SystemAllocator(),
+                "a system allocator cannot back the device tier (G1); it needs device memory",
+            ),
+            (
+                "host_layout",
+                DeviceAllocator(),
+                "a device allocator cannot back the host tier (G2); it needs pinned or system memory",
+            ),
+            (
+                "host_layout",
+                DiskAllocator(),
+                "a disk allocator cannot back the host tier (G2); it needs pinned or system memory",
+            ),
+            (
+                "disk_layout",
+                PinnedAllocator(),
+                "a pinned allocator cannot back the disk tier (G3); it needs disk memory",
+            ),
+        ],
+    )
+    def test_unsuitable_allocator(self, slot: str, allocator: Any, message: str) -> None:
+        builder = manager()
+        getattr(builder, slot)(layout(allocator))
+
+        with pytest.raises(ConfigError) as caught:
+            builder.build()
+
+        assert caught.value.errors == [(f"{slot}.allocator", message)]
+
+    def test_unsuitable_storage_names_the_item(self) -> None:
+        storages = [Region(StorageKind.PINNED, 0x1000, 4096), Region(StorageKind.DEVICE, 0x2000, 4096)]
+
+        with pytest.raises(ConfigError) as caught:
+            manager().host_layout(layout(storage=storages)).build()
+
+        assert caught.value.errors == [
+            (
+                "host_layout.storage[1]",
+                "device storage cannot back the host tier (G2); it needs pinned or system memory",
+            )
+        ]
+
+    def test_a_logical_layout_has_no_memory_to_check(self) -> None:
+        logical = KvManagerLayoutConfig.builder().num_blocks(8).logical(BlockParallelismStrategy.LeaderWorkerSharded)
+
+        assert manager().disk_layout(logical.build()).build().disk_layout is not None
+
+    def test_the_disk_tier_has_nothing_to_offload_to(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            manager().disk_layout(layout(DiskAllocator(), offload_filter=SeenTwice())).build()
+
+        assert caught.value.errors == [
+            ("disk_layout.offload_filter", "the disk tier is the last tier: there is nothing to offload to")
+        ]
+
+    def test_direct_construction_checks_the_same(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            KvBlockManagerConfig(runtime=RUNTIME, model=MODEL, device_layout=layout(PinnedAllocator()))
+
+        assert caught.value.errors[0][0] == "device_layout.allocator"
+
+
+def test_every_problem_of_one_build_is_reported_together() -> None:
+    with pytest.raises(ConfigError) as caught:
+        (
+            KvBlockManagerConfig.builder()
+            .runtime(RUNTIME)
+            .model("llama")  # type: ignore[arg-type]
+            .device_layout(layout(PinnedAllocator()))
+            .disk_layout(layout(DiskAllocator(), offload_filter=SeenTwice()))
+            .event_manager(print)  # type: ignore[arg-type]
+            .consolidator_config("tcp://localhost:5557", None, "vllm")
+            .build()
+        )
+
+    assert [path for path, _ in caught.value.errors] == [
+        "consolidator_config",
+        "model",
+        "event_manager",
+        "device_layout.allocator",
+        "disk_layout.offload_filter",
+    ]
+    assert str(caught.value).startswith("5 problems in the configuration:\n  consolidator_config: output_endpoint")
+
+
+def test_an_event_manager_must_take_both_kinds_of_event() -> None:
+    class StoresOnly:
+        def on_store(self, event: object) -> None: ...
+
+    with pytest.raises(ConfigError) as caught:
+        manager().event_manager(StoresOnly()).build()  # type: ignore[arg-type]
+
+    ((path, message),) = caught.value.errors
+    assert path == "event_manager"
+    assert message.startswith("must be an event manager (lacks on_remove), got")
+
+
+def test_equal_configs_describe_the_same_hierarchy() -> None:
+    first = manager().device_layout(layout(DeviceAllocator())).build()
+    second = manager().device_layout(layout(DeviceAllocator())).build()
+
+    assert first == second
+    assert first != manager().device_layout(layout(DeviceAllocator(device_id=1))).build()
