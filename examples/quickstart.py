@@ -55,20 +55,17 @@ def build_config(gpu: bool, nixl: bool, disk_dir: str) -> KvBlockManagerConfig:
     runtime = runtime.enable_nixl() if nixl else runtime.disable_nixl()
     builder = KvBlockManagerConfig.builder().runtime(runtime.build()).model(model)
     if gpu:
-        builder = (
-            builder.device_layout(
-                KvManagerLayoutConfig.builder()
-                .num_blocks(512)  # 2 GiB of GPU memory, one allocation per layer as engines like it
-                .layout_type(LayerSeparate(outer_contiguous=True))
-                .allocator(DeviceAllocator(device_id=0))
-                .build()
-            )
-            .host_layout(
-                KvManagerLayoutConfig.builder()
-                .num_blocks(2048)  # 8 GiB pinned: at least the device tier (KVBM is write-through)
-                .allocator(PinnedAllocator(device_id=0, progress=progress_line("host tier (G2)")))
-                .build()
-            )
+        builder = builder.device_layout(
+            KvManagerLayoutConfig.builder()
+            .num_blocks(512)  # 2 GiB of GPU memory, one allocation per layer as engines like it
+            .layout_type(LayerSeparate(outer_contiguous=True))
+            .allocator(DeviceAllocator(device_id=0))
+            .build()
+        ).host_layout(
+            KvManagerLayoutConfig.builder()
+            .num_blocks(2048)  # 8 GiB pinned: at least the device tier (KVBM is write-through)
+            .allocator(PinnedAllocator(device_id=0, progress=progress_line("host tier (G2)")))
+            .build()
         )
     else:
         builder = builder.host_layout(
@@ -95,7 +92,7 @@ def describe(config: KvBlockManagerConfig) -> None:
         spec = LayoutSpec.from_config(model, layout)
         kind = layout.storage_kind.value if layout.storage_kind is not None else "?"
         print(
-            f"{tier.name:<6} {kind:<7} {str(layout.layout_type):<40} {spec.num_blocks:>7}"
+            f"{tier.name:<6} {kind:<7} {layout.layout_type!s:<40} {spec.num_blocks:>7}"
             f" {spec.total_bytes / GiB:>8.2f} {spec.num_allocations:>11}"
         )
 
@@ -121,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         with KvBlockManager(config) as manager:
             total = time.perf_counter() - started
             for tier in manager.tiers.values():
-                print(f"  {tier.tier.name} ({tier.tier.words}): {tier.nbytes / GiB:.2f} GiB in {tier.bringup_seconds:.3f} s")
+                took = f"{tier.nbytes / GiB:.2f} GiB in {tier.bringup_seconds:.3f} s"
+                print(f"  {tier.tier.name} ({tier.tier.words}): {took}")
             print(f"all tiers up in {total:.3f} s; NIXL agent: {'yes' if manager.nixl_agent is not None else 'none'}")
             host = manager.host
             if host is not None:

@@ -4,6 +4,8 @@ The configuration (``KvBlockManagerConfig`` and friends) is imported eagerly and
 Everything that touches memory, CUDA or NIXL is imported on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from .config import *  # noqa: F403
 from .config import __all__ as _config_all
 from .errors import (
@@ -21,6 +23,14 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what __getattr__ below imports on first use, for type checkers and IDEs
+    from .layout import Layout as Layout
+    from .layout import LayoutSpec as LayoutSpec
+    from .layout import MemoryRegion as MemoryRegion
+    from .manager import KvBlockManager as KvBlockManager
+    from .manager import KvBlockManagerBuilder as KvBlockManagerBuilder
+    from .manager import TierStorage as TierStorage
 
 # Imported on first use, so that `import kvbm_builder` stays fast and never imports cupy or nixl.
 _LAZY = {

@@ -8,6 +8,7 @@ everything already done is undone (registrations first, then memory, newest firs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -119,7 +120,7 @@ class TierStorage:
             shape = (spec.num_blocks, spec.outer_dim, spec.page_size, spec.inner_dim)
             strides = (spec.block_stride, spec.region_bytes, token, width)
         out = []
-        for storage, base in zip(layout.storages, layout.base_addrs):
+        for storage, base in zip(layout.storages, layout.base_addrs, strict=True):
             raw = _raw_view(storage)
             start = base - storage.addr
             if kind is StorageKind.DEVICE:
@@ -319,10 +320,8 @@ class KvBlockManager:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            try:
+            with contextlib.suppress(Exception):  # nothing can be reported from a finalizer
                 self.close()
-            except Exception:  # nothing can be reported from a finalizer
-                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ", ".join(repr(t) for t in self._tiers.values())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything this project runs on the lent GPU machine, in one call (the device tool's `run`, carrying .whl):
+#   bash benchmarks/gpu_run.sh [tests] [quickstart] [pinned] [device] [all-tests]
+# Logs land in $OUT (the device tool brings them back). The wheels come from ../shared/gpu/wheels.sh.
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
+steps=${*:-tests quickstart pinned device}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import sys, cupy, numpy; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"
+for step in $steps; do
+  echo "=== $step"
+  case $step in
+    tests) python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    all-tests) python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tee "$OUT/all_tests.log" | tail -15 ;;
+    quickstart) python3 examples/quickstart.py --disk-dir /tmp 2>&1 | tee "$OUT/quickstart.log" ;;
+    pinned) python3 benchmarks/bench_pinned.py 2>&1 | tee "$OUT/bench_pinned.log" ;;
+    device) python3 benchmarks/bench_device.py 2>&1 | tee "$OUT/bench_device.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

@@ -1,0 +1,383 @@
+"""KvBlockManager on this machine's CPU: a system-memory host tier and a real disk tier, NIXL included."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import pytest
+
+from kvbm_builder import (
+    AllocationError,
+    BlockParallelismStrategy,
+    DeviceAllocator,
+    DiskAllocator,
+    DiskStorageError,
+    FullyContiguous,
+    GpuUnavailableError,
+    KvBlockManager,
+    KvBlockManagerConfig,
+    KvbmError,
+    KvManagerLayoutConfig,
+    KvManagerModelConfig,
+    KvManagerRuntimeConfig,
+    LayerSeparate,
+    LayoutError,
+    PinnedAllocator,
+    StorageKind,
+    SystemAllocator,
+    Tier,
+)
+from kvbm_builder.config.protocols import Storage
+from kvbm_builder.storage import SystemStorage, cuda_available
+
+MODEL = KvManagerModelConfig.builder().num_layers(3).outer_dim(2).page_size(4).inner_dim(8).build()
+
+
+@attrs.define
+class Recording:
+    """A real allocator that remembers what it made, so tests can check that all of it was released."""
+
+    inner: Any
+    made: list[Any] = attrs.field(factory=list)
+
+    @property
+    def storage_kind(self) -> StorageKind:
+        return self.inner.storage_kind  # type: ignore[no-any-return]
+
+    def allocate(self, size: int) -> Any:
+        storage = self.inner.allocate(size)
+        self.made.append(storage)
+        return storage
+
+
+@attrs.define
+class Failing:
+    """An allocator that fails the way a full or broken device does."""
+
+    storage_kind: StorageKind
+
+    def allocate(self, size: int) -> Storage:
+        raise OSError(28, "No space left on device")
+
+
+def runtime(nixl: bool = False) -> KvManagerRuntimeConfig:
+    builder = KvManagerRuntimeConfig.builder().worker_id(7)
+    return (builder.enable_nixl() if nixl else builder.disable_nixl()).build()
+
+
+def tier(blocks: int, allocator: Any, layout: Any = None, alignment: int = 1) -> KvManagerLayoutConfig[Any]:
+    builder = KvManagerLayoutConfig.builder().num_blocks(blocks).allocator(allocator).alignment(alignment)
+    return (builder.layout_type(layout) if layout is not None else builder).build()
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_host_and_disk_tiers_are_allocated_addressed_and_released(tmp_path: Path) -> None:
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(8, SystemAllocator()))
+        .disk_layout(tier(16, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    with KvBlockManager(config) as manager:
+        assert manager.device is None
+        host, disk = manager.tier("G2"), manager.tier(Tier.G3)
+        assert host.kind is StorageKind.SYSTEM and disk.kind is StorageKind.DISK
+        assert host.num_blocks == 8 and disk.num_blocks == 16
+        assert host.nbytes >= 8 * MODEL.bytes_per_block
+        assert len(files_in(tmp_path)) == 1
+        region = manager.memory_region("disk_layout", 1, 0, 0)
+        assert (region.addr, region.size) == (MODEL.bytes_per_block, MODEL.region_bytes)
+    assert manager.closed
+    assert files_in(tmp_path) == []
+    assert all(s.closed for s in host.storages)
+
+
+def test_builder_takes_the_config_setters_and_builds_a_manager(tmp_path: Path) -> None:
+    manager = KvBlockManager.builder().runtime(runtime()).model(MODEL).host_layout(tier(2, SystemAllocator())).build()
+    assert isinstance(manager, KvBlockManager)
+    manager.close()
+    manager.close()  # idempotent
+    assert manager.config.runtime.cancellation_token.is_cancelled()
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [FullyContiguous(), LayerSeparate(outer_contiguous=True), LayerSeparate(outer_contiguous=False)],
+)
+@pytest.mark.parametrize("alignment", [1, 256])
+def test_host_views_are_the_memory_that_memory_region_names(layout: Any, alignment: int) -> None:
+    with (
+        KvBlockManager.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(5, SystemAllocator(), layout, alignment))
+        .build() as manager
+    ):
+        host = manager.tier(Tier.G2)
+        views = host.views(dtype=np.float16)
+        assert len(views) == (1 if isinstance(layout, FullyContiguous) else MODEL.num_layers)
+        for block in range(5):
+            for layer in range(MODEL.num_layers):
+                for outer in range(MODEL.outer_dim):
+                    if isinstance(layout, FullyContiguous):
+                        piece = views[0][block, layer, outer]
+                    elif layout.outer_contiguous:
+                        piece = views[layer][outer, block]
+                    else:
+                        piece = views[layer][block, outer]
+                    piece[...] = block * 100 + layer * 10 + outer
+                    region = host.memory_region(block, layer, outer)
+                    assert piece.ctypes.data == region.addr
+                    assert piece.nbytes == region.size
+        # every region still holds what was written to it: no two views overlap
+        for block in range(5):
+            for layer in range(MODEL.num_layers):
+                for outer in range(MODEL.outer_dim):
+                    region = host.memory_region(block, layer, outer)
+                    raw = np.frombuffer(ctypes.string_at(region.addr, region.size), dtype=np.float16)
+                    assert (raw == block * 100 + layer * 10 + outer).all()
+
+
+def test_views_refuse_a_dtype_of_another_width_and_the_disk_tier(tmp_path: Path) -> None:
+    with (
+        KvBlockManager.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(1, SystemAllocator()))
+        .disk_layout(tier(1, DiskAllocator(directory=str(tmp_path))))
+        .build() as manager
+    ):
+        with pytest.raises(LayoutError, match="4 bytes wide but the model's dtype_width_bytes is 2"):
+            manager.tier("G2").views(dtype=np.float32)
+        with pytest.raises(LayoutError, match=r"disk tier .* is a file"):
+            manager.tier("G3").views()
+        with pytest.raises(KvbmError, match=r"device tier .* is not configured"):
+            manager.tier("G1")
+
+
+def test_disk_tier_round_trips_a_block_through_plain_file_io_without_nixl(tmp_path: Path) -> None:
+    with (
+        KvBlockManager.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(2, SystemAllocator()))
+        .disk_layout(tier(2, DiskAllocator(directory=str(tmp_path))))
+        .build() as manager
+    ):
+        host_block = manager.tier("G2").views()[0][1]
+        host_block[...] = np.arange(host_block.size, dtype=host_block.dtype).reshape(host_block.shape)
+        disk = manager.tier("G3")
+        offset = disk.memory_region(1, 0, 0).addr
+        (file,) = disk.storages
+        file.write(offset, host_block)
+        back = np.zeros_like(host_block)
+        file.read_into(offset, back)
+        assert (back == host_block).all()
+
+
+def test_nixl_registers_every_storage_and_deregisters_before_freeing(tmp_path: Path) -> None:
+    pytest.importorskip("nixl")
+    with (
+        KvBlockManager.builder()
+        .runtime(runtime(nixl=True))
+        .model(MODEL)
+        .host_layout(tier(4, SystemAllocator(), LayerSeparate(outer_contiguous=False)))
+        .disk_layout(tier(4, DiskAllocator(directory=str(tmp_path))))
+        .build() as manager
+    ):
+        registry = manager._nixl
+        assert registry is not None and manager.nixl_agent is not None
+        kinds = [(r.tier, r.mem_type) for r in registry.registrations]
+        assert kinds == [(Tier.G2, "DRAM")] * MODEL.num_layers + [(Tier.G3, "FILE")]
+    assert registry.closed and registry.registrations == ()
+    assert files_in(tmp_path) == []
+
+
+def test_a_failing_tier_releases_every_tier_before_it_and_leaves_no_file(tmp_path: Path) -> None:
+    host = Recording(SystemAllocator())
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(4, host, LayerSeparate(outer_contiguous=True)))
+        .disk_layout(tier(4, Failing(StorageKind.DISK)))
+        .build()
+    )
+    with pytest.raises(AllocationError, match=r"disk tier \(G3\)'s allocator .* failed to allocate .* No space left"):
+        KvBlockManager(config)
+    assert len(host.made) == MODEL.num_layers
+    assert all(s.closed for s in host.made)
+    assert files_in(tmp_path) == []
+
+
+def test_a_missing_disk_directory_names_the_path_and_releases_the_host_tier(tmp_path: Path) -> None:
+    host = Recording(SystemAllocator())
+    missing = tmp_path / "not-here"
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(4, host))
+        .disk_layout(tier(4, DiskAllocator(directory=str(missing))))
+        .build()
+    )
+    with pytest.raises(DiskStorageError) as caught:
+        KvBlockManager(config)
+    assert str(missing) in str(caught.value) and "DYN_KVBM_DISK_CACHE_DIR" in str(caught.value)
+    assert host.made and all(s.closed for s in host.made)
+
+
+def test_nixl_registration_failure_releases_memory_and_earlier_registrations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("nixl")
+    from kvbm_builder.nixl import NixlRegistry
+
+    host = Recording(SystemAllocator())
+    real_register = NixlRegistry.register
+    seen: list[Any] = []
+
+    def register_then_fail_on_disk(self: NixlRegistry, storage: Storage, tier: Tier | None = None) -> Any:
+        seen.append(self)
+        if storage.kind is StorageKind.DISK:
+            from kvbm_builder.errors import NixlError
+
+            raise NixlError("injected: FILE registration refused")
+        return real_register(self, storage, tier)
+
+    monkeypatch.setattr(NixlRegistry, "register", register_then_fail_on_disk)
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime(nixl=True))
+        .model(MODEL)
+        .host_layout(tier(4, host))
+        .disk_layout(tier(4, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    with pytest.raises(KvbmError, match="injected"):
+        KvBlockManager(config)
+    assert seen and seen[0].closed and seen[0].registrations == ()
+    assert all(s.closed for s in host.made)
+    assert files_in(tmp_path) == []
+
+
+def test_storage_given_by_the_caller_is_used_but_not_freed() -> None:
+    from kvbm_builder.storage import allocate_system
+
+    spec_bytes = 2 * MODEL.bytes_per_block + 63
+    with allocate_system(spec_bytes) as mine:
+        config = (
+            KvBlockManagerConfig.builder()
+            .runtime(runtime())
+            .model(MODEL)
+            .host_layout(KvManagerLayoutConfig.builder().num_blocks(2).alignment(64).storage([mine]).build())
+            .build()
+        )
+        with KvBlockManager(config) as manager:
+            assert manager.tier("G2").storages == (mine,)
+            assert manager.tier("G2").owned is False
+        assert not mine.closed
+
+
+def test_storage_too_small_for_the_layout_names_the_tier_and_both_sizes() -> None:
+    from kvbm_builder.storage import allocate_system
+
+    with allocate_system(MODEL.bytes_per_block) as small:
+        config = (
+            KvBlockManagerConfig.builder()
+            .runtime(runtime())
+            .model(MODEL)
+            .host_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage([small]).build())
+            .build()
+        )
+        with pytest.raises(LayoutError, match=r"host tier \(G2\).* holds \d+ bytes but the layout needs \d+"):
+            KvBlockManager(config)
+        assert not small.closed
+
+
+def test_a_storage_of_the_wrong_kind_is_refused_by_the_config() -> None:
+    from kvbm_builder.storage import allocate_system
+
+    with allocate_system(4096) as memory:
+        builder = KvBlockManagerConfig.builder().runtime(runtime()).model(MODEL)
+        with pytest.raises(KvbmError, match=r"disk_layout.storage\[0\]: system storage cannot back the disk tier"):
+            builder.disk_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage([memory]).build()).build()
+
+
+def test_storage_none_passes_the_builder_but_the_manager_says_what_is_missing() -> None:
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build())
+        .build()
+    )
+    with pytest.raises(AllocationError, match=r"host tier \(G2\) has no memory.*\.allocator\("):
+        KvBlockManager(config)
+
+
+def test_a_logical_tier_has_no_local_memory() -> None:
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(
+            KvManagerLayoutConfig.builder().num_blocks(2).logical(BlockParallelismStrategy.LeaderWorkerSharded).build()
+        )
+        .build()
+    )
+    with KvBlockManager(config) as manager:
+        host = manager.tier("G2")
+        assert host.storages == () and host.kind is None
+        with pytest.raises(LayoutError, match="logical"):
+            host.memory_region(0, 0, 0)
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the error on machines without a GPU")
+def test_without_a_gpu_a_device_tier_is_one_clear_error_and_nothing_is_left(tmp_path: Path) -> None:
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .device_layout(tier(2, DeviceAllocator()))
+        .host_layout(tier(2, PinnedAllocator()))
+        .disk_layout(tier(2, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    with pytest.raises(GpuUnavailableError) as caught:
+        KvBlockManager(config)
+    message = str(caught.value)
+    assert "device tier (G1)" in message
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the error on machines without a GPU")
+def test_without_a_gpu_a_pinned_host_tier_points_to_system_memory() -> None:
+    config = (
+        KvBlockManagerConfig.builder().runtime(runtime()).model(MODEL).host_layout(tier(2, PinnedAllocator())).build()
+    )
+    with pytest.raises(GpuUnavailableError, match="host tier") as caught:
+        KvBlockManager(config)
+    assert "system" in str(caught.value).lower()
+
+
+def test_a_manager_needs_a_config() -> None:
+    with pytest.raises(KvbmError, match="needs a KvBlockManagerConfig"):
+        KvBlockManager({"model": {}})  # type: ignore[arg-type]
+
+
+def test_system_storage_is_what_the_host_slot_reports() -> None:
+    with KvBlockManager.builder().runtime(runtime()).model(MODEL).host_layout(tier(1, SystemAllocator())).build() as m:
+        (storage,) = m.tier("G2").storages
+        assert isinstance(storage, SystemStorage)
+        assert "G2" in repr(m) and "system" in repr(m)
