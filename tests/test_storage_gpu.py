@@ -1,0 +1,233 @@
+"""Device (G1) and pinned host (G2) storage on a real GPU, and their NIXL registration.
+
+Skipped, with the reason, where no CUDA device is visible (tests/conftest.py). Each test checks data
+that went through the GPU, or what CUDA itself says of a pointer, never only that a call returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvbm_builder import (
+    AllocationError,
+    GpuUnavailableError,
+    NixlOptions,
+    PinnedAllocator,
+    PinningMode,
+    StorageKind,
+    Tier,
+)
+from kvbm_builder.storage import (
+    DeviceStorage,
+    PinnedStorage,
+    PinTuning,
+    allocate_device,
+    allocate_pinned,
+    allocate_system,
+)
+
+pytestmark = pytest.mark.gpu
+
+MiB = 2**20
+GiB = 2**30
+HOST, DEVICE = 1, 2  # cudaMemoryTypeHost, cudaMemoryTypeDevice (0: unregistered)
+
+
+@pytest.fixture(scope="module")
+def cupy() -> Any:
+    return pytest.importorskip("cupy")
+
+
+def memory_type(cupy: Any, addr: int) -> int:
+    """What CUDA knows of an address: HOST (pinned), DEVICE, or 0 (not registered with CUDA)."""
+    try:
+        return int(cupy.cuda.runtime.pointerGetAttributes(addr).type)
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return 0
+
+
+def copy(cupy: Any, dst: int, src: int, nbytes: int, kind: int) -> None:
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, kind, stream.ptr)
+    stream.synchronize()
+
+
+def round_trip(cupy: Any, host: PinnedStorage, device: DeviceStorage, offset: int, nbytes: int) -> None:
+    """host[offset:+n] -> device -> host[back:+n], asynchronously (pinned memory is what makes that legal)."""
+    view = host.as_numpy()
+    rng = np.random.default_rng(offset)
+    view[offset : offset + nbytes] = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    back = 0 if offset >= nbytes else host.size - nbytes
+    view[back : back + nbytes] = 0
+    copy(cupy, device.addr, host.addr + offset, nbytes, cupy.cuda.runtime.memcpyHostToDevice)
+    copy(cupy, host.addr + back, device.addr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost)
+    assert np.array_equal(view[back : back + nbytes], view[offset : offset + nbytes])
+
+
+@pytest.fixture
+def device(cupy: Any) -> Iterator[DeviceStorage]:
+    with allocate_device(64 * MiB, 0) as storage:
+        yield storage
+
+
+# --- device (G1) ----------------------------------------------------------------------------------------
+
+
+def test_device_storage_is_gpu_memory_seen_through_cupy(cupy: Any, device: DeviceStorage) -> None:
+    assert device.kind is StorageKind.DEVICE and device.device_id == 0
+    assert device.addr % 256 == 0
+    assert memory_type(cupy, device.addr) == DEVICE
+    view = device.as_cupy()
+    view.fill(3)
+    assert int(view.sum(dtype=cupy.uint64)) == 3 * device.size
+
+
+def test_device_memory_is_exact_and_freed_on_close(cupy: Any) -> None:
+    pool = cupy.get_default_memory_pool()
+    pool.free_all_blocks()
+    pool_before = pool.total_bytes()
+    free_before = cupy.cuda.runtime.memGetInfo()[0]
+    storage = allocate_device(GiB + 4096, 0)
+    assert free_before - cupy.cuda.runtime.memGetInfo()[0] >= GiB
+    assert pool.total_bytes() == pool_before  # never cupy's caching pool
+    storage.close()
+    storage.close()
+    assert cupy.cuda.runtime.memGetInfo()[0] >= free_before - 64 * MiB
+
+
+def test_as_torch_is_the_same_gpu_memory(cupy: Any, device: DeviceStorage) -> None:
+    torch = pytest.importorskip("torch")
+    tensor = device.as_torch()
+    assert tensor.is_cuda and tensor.dtype == torch.uint8 and tensor.numel() == device.size
+    tensor.fill_(7)
+    torch.cuda.synchronize()
+    assert int(device.as_cupy()[:1000].sum()) == 7000
+
+
+def test_out_of_gpu_memory_says_how_much_was_asked_and_is_free() -> None:
+    with pytest.raises(AllocationError) as caught:
+        allocate_device(10 * 2**40, 0)
+    message = str(caught.value)
+    assert message.startswith("device tier (G1): out of memory on GPU 0: asked for 10240.00 GiB")
+    assert "free of" in message and "cudaMemGetInfo" in message and "num_blocks" in message
+
+
+def test_a_gpu_that_does_not_exist_is_named() -> None:
+    with pytest.raises(GpuUnavailableError, match=r"device_id 99 does not exist.*CUDA_VISIBLE_DEVICES"):
+        allocate_device(4096, 99)
+    with pytest.raises(GpuUnavailableError, match=r"host tier \(G2\): device_id 99"):
+        allocate_pinned(4096, PinnedAllocator(device_id=99))
+
+
+# --- pinned (G2) ----------------------------------------------------------------------------------------
+
+
+def test_the_fast_path_pins_the_whole_range_and_reports_progress(cupy: Any, device: DeviceStorage) -> None:
+    calls: list[tuple[int, int]] = []
+    size = 256 * MiB + 12345
+    storage = PinnedAllocator(threads=4, progress=lambda d, t: calls.append((d, t))).allocate(size)
+    with storage:
+        assert isinstance(storage, PinnedStorage)
+        assert storage.kind is StorageKind.PINNED and storage.device_id == 0 and storage.gpu == 0
+        assert storage.mode is PinningMode.register and storage.registrations == 1
+        assert storage.populate_method in ("madvise", "memset")
+        for offset in (0, size // 2, size - 1):
+            assert memory_type(cupy, storage.addr + offset) == HOST
+        round_trip(cupy, storage, device, 12345, 32 * MiB)
+        pytest.importorskip("torch")
+        assert storage.as_torch().is_pinned()
+    done = [d for d, _ in calls]
+    assert calls[0] == (0, size) and calls[-1] == (size, size) and done == sorted(done)
+    assert memory_type(cupy, storage.addr) == 0  # unregistered on close
+
+
+def test_a_copy_across_two_registered_chunks(cupy: Any, device: DeviceStorage) -> None:
+    tuning = PinTuning(register_chunk_bytes=64 * MiB, register_threads=3)
+    with allocate_pinned(256 * MiB + 12345, PinnedAllocator(threads=4), tuning=tuning) as storage:
+        assert storage.registrations == 5
+        for chunk in range(5):
+            assert memory_type(cupy, storage.addr + chunk * 64 * MiB) == HOST
+        round_trip(cupy, storage, device, 64 * MiB - 3 * MiB - 7, 8 * MiB)  # spans the first boundary
+        round_trip(cupy, storage, device, 192 * MiB - 16 * MiB, 32 * MiB)  # and the third
+    assert memory_type(cupy, storage.addr + 64 * MiB) == 0
+
+
+def test_huge_pages_are_used_or_fall_back_and_still_pin(cupy: Any, device: DeviceStorage) -> None:
+    with allocate_pinned(64 * MiB, PinnedAllocator(huge_pages=True)) as storage:
+        assert storage.pages in ("hugetlb", "thp", "4k")
+        assert memory_type(cupy, storage.addr) == HOST
+        round_trip(cupy, storage, device, 4096, 16 * MiB)
+
+
+def test_numa_placement_is_asked_for_and_still_pins(cupy: Any, device: DeviceStorage) -> None:
+    with allocate_pinned(64 * MiB, PinnedAllocator(numa=True)) as storage:
+        assert storage.numa_node is None or storage.numa_node >= 0
+        round_trip(cupy, storage, device, 0, 16 * MiB)
+
+
+def test_host_alloc_mode_is_cuda_host_alloc(cupy: Any, device: DeviceStorage) -> None:
+    with allocate_pinned(64 * MiB + 1, PinnedAllocator(mode=PinningMode.host_alloc)) as storage:
+        assert storage.mode is PinningMode.host_alloc and storage.registrations == 0 and storage.pages == "cuda"
+        assert memory_type(cupy, storage.addr) == HOST
+        round_trip(cupy, storage, device, 100, 16 * MiB)
+    assert memory_type(cupy, storage.addr) == 0
+
+
+def test_a_failed_registration_undoes_what_was_pinned(cupy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = cupy.cuda.runtime
+    real = runtime.hostRegister
+    pinned: list[int] = []
+
+    def second_fails(ptr: int, size: int, flags: int) -> None:
+        if pinned:
+            raise runtime.CUDARuntimeError(2)  # cudaErrorMemoryAllocation, as when pinning hits a limit
+        real(ptr, size, flags)
+        pinned.append(ptr)
+
+    monkeypatch.setattr(runtime, "hostRegister", second_fails)
+    tuning = PinTuning(register_chunk_bytes=64 * MiB)
+    with pytest.raises(AllocationError) as caught:
+        allocate_pinned(128 * MiB, PinnedAllocator(threads=2), tuning=tuning)
+    message = str(caught.value)
+    assert message.startswith("host tier (G2): cudaHostRegister of 64.0 MiB at offset 64.0 MiB failed")
+    assert "RLIMIT_MEMLOCK is " in message and "ulimit -l unlimited" in message
+    assert memory_type(cupy, pinned[0]) == 0  # the first chunk was unregistered again
+
+
+# --- NIXL -----------------------------------------------------------------------------------------------
+
+
+def test_nixl_registers_vram_and_dram_and_moves_blocks_between_them(cupy: Any, device: DeviceStorage) -> None:
+    pytest.importorskip("nixl._api")
+    from kvbm_builder.nixl import NixlRegistry
+
+    with allocate_pinned(64 * MiB, PinnedAllocator()) as host, NixlRegistry(NixlOptions.ENABLED, 5) as registry:
+        vram = registry.register(device, Tier.G1)
+        dram = registry.register(host, Tier.G2)
+        assert vram is not None and dram is not None
+        assert (vram.mem_type, vram.dev_id) == ("VRAM", 0) and "UCX" in vram.backends
+        assert (dram.mem_type, dram.dev_id) == ("DRAM", 0)
+
+        device.as_cupy()[: 4 * MiB] = cupy.arange(4 * MiB, dtype=cupy.uint32).view(cupy.uint8)[: 4 * MiB]
+        cupy.cuda.runtime.deviceSynchronize()
+        agent = registry.agent
+        local = agent.get_xfer_descs([(device.addr, 4 * MiB, 0)], "VRAM")
+        remote = agent.get_xfer_descs([(host.addr + MiB, 4 * MiB, 0)], "DRAM")
+        handle = agent.initialize_xfer("WRITE", local, remote, agent.name)
+        state = agent.transfer(handle)
+        while state == "PROC":
+            state = agent.check_xfer_state(handle)
+        handle.release()
+        assert state == "DONE"
+        expected = cupy.asnumpy(device.as_cupy()[: 4 * MiB])
+        assert np.array_equal(host.as_numpy()[MiB : 5 * MiB], expected)
+
+
+def test_system_storage_is_pageable_even_with_a_gpu(cupy: Any) -> None:
+    with allocate_system(4 * MiB) as storage:
+        storage.as_numpy()[:] = 1  # touch it, so that it exists
+        assert memory_type(cupy, storage.addr) == 0
