@@ -1,0 +1,32 @@
+"""Configurations from dicts, files and the environment, strictly; and back to plain data.
+
+- :func:`load` / :func:`dump`: the dict form (JSON, TOML and YAML documents hold it); ``load(dump(c)) == c``;
+- :func:`load_file`: a ``.json``, ``.toml``, ``.yaml`` or ``.yml`` file (YAML needs ``kvbm-builder[yaml]``);
+- :func:`from_env`: the ``DYN_KVBM_*`` variables applied to a document or a built config;
+- :func:`resolve`: defaults < file < environment < explicit arguments, remembering where each value came from;
+- :func:`settings_from_env`: the variables that have no config field (:class:`KvbmSettings`);
+- :func:`json_schema`: a JSON Schema of the dict form, for editors; :func:`to_toml`: the dict form as TOML.
+
+Every problem of one load is reported in one :class:`~kvbm_builder.errors.ConfigError`, each with its path
+(``$.model.num_layers: must be >= 1, got 0``); a file that cannot be read is a one-line
+:class:`~kvbm_builder.errors.LoadError` naming it.
+"""
+
+from ._converter import dump, load
+from ._env import KvbmSettings, Resolved, from_env, resolve, settings_from_env
+from ._files import load_file, read_document, to_toml
+from ._schema import json_schema
+
+__all__ = [
+    "KvbmSettings",
+    "Resolved",
+    "dump",
+    "from_env",
+    "json_schema",
+    "load",
+    "load_file",
+    "read_document",
+    "resolve",
+    "settings_from_env",
+    "to_toml",
+]

@@ -1,0 +1,213 @@
+"""Documents on disk: JSON, TOML or YAML chosen by suffix, read strictly; and a small TOML writer.
+
+Anything that stops a file from becoming a document (a missing file, a directory, an empty file, bad syntax, a
+duplicate key, an unknown suffix) is a one-line :class:`~kvbm_builder.errors.LoadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from ..config.manager import KvBlockManagerConfig
+from ..errors import ConfigError, LoadError, Problem
+from ._converter import load
+
+__all__ = ["SUFFIXES", "load_file", "read_document", "to_toml"]
+
+C = TypeVar("C")
+
+SUFFIXES = {".json": "JSON", ".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
+_YAML_EXTRA = "pip install 'kvbm-builder[yaml]'"
+
+
+def _error(path: str | os.PathLike[str], message: str) -> LoadError:
+    return LoadError([Problem((), message)], root=os.fspath(path))
+
+
+def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The document in ``path``, parsed by its suffix (``.json``, ``.toml``, ``.yaml``/``.yml``)."""
+    file = Path(path)
+    kind = SUFFIXES.get(file.suffix.lower())
+    if kind is None:
+        raise _error(path, f"cannot tell the format from the suffix {file.suffix!r}; name it .json, .toml or .yaml")
+    try:
+        data = file.read_bytes()
+    except IsADirectoryError:
+        raise _error(path, "is a directory, not a configuration file") from None
+    except FileNotFoundError:
+        raise _error(path, "no such file") from None
+    except OSError as err:
+        raise _error(path, f"cannot be read: {err.strerror or err}") from None
+    if not data.strip():
+        raise _error(path, f"is empty; a configuration needs at least the `runtime` and `model` tables ({kind})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _error(path, f"is not UTF-8 text (byte {err.start})") from None
+    document = _PARSERS[kind](path, text)
+    if not isinstance(document, dict):
+        raise _error(path, f"holds a {type(document).__name__}, not a table of keys and values ({kind})")
+    return document
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _parse_json(path: str | os.PathLike[str], text: str) -> object:
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        raise _error(path, f"is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+    except ValueError as err:
+        raise _error(path, f"is not valid JSON: {err}") from None
+    except RecursionError:
+        raise _error(path, "is not valid JSON: nested too deeply") from None
+
+
+def _parse_toml(path: str | os.PathLike[str], text: str) -> object:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise _error(path, f"is not valid TOML: {err}") from None
+    except RecursionError:
+        raise _error(path, "is not valid TOML: nested too deeply") from None
+
+
+def _parse_yaml(path: str | os.PathLike[str], text: str) -> object:
+    try:
+        import yaml
+    except ImportError:
+        raise _error(path, f"is YAML, which needs PyYAML: {_YAML_EXTRA}") from None
+
+    class StrictLoader(yaml.SafeLoader):
+        """safe_load, except that a key given twice is an error rather than silently the last value."""
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
+                )
+            if key in out:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            out[key] = loader.construct_object(value_node, deep=True)
+        return out
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        documents = list(yaml.load_all(text, Loader=StrictLoader))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise _error(path, f"is not valid YAML: {problem}{at}") from None
+    except RecursionError:
+        raise _error(path, "is not valid YAML: nested too deeply") from None
+    if len(documents) != 1:
+        raise _error(path, f"holds {len(documents)} YAML documents; a configuration is exactly one")
+    return documents[0]
+
+
+_PARSERS = {"JSON": _parse_json, "TOML": _parse_toml, "YAML": _parse_yaml}
+
+
+@overload
+def load_file(path: str | os.PathLike[str]) -> KvBlockManagerConfig: ...
+@overload
+def load_file(path: str | os.PathLike[str], cls: type[C]) -> C: ...
+def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfig) -> Any:
+    """A config from a JSON, TOML or YAML file (by suffix). The environment is not read: see ``from_env``.
+
+    Raises :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
+    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config.
+    """
+    return load(read_document(path), cls)
+
+
+# ---- writing TOML ------------------------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def _scalar(value: object, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_key(k)} = {_scalar(v, f'{where}.{k}')}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_scalar(v, f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+    if value is None:
+        raise ConfigError([Problem((), f"{where} is null, which TOML cannot write; use JSON")])
+    raise ConfigError([Problem((), f"{where} holds a {type(value).__name__}, which TOML cannot write")])
+
+
+def to_toml(data: Mapping[str, Any], comments: Mapping[str, str] | None = None) -> str:
+    """``data`` (plain values, as :func:`dump` gives) as a TOML document; tables of tables become ``[a.b]``
+    sections, small leaf tables (e.g. ``layout_type``) stay inline. ``comments`` maps dotted paths of values to a
+    comment written after them (``show --sources``)."""
+    notes = comments or {}
+    out: list[str] = []
+
+    def section(table: Mapping[str, Any], prefix: str) -> None:
+        scalars = [(k, v) for k, v in table.items() if not _is_table(v)]
+        tables = [(k, v) for k, v in table.items() if _is_table(v)]
+        if prefix and (scalars or not tables):
+            if out:
+                out.append("")
+            out.append(f"[{prefix}]")
+        for key, value in scalars:
+            dotted = f"{prefix}.{key}" if prefix else key
+            line = f"{_key(key)} = {_scalar(value, dotted)}"
+            out.append(f"{line}  # {notes[dotted]}" if dotted in notes else line)
+        for key, value in tables:
+            section(value, f"{prefix}.{_key(key)}" if prefix else _key(key))
+
+    section(data, "")
+    return "\n".join(out) + "\n"
+
+
+def _is_table(value: object) -> bool:
+    """Tables become ``[sections]``, except a one-key table of a one-value table, upstream's layout form
+    ``{LayerSeparate = {outer_contiguous = true}}``, which reads better inline."""
+    if not isinstance(value, Mapping):
+        return False
+    if len(value) != 1:
+        return True
+    (inner,) = value.values()
+    return not (isinstance(inner, Mapping) and len(inner) == 1 and not isinstance(next(iter(inner.values())), Mapping))
