@@ -645,6 +645,9 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
         if config is not None and not problems:
             config = attrs.evolve(config, consolidator_config=consolidator)
     if problems:
+        # in the document's order (tiers are checked after the model they need); missing tables last
+        order = {key_name(key): i for i, key in enumerate(cast(Mapping[Any, Any], value))}
+        problems.sort(key=lambda p: order.get(p.path[0], len(order)) if p.path else -1)
         raise ConfigError(problems)
     return cast(KvBlockManagerConfig, config)
 

@@ -237,7 +237,7 @@ def argument_changes(overrides: Mapping[str, object]) -> tuple[list[Change], lis
     for key, value in overrides.items():
         path = tuple(key.split(".")) if isinstance(key, str) else ()
         if not path or not all(path):
-            problems.append(Problem(("$arg", show_value(key)), "must be a dotted path such as 'host_layout.size'"))
+            problems.append(Problem(("$arg", repr(key)), "must be a dotted path such as 'host_layout.size'"))
         else:
             changes.append(Change(path, value, "argument"))
     return changes, problems
@@ -275,7 +275,7 @@ def apply_changes(document: Mapping[str, Any], changes: Iterable[Change], origin
 
 def leaf_paths(value: object, prefix: Path = (), depth: int = 6) -> Iterable[Path]:
     """Paths of the values in a document (a table deeper than ``depth`` counts as one value)."""
-    if isinstance(value, Mapping) and value and depth > 0:
+    if isinstance(value, Mapping) and depth > 0:  # an empty table sets nothing
         for key, inner in value.items():
             yield from leaf_paths(inner, (*prefix, str(key)), depth - 1)
     elif prefix:
@@ -380,7 +380,12 @@ def from_env(
         try:
             table = {} if layout is None else dump(layout)
         except ConfigError as err:
-            problems.extend(_env_problem(mine[0].source[4:], f"cannot change {tier.slot}: {m}") for _, m in err.errors)
+            problems.extend(
+                _env_problem(
+                    mine[0].source[4:], f"cannot change $.{'.'.join(map(str, (tier.slot, *p.path)))}: {p.message}"
+                )
+                for p in err.problems
+            )
             continue
         origins: dict[Path, str] = {}
         section = apply_changes({tier.slot: table}, mine, origins)[tier.slot]

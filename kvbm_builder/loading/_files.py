@@ -154,7 +154,7 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key)
+    return key if _BARE_KEY.match(key) else _scalar(key, key)
 
 
 def _scalar(value: object, where: str) -> str:
@@ -167,7 +167,9 @@ def _scalar(value: object, where: str) -> str:
             return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+        # JSON's escapes are TOML's, but JSON writes characters beyond U+FFFF as surrogate pairs, which TOML
+        # refuses; so keep them, and escape DEL, the one control character JSON leaves alone
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{_key(k)} = {_scalar(v, f'{where}.{k}')}" for k, v in value.items()) + " }"
     if isinstance(value, (list, tuple)):
