@@ -24,24 +24,29 @@ from kvbm_builder.storage import allocate_device, cuda_available, cuda_unavailab
 GiB = 2**30
 
 
-def median_ms(run: Callable[[], Callable[[], None]], repeat: int) -> tuple[float, float]:
-    """Median milliseconds of ``run()`` (the bring-up) and of the release it returns."""
-    up, down = [], []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        release = run()
-        up.append((time.perf_counter() - start) * 1e3)
-        start = time.perf_counter()
-        release()
-        down.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(up), statistics.median(down)
+def median_ms(runs: dict[str, Callable[[], Callable[[], None]]], repeat: int) -> dict[str, tuple[float, float]]:
+    """Median milliseconds of each ``run()`` (the bring-up) and of the release it returns. The runs take
+    turns, in alternating order, so that the driver's lazy work after a large free lands on each alike."""
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runs}
+    for run in runs.values():  # untimed: the first allocation of a size pays for more than the next ones
+        run()()
+    order = list(runs.items())
+    for i in range(repeat):
+        for name, run in order if i % 2 else reversed(order):
+            start = time.perf_counter()
+            release = run()
+            times[name][0].append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            release()
+            times[name][1].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(up), statistics.median(down)) for name, (up, down) in times.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64MiB,1GiB,8GiB,32GiB")
     parser.add_argument("--layers", type=int, default=32, help="allocations of the layer-separate row")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     if not cuda_available():
         print(f"bench_device needs a CUDA GPU: {cuda_unavailable_reason()}")
@@ -83,12 +88,14 @@ def main() -> int:
         if size > free - GiB:
             print(f"{text}: skipped, {free / GiB:.1f} GiB free")
             continue
-        base_up, base_down = median_ms(ceiling(size), args.repeat)
-        up, down = median_ms(ours(size), args.repeat)
-        rows.append((f"{text} x1", up, down, base_up, base_down))
+        runs = {"ceiling": ceiling(size), "ours": ours(size)}
         if size >= args.layers * 2**20:
-            lup, ldown = median_ms(ours(size, args.layers), args.repeat)
-            rows.append((f"{text} as {args.layers} layers", lup, ldown, base_up, base_down))
+            runs["layers"] = ours(size, args.layers)
+        got = median_ms(runs, args.repeat)
+        base_up, base_down = got["ceiling"]
+        rows.append((f"{text} x1", *got["ours"], base_up, base_down))
+        if "layers" in got:
+            rows.append((f"{text} as {args.layers} layers", *got["layers"], base_up, base_down))
     print()
     print(f"{'tier':<22}|{'bring-up ms':>12}|{'close ms':>9}|{'1 malloc ms':>12}|{'1 free ms':>10}|{'x ceiling':>10}")
     print("-" * 80)

@@ -62,14 +62,12 @@ class Row:
         return self.size / GiB / self.seconds
 
 
-def measure(
-    name: str, size: int, make: Callable[[], Any], cupy: Any, dev_addr: int, copy_bytes: int, copy_at: int = 0
-) -> Row:
+def measure(name: str, size: int, make: Callable[[], Any], cupy: Any, dev_addr: int, copy_bytes: int) -> Row:
     start = time.perf_counter()
     storage = make()
     seconds = time.perf_counter() - start
     try:
-        h2d = h2d_bandwidth(cupy, storage.addr + copy_at, dev_addr, copy_bytes)
+        h2d = h2d_bandwidth(cupy, storage.addr + storage.size - copy_bytes, dev_addr, copy_bytes)
         phases = storage.phase_seconds if isinstance(storage, PinnedStorage) else {}
     finally:
         start = time.perf_counter()
@@ -129,26 +127,30 @@ def main() -> int:
             copy_bytes,
         )
         rows.append(baseline)
-        chunk = GiB
-        variants: list[tuple[str, PinnedAllocator, PinTuning, int]] = []
-        for threads in (16, 8, 4, 1):
-            variants.append((f"register whole, {threads} thr", PinnedAllocator(threads=threads), PinTuning(), 0))
-        for reg_threads in (1, 4, 8):
-            variants.append(
-                (
-                    f"register 1GiB chunks x{reg_threads} thr, 16 thr",
-                    PinnedAllocator(threads=16),
-                    PinTuning(register_chunk_bytes=chunk, register_threads=reg_threads),
-                    chunk - copy_bytes // 2,  # the copy spans a chunk boundary
-                )
+        rows.append(
+            measure(
+                "cudaHostAlloc write-combined",
+                size,
+                lambda: allocate_pinned(
+                    size, PinnedAllocator(mode=PinningMode.host_alloc), tuning=PinTuning(write_combined=True)
+                ),
+                cupy,
+                device.addr,
+                copy_bytes,
             )
-        variants.append(
-            ("register whole, 16 thr, no THP", PinnedAllocator(threads=16), PinTuning(transparent_huge_pages=False), 0)
         )
-        variants.append(
-            ("register whole, 16 thr, hugetlb", PinnedAllocator(threads=16, huge_pages=True), PinTuning(), 0)
-        )
-        for name, spec, tuning, copy_at in variants:
+        mib = 2**20
+        sixteen = PinnedAllocator(threads=16)
+        variants: list[tuple[str, PinnedAllocator, PinTuning]] = []
+        for threads in (16, 8, 4, 1):
+            variants.append((f"register, {threads} thr", PinnedAllocator(threads=threads), PinTuning()))
+        for chunk in (4, 64, 256):  # the default is 16 MiB
+            variants.append(
+                (f"register, 16 thr, {chunk} MiB pieces", sixteen, PinTuning(populate_chunk_bytes=chunk * mib))
+            )
+        variants.append(("register, 16 thr, no THP", sixteen, PinTuning(transparent_huge_pages=False)))
+        variants.append(("register, 16 thr, hugetlb", PinnedAllocator(threads=16, huge_pages=True), PinTuning()))
+        for name, spec, tuning in variants:
             if time.perf_counter() - began > args.budget:
                 print(f"  {name:<34} skipped: past the {args.budget:.0f} s budget")
                 continue
@@ -160,7 +162,6 @@ def main() -> int:
                     cupy,
                     device.addr,
                     copy_bytes,
-                    copy_at,
                 )
             )
     finally:

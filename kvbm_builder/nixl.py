@@ -38,6 +38,11 @@ _TIER_OF_KIND = {
     StorageKind.DISK: Tier.G3,
 }
 _INSTALL = "pip install 'kvbm-builder[nixl]'"
+#: What an own agent registers each memory type with: UCX moves G1 <-> G2 (and to peers), POSIX G2 <-> G3,
+#: GDS_MT G1 <-> G3 without a host bounce. GDS_MT is tried on top: where cuFile cannot take a file or
+#: buffer it is dropped for good, and the storage stays registered with the others.
+_PREFERRED = {"DRAM": ("UCX", "POSIX"), "VRAM": ("UCX", "GDS_MT"), "FILE": ("POSIX", "GDS_MT")}
+_OPTIONAL = frozenset({"GDS_MT"})
 
 
 @attrs.frozen
@@ -89,6 +94,7 @@ class NixlRegistry:
         self._agent: Any = None
         self._owns_agent = False
         self._closed = False
+        self._broken: set[str] = set()
         if options.mode is NixlMode.DISABLED:
             return
         if options.mode is NixlMode.ENABLED_WITH_AGENT:
@@ -186,9 +192,10 @@ class NixlRegistry:
             raise NixlError(f"cannot register {_describe(storage, tier)}: the storage is closed")
         mem_type = storage.kind.nixl_mem_type
         dev_id = int(getattr(storage, "device_id", 0))
-        backends = self.backends_for(mem_type)
+        backends = self._chosen_backends(mem_type)
         if not backends and self._owns_agent and mem_type == "FILE":
-            backends = self._add_posix()
+            self._add_posix()
+            backends = self._chosen_backends(mem_type)
         if not backends:
             self._rollback()
             raise NixlError(
@@ -204,7 +211,8 @@ class NixlRegistry:
             descs = self._agent.get_reg_descs([(storage.addr, storage.size, dev_id, "")], mem_type)
             if descs is None:
                 raise ValueError("get_reg_descs() returned no descriptor list")
-            self._agent.register_memory(descs, backends=list(backends))
+            required = [b for b in backends if b not in _OPTIONAL] or list(backends)
+            self._agent.register_memory(descs, backends=required)
         except Exception as exc:
             before = len(self._registrations)
             self._rollback()
@@ -214,7 +222,8 @@ class NixlRegistry:
                 "deregistered. Run with NIXL_LOG_LEVEL=DEBUG for NIXL's reason"
                 + ("; VRAM needs NIXL's UCX built with CUDA support" if mem_type == "VRAM" else "")
             ) from exc
-        registration = NixlRegistration(storage, tier, mem_type, storage.addr, storage.size, dev_id, backends, descs)
+        done = tuple(required) + tuple(b for b in backends if b not in required and self._try_optional(descs, b))
+        registration = NixlRegistration(storage, tier, mem_type, storage.addr, storage.size, dev_id, done, descs)
         self._registrations.append(registration)
         return registration
 
@@ -227,13 +236,26 @@ class NixlRegistry:
                 out.append(registration)
         return out
 
-    def _add_posix(self) -> tuple[str, ...]:
+    def _chosen_backends(self, mem_type: str) -> tuple[str, ...]:
+        able = [b for b in self.backends_for(mem_type) if b not in self._broken]
+        if not self._owns_agent:
+            return tuple(able)  # a caller's agent: every backend they gave it
+        return tuple(b for b in _PREFERRED.get(mem_type, tuple(able)) if b in able)
+
+    def _try_optional(self, descs: Any, backend: str) -> bool:
+        try:
+            self._agent.register_memory(descs, backends=[backend])
+        except Exception as exc:
+            log.debug("NIXL %s cannot register here (%s); not tried again", backend, exc)
+            self._broken.add(backend)
+            return False
+        return True
+
+    def _add_posix(self) -> None:
         try:
             self._agent.create_backend("POSIX")
         except Exception as exc:
             log.debug("NIXL POSIX backend could not be created: %s", exc)
-            return ()
-        return self.backends_for("FILE")
 
     def _name(self) -> str:
         return str(getattr(self._agent, "name", "?"))

@@ -261,8 +261,8 @@ def test_without_cuda_a_pinned_tier_says_why_and_points_at_the_system_allocator(
 
 def test_tuning_is_checked_like_a_config() -> None:
     with pytest.raises(ConfigError) as caught:
-        PinTuning(register_chunk_bytes=0, register_threads=0)
-    assert [path for path, _ in caught.value.errors] == ["tuning.register_chunk_bytes", "tuning.register_threads"]
+        PinTuning(populate_chunk_bytes=0, transparent_huge_pages="yes")  # type: ignore[arg-type]
+    assert [path for path, _ in caught.value.errors] == ["tuning.populate_chunk_bytes", "tuning.transparent_huge_pages"]
 
 
 def test_a_pinned_size_must_be_positive() -> None:
