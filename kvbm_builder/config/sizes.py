@@ -69,6 +69,9 @@ def parse_size(value: object) -> int:
         match = _SIZE.match(value)
         if match is not None:
             unit = _UNITS.get(match.group(3).lower())
+            whole = match.group(1)
+            if unit is not None and match.group(2) is None and whole.isdigit() and len(whole) <= _MAX_DIGITS:
+                return int(whole) * unit  # the usual "16GiB": exact without Fraction, which is slow
             number = _fraction(match)
             if unit is not None and number is not None:
                 nbytes = number * unit
