@@ -124,11 +124,11 @@ def _validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         try:
             _resolve(path, args)
         except LoadError as error:
-            _print_errors(error, path, err) if error.root != path else print(str(error), file=err)
+            print(str(error), file=err)  # one line, naming the file
             status = EXIT_USAGE
         except ConfigError as error:
             _print_errors(error, path, err)
-            status = max(status, EXIT_INVALID) if status != EXIT_USAGE else status
+            status = status or EXIT_INVALID
         else:
             print(f"{path}: ok", file=out)
     return status

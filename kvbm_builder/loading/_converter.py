@@ -290,6 +290,9 @@ def _fail(message: str, *path: str | int) -> ConfigError:
 # ---- scalars: no coercion, messages worded as the builders' rules word them --------------------------------------
 
 
+_INT_BOUND = 1 << 64
+
+
 def _int(value: object, _: object) -> int:
     if not is_int(value):
         raise _fail(f"must be an integer, got {show_value(value)}")
@@ -353,18 +356,22 @@ def _layout_type(value: object, _: object) -> LayoutType:
     )
 
 
+_PINNING_MODES = {_words(mode.value): mode for mode in PinningMode}
+_STRATEGIES = {_words(strategy.name): strategy for strategy in BlockParallelismStrategy}
+
+
 def _pinning_mode(value: object) -> PinningMode:
-    for mode in PinningMode:
-        if _words(value) == _words(mode.value):
-            return mode
-    raise _fail(f"must be 'register' or 'host_alloc', got {show_value(value)}")
+    mode = _PINNING_MODES.get(_words(value))
+    if mode is None:
+        raise _fail(f"must be 'register' or 'host_alloc', got {show_value(value)}")
+    return mode
 
 
 def _strategy(value: object) -> BlockParallelismStrategy:
-    for strategy in BlockParallelismStrategy:
-        if _words(value) == strategy.name.lower():
-            return strategy
-    raise _fail(f"must be 'LeaderWorkerSharded' (or null), got {show_value(value)}")
+    strategy = _STRATEGIES.get(_words(value))
+    if strategy is None:
+        raise _fail(f"must be 'LeaderWorkerSharded' (or null), got {show_value(value)}")
+    return strategy
 
 
 def _nixl(value: object) -> NixlOptions:
@@ -404,8 +411,11 @@ def _captured_hook(t: Any) -> Callable[[object, object], object]:
     rest = tuple(arg for arg in get_args(t) if arg is not Invalid)
     inner: Any = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007
     hook = converter.get_structure_hook(inner)
+    plain = inner if inner in (str, bool, int) else None  # values of exactly these types pass as they are
 
     def capture(value: object, _: object) -> object:
+        if type(value) is plain and (plain is not int or -_INT_BOUND < value < _INT_BOUND):  # type: ignore[operator]
+            return value
         try:
             return hook(value, inner)
         except ConfigError as err:
@@ -449,7 +459,7 @@ def _table_hook(form: Form) -> Callable[[object, object], Table]:
     made: list[Callable[[Any, Any], dict[Any, Any]]] = []  # generated on first use: its hooks exist by then
 
     def hook(value: object, _: object) -> Table:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             raise _fail(f"must be a table of keys and values, got {show_value(value)}")
         if not made:
             made.append(
@@ -489,10 +499,23 @@ def _built(builder: Any, problems: list[Problem], failed: Collection[str]) -> An
         return None
 
 
+_SETTERS: dict[type, dict[str, Callable[[Any, object], Any]]] = {}
+
+
+def _setters(builder_type: type) -> dict[str, Callable[[Any, object], Any]]:
+    """The public methods of a builder class, looked up once: calling them unbound is the same call, cheaper."""
+    found = _SETTERS.get(builder_type)
+    if found is None:
+        found = {name: getattr(builder_type, name) for name in dir(builder_type) if not name.startswith("_")}
+        _SETTERS[builder_type] = found
+    return found
+
+
 def _apply(builder: Any, values: Mapping[str, object]) -> Any:
     """Each value through the builder setter of the same name (the dict form's keys are the builders' setters)."""
+    setters = _setters(type(builder))
     for name, value in values.items():
-        builder = getattr(builder, name)(value)
+        builder = setters[name](builder, value)
     return builder
 
 
@@ -567,10 +590,11 @@ for _slot_type, _slot in SLOTS.items():
 
 
 def build_layout(
-    table: Table, model: object, *, standalone: bool = False
+    table: Table, model: object, *, standalone: bool = False, seen: dict[object, int | None] | None = None
 ) -> tuple[KvManagerLayoutConfig[Any] | None, list[Problem]]:
     """A tier's table through the layout builder. ``size`` becomes ``num_blocks`` with ``model``'s block bytes;
-    when the model is missing or invalid, its own problems say why the tier could not be sized."""
+    when the model is missing or invalid, its own problems say why the tier could not be sized. ``seen`` keeps
+    the block bytes of layouts already sized in this load (tiers often share one)."""
     values, problems, failed = dict(table.values), list(table.problems), set(table.failed)
     given_size = "size" in values
     size = values.pop("size", None)
@@ -590,7 +614,10 @@ def build_layout(
                 )
             )
         elif isinstance(size, int) and isinstance(model, KvManagerModelConfig):
-            block_bytes = _block_bytes(model, values)
+            shape = (values.get("layout_type", FullyContiguous()), values.get("alignment", 1))
+            block_bytes = seen[shape] if seen is not None and shape in seen else _block_bytes(model, *shape)
+            if seen is not None:
+                seen[shape] = block_bytes
             if block_bytes is not None and size < block_bytes:
                 problems.append(
                     Problem(
@@ -605,7 +632,7 @@ def build_layout(
     return (None, problems) if problems else (layout, problems)
 
 
-def _block_bytes(model: KvManagerModelConfig, values: Mapping[str, object]) -> int | None:
+def _block_bytes(model: KvManagerModelConfig, layout_type: object, alignment: object) -> int | None:
     """Bytes per block of this tier, alignment padding included; None when its layout or alignment is invalid
     (the builder says why)."""
     from ..layout import LayoutSpec
@@ -618,26 +645,30 @@ def _block_bytes(model: KvManagerModelConfig, values: Mapping[str, object]) -> i
             page_size=model.page_size,
             inner_dim=model.inner_dim,
             dtype_width_bytes=model.dtype_width_bytes,
-            layout_type=cast(LayoutType, values.get("layout_type", FullyContiguous())),
-            alignment=cast(int, values.get("alignment", 1)),
+            layout_type=cast(LayoutType, layout_type),
+            alignment=cast(int, alignment),
         )
     except ConfigError:
         return None
     return spec.block_bytes
 
 
+_SLOTS = tuple(tier.slot for tier in Tier)
+
+
 def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     table = _TABLES[MANAGER](value, MANAGER.section)
     values, problems, failed = table.values, table.problems, table.failed
     consolidator = values.pop("consolidator_config", None)
-    for tier in Tier:
-        tier_table = values.get(tier.slot)
+    seen: dict[object, int | None] = {}
+    for slot in _SLOTS:
+        tier_table = values.get(slot)
         if isinstance(tier_table, Table):
-            layout, tier_problems = build_layout(tier_table, values.get("model"))
-            problems.extend(p.under(tier.slot) for p in tier_problems)
-            values[tier.slot] = STAND_IN if layout is None else layout
+            layout, tier_problems = build_layout(tier_table, values.get("model"), seen=seen)
+            problems.extend(p.under(slot) for p in tier_problems)
+            values[slot] = STAND_IN if layout is None else layout
             if layout is None:
-                failed.add(tier.slot)
+                failed.add(slot)
     config = _built(_apply(KvBlockManagerConfig.builder(), values), problems, failed)
     if isinstance(consolidator, KvEventConsolidatorConfig):
         # the manager's setter takes upstream's three arguments, a table may also set `mode`: check it the same way
@@ -646,7 +677,7 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
             config = attrs.evolve(config, consolidator_config=consolidator)
     if problems:
         # in the document's order (tiers are checked after the model they need); missing tables last
-        order = {key_name(key): i for i, key in enumerate(cast(Mapping[Any, Any], value))}
+        order: dict[object, int] = {key_name(key): i for i, key in enumerate(cast(Mapping[Any, Any], value))}
         problems.sort(key=lambda p: order.get(p.path[0], len(order)) if p.path else -1)
         raise ConfigError(problems)
     return cast(KvBlockManagerConfig, config)

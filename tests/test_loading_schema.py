@@ -1,0 +1,95 @@
+"""The JSON Schema of the dict form: generated from the converter's tables, strict about keys, never stricter than
+the loader."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvbm_builder import ConfigError
+from kvbm_builder.config import parse_size
+from kvbm_builder.loading import json_schema, read_document
+from kvbm_builder.loading._converter import FORMS
+from kvbm_builder.loading._schema import SIZE_PATTERN
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "config.toml"
+SCHEMA = json_schema()
+
+
+def objects(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        if node.get("type") == "object":
+            yield node
+        for value in node.values():
+            yield from objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from objects(value)
+
+
+def test_it_is_a_draft_2020_12_schema_of_a_kv_block_manager_config() -> None:
+    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert SCHEMA["$ref"] == "#/$defs/KvBlockManagerConfig"
+    assert SCHEMA["$defs"]["KvBlockManagerConfig"]["required"] == ["runtime", "model"]
+    assert SCHEMA["$defs"]["Model"]["required"] == ["num_layers", "outer_dim", "page_size", "inner_dim"]
+
+
+def test_every_table_forbids_unknown_keys() -> None:
+    found = list(objects(SCHEMA))
+    assert len(found) >= len(FORMS)
+    for node in found:
+        assert node["additionalProperties"] is False
+
+
+def test_every_key_the_loader_takes_is_described_and_runtime_objects_are_not() -> None:
+    for form in FORMS:
+        properties = SCHEMA["$defs"][form.name]["properties"]
+        assert set(form.keys) <= set(properties)
+        assert not set(form.runtime_only) & set(properties)
+        for name in form.keys:
+            assert properties[name]["description"]
+
+
+def test_the_size_pattern_accepts_every_size_the_loader_accepts() -> None:
+    for text in ("16GiB", "16 GB", "0.5TiB", "1e3", "512 mib", "17179869184", " 4kb "):
+        assert re.match(SIZE_PATTERN, text)
+    assert not re.match(SIZE_PATTERN, "16 gigs")
+
+
+@given(
+    st.from_regex(
+        r"\s?[0-9]{1,4}(\.[0-9]{0,3})?([eE][0-9])?\s?([kKmMgGtT][iI]?[bB]|[bB]|[a-z]{1,3})?\s?", fullmatch=True
+    )
+)
+def test_the_schema_is_never_stricter_than_parse_size(text: str) -> None:
+    try:
+        parse_size(text)
+    except ConfigError:
+        return
+    assert re.match(SIZE_PATTERN, text)
+
+
+def test_documents_check_against_it_with_a_json_schema_validator() -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (optional: only this test)")
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    example = read_document(EXAMPLE)
+    assert list(validator.iter_errors(example)) == []
+    for bad in (
+        {**example, "extra": 1},
+        {**example, "model": {**example["model"], "num_layer": 1}},
+        {**example, "host_layout": {**example["host_layout"], "num_blocks": 4}},
+        {**example, "host_layout": {**example["host_layout"], "allocator": {"kind": "disk"}}},
+        {**example, "runtime": {"worker_id": "0"}},
+        {**example, "disk_layout": {**example["disk_layout"], "size": "64 gigs"}},
+    ):
+        assert list(validator.iter_errors(bad)), bad
+    system = {**example, "host_layout": {"num_blocks": 8, "allocator": {"kind": "system"}}}
+    sharded = {**example, "disk_layout": {"size": 10**12, "logical": "LeaderWorkerSharded"}}
+    assert list(validator.iter_errors(system)) == list(validator.iter_errors(sharded)) == []
