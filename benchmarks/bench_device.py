@@ -24,9 +24,12 @@ from kvbm_builder.storage import allocate_device, cuda_available, cuda_unavailab
 GiB = 2**30
 
 
-def median_ms(runs: dict[str, Callable[[], Callable[[], None]]], repeat: int) -> dict[str, tuple[float, float]]:
+def median_ms(
+    runs: dict[str, Callable[[], Callable[[], None]]], repeat: int, settle: Callable[[], None]
+) -> dict[str, tuple[float, float]]:
     """Median milliseconds of each ``run()`` (the bring-up) and of the release it returns. The runs take
-    turns, in alternating order, so that the driver's lazy work after a large free lands on each alike."""
+    turns, in alternating order, and ``settle()`` (untimed) lets the driver finish its lazy work after a
+    large free: a 32 GiB cudaMalloc right after a 32 GiB cudaFree was seen to take 25 times longer."""
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runs}
     for run in runs.values():  # untimed: the first allocation of a size pays for more than the next ones
         run()()
@@ -39,6 +42,7 @@ def median_ms(runs: dict[str, Callable[[], Callable[[], None]]], repeat: int) ->
             start = time.perf_counter()
             release()
             times[name][1].append((time.perf_counter() - start) * 1e3)
+            settle()
     return {name: (statistics.median(up), statistics.median(down)) for name, (up, down) in times.items()}
 
 
@@ -81,6 +85,10 @@ def main() -> int:
 
         return run
 
+    def settle() -> None:
+        runtime.deviceSynchronize()
+        time.sleep(0.05)
+
     rows = []
     for text in args.sizes.split(","):
         size = parse_size(text.strip())
@@ -91,7 +99,7 @@ def main() -> int:
         runs = {"ceiling": ceiling(size), "ours": ours(size)}
         if size >= args.layers * 2**20:
             runs["layers"] = ours(size, args.layers)
-        got = median_ms(runs, args.repeat)
+        got = median_ms(runs, args.repeat, settle)
         base_up, base_down = got["ceiling"]
         rows.append((f"{text} x1", *got["ours"], base_up, base_down))
         if "layers" in got:

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import itertools
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +145,22 @@ def test_chunks_cover_the_range_once_on_aligned_boundaries(length: int, chunk: i
     assert sum(n for _, n in pieces) == length
     for (off, n), (next_off, _) in itertools.pairwise(pieces):
         assert off + n == next_off and next_off % align == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(count=st.integers(min_value=0, max_value=300), threads=st.integers(min_value=1, max_value=9))
+def test_run_chunks_does_every_piece_once_and_reports_each(count: int, threads: int) -> None:
+    worked: list[int] = []
+    reported: list[int] = []
+    caller = threading.get_ident()
+
+    def on_done(n: int) -> None:
+        assert threading.get_ident() == caller  # progress is reported from the allocating thread
+        reported.append(n)
+
+    _host.run_chunks([(i, i + 1) for i in range(count)], lambda off, n: worked.append(off), threads, on_done, "t")
+    assert sorted(worked) == list(range(count))
+    assert sorted(reported) == [i + 1 for i in range(count)]
 
 
 def test_run_chunks_raises_the_first_failure() -> None:

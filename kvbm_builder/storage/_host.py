@@ -3,12 +3,13 @@ parallel page population, progress reporting, and the machine facts error messag
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import errno
 import logging
 import os
+import queue
 import re
 import resource
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -197,26 +198,50 @@ def run_chunks(
     name: str,
 ) -> None:
     """Run ``work(offset, length)`` for every piece on up to ``threads`` threads; ``on_done(length)`` is called
-    from the calling thread as pieces finish. The first failure cancels what has not started and is raised
-    once the running pieces are over."""
+    from the calling thread as pieces finish. The first failure (or an exception from ``on_done``) stops the
+    workers from taking new pieces and is raised once the running pieces are over.
+
+    Each worker takes the next piece from a shared iterator: the cost per piece is constant, so small pieces
+    balance the load well (a future per piece, waited on as a set, costs time in the number of pieces)."""
     if threads <= 1 or len(pieces) <= 1:
         for off, n in pieces:
             work(off, n)
             on_done(n)
         return
-    with cf.ThreadPoolExecutor(max_workers=min(threads, len(pieces)), thread_name_prefix=name) as pool:
-        futures = {pool.submit(work, off, n): n for off, n in pieces}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = cf.wait(pending, timeout=0.05, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    fut.result()
-                    on_done(futures[fut])
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+    todo = iter(pieces)
+    take = threading.Lock()
+    stop = threading.Event()
+    finished: queue.SimpleQueue[tuple[int, BaseException | None]] = queue.SimpleQueue()
+
+    def worker() -> None:
+        while not stop.is_set():
+            with take:
+                piece = next(todo, None)
+            if piece is None:
+                return
+            try:
+                work(*piece)
+            except BaseException as exc:
+                stop.set()
+                finished.put((0, exc))
+                return
+            finished.put((piece[1], None))
+
+    workers = [
+        threading.Thread(target=worker, name=f"{name}-{i}", daemon=True) for i in range(min(threads, len(pieces)))
+    ]
+    for thread in workers:
+        thread.start()
+    try:
+        for _ in pieces:
+            n, exc = finished.get()
+            if exc is not None:
+                raise exc
+            on_done(n)
+    finally:
+        stop.set()
+        for thread in workers:
+            thread.join()
 
 
 class Progress:
