@@ -9,7 +9,7 @@ Mode ``register`` (the default) is the fast path for large tiers:
 3. every page faulted in by ``threads`` threads (madvise MADV_POPULATE_WRITE per chunk; memset on
    kernels older than 5.14), through ctypes calls that release the GIL,
 4. one ``cudaHostRegister(..., cudaHostRegisterPortable)`` over the whole range. With the pages already
-   in memory it is quick (0.36 s for 16 GiB on an H200). Never in chunks: CUDA refuses a copy that spans
+   in memory it is quick (about 0.4 s for 16 GiB on an H200). Never in chunks: CUDA refuses a copy spanning
    two separately registered ranges (cudaErrorInvalidValue), and a block may straddle any boundary.
 
 Mode ``host_alloc`` is upstream's ``cudaHostAlloc``: simple, but slow for tens of GiB. Neither mode uses
