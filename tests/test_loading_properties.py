@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -103,7 +104,7 @@ def configs(draw: st.DrawFn) -> KvBlockManagerConfig:
             builder = getattr(builder, slot)(draw(layouts(slot)))
     config = builder.build()
     consolidator = draw(st.none() | consolidators)
-    return config if consolidator is None else load({**dump(config), "consolidator_config": dump(consolidator)})
+    return config if consolidator is None else attrs.evolve(config, consolidator_config=consolidator)
 
 
 @given(configs())
