@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import ConfigError, KvBlockManagerConfig, KvManagerModelConfig
@@ -35,6 +35,7 @@ def test_the_cpu_cache_variable_creates_a_pinned_host_tier_sized_as_upstream_siz
     assert config.host_layout.allocator == PinnedAllocator()
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 10**6).map(lambda n: str(n / 1000)), st.sampled_from([1, 2]), st.integers(1, 64))
 def test_gb_sizing_equals_tier_blocks_from_env_at_alignment_1(gb: str, outer_dim: int, num_layers: int) -> None:
     model = {**MODEL, "outer_dim": outer_dim, "num_layers": num_layers}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import ConfigError, KvbmError, LoadError
@@ -134,6 +134,7 @@ tables = st.recursive(
 )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tables)
 def test_to_toml_writes_what_tomllib_reads_back(data: dict[str, Any]) -> None:
     assert tomllib.loads(to_toml(data)) == data

@@ -107,6 +107,7 @@ def configs(draw: st.DrawFn) -> KvBlockManagerConfig:
     return config if consolidator is None else attrs.evolve(config, consolidator_config=consolidator)
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_every_config_survives_dump_load_json_and_toml(config: KvBlockManagerConfig) -> None:
     data = dump(config)
@@ -115,6 +116,7 @@ def test_every_config_survives_dump_load_json_and_toml(config: KvBlockManagerCon
     assert load(tomllib.loads(to_toml(data))) == config
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(models, layout_types, alignments, st.integers(0, 2**33), st.sampled_from(["", "B", "GB", "GiB", "MiB", "kb"]))
 def test_a_byte_budget_gives_floor_budget_over_padded_block_bytes(
     model: KvManagerModelConfig, layout_type: Any, alignment: int, number: int, unit: str
@@ -143,6 +145,7 @@ values = (
 )
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.dictionaries(st.sampled_from(["num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes"]), values)
 )
@@ -218,7 +221,7 @@ def mutated(draw: st.DrawFn) -> Any:
     return doc if draw(st.integers(0, 20)) else draw(junk)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(mutated())
 def test_bad_input_gives_a_valid_config_or_a_config_error_with_a_path_for_each_problem(doc: Any) -> None:
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import ConfigError
@@ -62,6 +62,7 @@ def test_the_size_pattern_accepts_every_size_the_loader_accepts() -> None:
     assert not re.match(SIZE_PATTERN, "16 gigs")
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.from_regex(
         r"\s?[0-9]{1,4}(\.[0-9]{0,3})?([eE][0-9])?\s?([kKmMgGtT][iI]?[bB]|[bB]|[a-z]{1,3})?\s?", fullmatch=True
