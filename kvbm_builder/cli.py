@@ -151,7 +151,7 @@ def _bytes(n: int) -> str:
 def _short(n: int) -> str:
     for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            return f"{n / size:.2f} {unit}"
+            return f"{n / size:.1f} {unit}"
     return f"{n} B"
 
 
@@ -315,13 +315,20 @@ def _findings(config: KvBlockManagerConfig, rows: list[dict[str, Any]]) -> list[
     return findings
 
 
+_LAYOUT_NAMES = {
+    "FullyContiguous": "FullyContiguous",
+    "LayerSeparate(outer_contiguous=True)": "LayerSeparate/outer",
+    "LayerSeparate(outer_contiguous=False)": "LayerSeparate/block",
+}
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    header = ["tier", "memory", "layout", "blocks", "bytes/block", "total", "allocations", "padding"]
+    """The tiers as an aligned table that fits a terminal (numbers right-aligned)."""
+    header = ["tier", "layout", "blocks", "block", "total", "allocs", "padding"]
     body = [
         [
-            f"{row['tier']} {row['slot']}",
-            row["memory"],
-            row["layout"],
+            f"{row['tier']} {row['memory']}",
+            _LAYOUT_NAMES.get(row["layout"], row["layout"]),
             f"{row['blocks']:,}",
             _short(row["bytes_per_block"]),
             _bytes(row["total_bytes"]),
@@ -330,7 +337,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         ]
         for row in rows
     ]
-    numeric = {3, 4, 6, 7}
+    numeric = {2, 3, 4, 5, 6}
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     return [
         "  ".join(

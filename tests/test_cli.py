@@ -127,12 +127,25 @@ def test_plan_prints_a_table_per_tier_and_the_checks(tmp_path: Path) -> None:
     result = run("plan", small(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    header = next(line for line in lines if line.strip().startswith("tier"))
-    host = next(line for line in lines if "G2 host_layout" in line)
-    disk = next(line for line in lines if "G3 disk_layout" in line)
-    assert len(header) == len(host) == len(disk) or header.index("blocks") + len("blocks") == host.index("64") + 2
-    assert "system" in host and "FullyContiguous" in host and "1.00 MiB" in host and "0.06 GiB (0.07 GB)" in host
-    assert "disk" in disk and "128" in disk
+    header, host, disk = lines[1:4]
+    assert header.split() == ["tier", "layout", "blocks", "block", "total", "allocs", "padding"]
+    assert host.split() == [
+        "G2",
+        "system",
+        "FullyContiguous",
+        "64",
+        "1.0",
+        "MiB",
+        "0.06",
+        "GiB",
+        "(0.07",
+        "GB)",
+        "1",
+        "0",
+        "B",
+    ]
+    assert disk.split()[:4] == ["G3", "disk", "FullyContiguous", "128"]
+    assert len(header) == len(host) == len(disk)  # right-aligned numbers end in the same column
     assert any(line.split()[:3] == ["OK", "host", "RAM"] for line in lines)
     assert any(line.split()[:2] == ["OK", "disk"] for line in lines)
     assert result.stdout.rstrip().endswith(

@@ -595,7 +595,7 @@ def build_layout(
     """A tier's table through the layout builder. ``size`` becomes ``num_blocks`` with ``model``'s block bytes;
     when the model is missing or invalid, its own problems say why the tier could not be sized. ``seen`` keeps
     the block bytes of layouts already sized in this load (tiers often share one)."""
-    values, problems, failed = dict(table.values), list(table.problems), set(table.failed)
+    values, problems, failed = table.values, table.problems, table.failed  # the table is this call's to use up
     given_size = "size" in values
     size = values.pop("size", None)
     if "num_blocks" in values and given_size:
