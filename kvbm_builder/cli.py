@@ -110,9 +110,10 @@ def _resolve(path: str, args: argparse.Namespace) -> Any:
 
 
 def _print_errors(err: ConfigError, prefix: str, stream: TextIO) -> None:
-    for path, message in err.errors:
-        where = f"{path}: " if path else ""
-        print(f"{prefix}: {where}{message}", file=stream)
+    from .loading._render import lines
+
+    for line in lines(err, prefix):
+        print(line, file=stream)
 
 
 # ---- validate ----------------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 import reprlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 
 from ..config._rules import show
-from ..errors import ConfigError, Problem, render_path
+from ..errors import ConfigError, Problem
 
 _SCALARS = (str, bytes, int, float, bool, type(None))
 _MAX_DIGITS = 60  # Python refuses to print ints of more than ~4300 digits; messages stop far earlier
@@ -57,15 +57,7 @@ def unknown_key(key: object, allowed: Collection[str], runtime_only: Mapping[str
     return Problem((key_name(key),), message)
 
 
-def config_error(problems: Iterable[Problem], root: str = "$") -> ConfigError:
-    return ConfigError(problems, root)
-
-
 def lines(error: ConfigError, prefix: str = "") -> list[str]:
     """One line per problem, ``[prefix: ]$.path: message``, for terminals and logs."""
     lead = f"{prefix}: " if prefix else ""
     return [f"{lead}{path}: {message}" if path else f"{lead}{message}" for path, message in error.errors]
-
-
-def path_text(root: str, path: Iterable[str | int]) -> str:
-    return render_path(root, tuple(path))
