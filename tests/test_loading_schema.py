@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from kvbm_builder import ConfigError
 from kvbm_builder.config import parse_size
 from kvbm_builder.loading import json_schema, read_document
-from kvbm_builder.loading._converter import FORMS
-from kvbm_builder.loading._schema import SIZE_PATTERN
+from kvbm_builder.loading._converter import FORMS, converter
+from kvbm_builder.loading._schema import NAMES, SIZE_PATTERN, name_pattern
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "config.toml"
 SCHEMA = json_schema()
@@ -94,3 +94,28 @@ def test_documents_check_against_it_with_a_json_schema_validator() -> None:
     system = {**example, "host_layout": {"num_blocks": 8, "allocator": {"kind": "system"}}}
     sharded = {**example, "disk_layout": {"size": 10**12, "logical": "LeaderWorkerSharded"}}
     assert list(validator.iter_errors(system)) == list(validator.iter_errors(sharded)) == []
+
+
+@st.composite
+def spellings(draw: st.DrawFn, words: tuple[str, ...], style: str) -> str:
+    """A spelling its parser accepts: any case; for "words" any `_` or `-`; for "trim" spaces around."""
+    word = draw(st.sampled_from(words))
+    letters = [ch.upper() if draw(st.booleans()) else ch.lower() for ch in word]
+    if style == "words":
+        letters = [ch + draw(st.sampled_from(["", "", "_", "-", "__"])) for ch in letters if ch not in "-_"]
+    elif style == "trim-dash":
+        letters = [draw(st.sampled_from("-_")) if ch in "-_" else ch for ch in letters]
+    text = "".join(letters)
+    return (
+        text if style == "words" else draw(st.sampled_from(["", " ", "\t"])) + text + draw(st.sampled_from(["", " "]))
+    )
+
+
+@pytest.mark.parametrize("kind", list(NAMES), ids=lambda t: getattr(t, "__name__", str(t)))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_name_patterns_match_exactly_what_the_parsers_accept(kind: Any, data: st.DataObject) -> None:
+    words, style = NAMES[kind]
+    pattern = name_pattern(words, style)
+    assert re.match(pattern, data.draw(spellings(words, style)))  # never stricter than the parser
+    converter.structure(data.draw(st.from_regex(pattern, fullmatch=True)), kind)  # never looser

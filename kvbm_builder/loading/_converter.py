@@ -126,7 +126,7 @@ RUNTIME = Form(
         "nixl": Key(
             NixlOptions,
             "'enabled': the manager creates its own NIXL agent; 'disabled': no NIXL.",
-            {"enum": ["enabled", "disabled"], "default": "enabled"},
+            {"default": "enabled"},
         ),
     },
     {
@@ -150,9 +150,9 @@ CONSOLIDATOR = Form(
         "engine_source": Key(
             EventSource,
             "Who publishes the engine events: vllm (or gpu), trtllm (or tensorrt-llm); case-insensitive.",
-            {"enum": ["vllm", "gpu", "trtllm", "tensorrt-llm"], "default": "vllm"},
+            {"default": "vllm"},
         ),
-        "mode": Key(ConsolidatorMode, "dedup or passthrough.", {"enum": ["dedup", "passthrough"], "default": "dedup"}),
+        "mode": Key(ConsolidatorMode, "dedup or passthrough.", {"default": "dedup"}),
     },
 )
 
@@ -170,7 +170,7 @@ PINNED_ALLOCATOR = Form(
         "mode": Key(
             PinningMode,
             "register: mmap, parallel first touch, then cudaHostRegister (fast); host_alloc: cudaHostAlloc.",
-            {"enum": ["register", "host_alloc"], "default": "register"},
+            {"default": "register"},
         ),
         "huge_pages": Key(bool, "Back the tier with huge pages (DYN_KVBM_USE_HUGE_PAGES).", {"default": False}),
         "numa": Key(bool, "Place memory on the GPU's NUMA node (DYN_KVBM_ENABLE_NUMA).", {"default": False}),
@@ -240,7 +240,6 @@ def _layout_form(name: str, slot: Any, what: str) -> Form:
             "logical": Key(
                 BlockParallelismStrategy | None,
                 "Blocks sharded across workers under a leader, instead of an allocator.",
-                {"enum": ["LeaderWorkerSharded", None]},
             ),
         },
         {

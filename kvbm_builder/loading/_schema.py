@@ -7,19 +7,52 @@ It is generated from the same tables the converter structures (``FORMS``), so it
 
 from __future__ import annotations
 
+import re
 import types
 from typing import Any, Union, get_args, get_origin
 
 import attrs
 
-from ..config.layout import LayoutType
+from ..config.allocators import PinningMode
+from ..config.consolidator import ConsolidatorMode, EventSource
+from ..config.layout import BlockParallelismStrategy, LayoutType
+from ..config.runtime import NixlOptions
 from ._converter import FORMS, LAYOUTS, SLOTS, ByteSize, Form
 
-__all__ = ["SIZE_PATTERN", "json_schema"]
+__all__ = ["NAMES", "SIZE_PATTERN", "json_schema", "name_pattern"]
 
 SIZE_PATTERN = r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*([kKmMgGtT][iI]?[bB]|[bB])?\s*$"
 
-_LAYOUT_NAMES = ["FullyContiguous", "LayerSeparateOuterContiguous", "LayerSeparateBlockContiguous"]
+# The names each type's parser accepts, and how it reads them: "words" ignores case, `_` and `-` anywhere (layouts,
+# upstream's rule); "trim" ignores case and surrounding spaces; "trim-dash" also reads `_` as `-`.
+NAMES: dict[object, tuple[tuple[str, ...], str]] = {
+    LayoutType: (("FullyContiguous", "LayerSeparateOuterContiguous", "LayerSeparateBlockContiguous"), "words"),
+    PinningMode: (("register", "host_alloc"), "words"),
+    BlockParallelismStrategy: (("LeaderWorkerSharded",), "words"),
+    NixlOptions: (("enabled", "disabled"), "trim"),
+    ConsolidatorMode: (("dedup", "passthrough"), "trim"),
+    EventSource: (("vllm", "gpu", "trtllm", "tensorrt-llm"), "trim-dash"),  # kvbm: never valid in a document
+}
+
+
+def _letter(ch: str, style: str) -> str:
+    if ch.isalpha():
+        return f"[{ch.lower()}{ch.upper()}]"
+    return "[-_]" if style == "trim-dash" and ch in "-_" else re.escape(ch)
+
+
+def name_pattern(words: tuple[str, ...], style: str) -> str:
+    """A regular expression (ECMA-262 and Python alike) matching the spellings a parser of that style accepts."""
+    if style == "words":
+        stems = ["[-_]*".join(_letter(ch, style) for ch in word if ch not in "-_") for word in words]
+        return f"^[-_]*({'|'.join(stems)})[-_]*$"
+    stems = ["".join(_letter(ch, style) for ch in word) for word in words]
+    return f"^\\s*({'|'.join(stems)})\\s*$"
+
+
+def _names(t: object) -> dict[str, Any]:
+    words, style = NAMES[t]
+    return {"type": "string", "pattern": name_pattern(words, style), "examples": list(words)}
 
 
 def _ref(form: Form) -> dict[str, Any]:
@@ -44,7 +77,7 @@ def _type_schema(t: Any) -> dict[str, Any]:
     if t is LayoutType:
         return {
             "anyOf": [
-                {"type": "string", "examples": _LAYOUT_NAMES},
+                _names(LayoutType),
                 {
                     "type": "object",
                     "properties": {
@@ -60,6 +93,8 @@ def _type_schema(t: Any) -> dict[str, Any]:
                 },
             ]
         }
+    if t in NAMES:
+        return _names(t)
     if t in SLOTS:
         slot = SLOTS[t]
         choices = [
@@ -76,7 +111,12 @@ def _type_schema(t: Any) -> dict[str, Any]:
 def _table_schema(form: Form) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     if form.kind is not None:
-        properties["kind"] = {"const": form.kind, "description": "Which allocator this table describes."}
+        properties["kind"] = {
+            "description": "Which allocator this table describes.",
+            "type": "string",
+            "pattern": name_pattern((form.kind,), "trim"),
+            "examples": [form.kind],
+        }
     for name, key in form.keys.items():
         facets = dict(key.schema)
         schema = {"enum": facets.pop("enum")} if "enum" in facets else _type_schema(key.type)
