@@ -428,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         _print_errors(error, getattr(args, "file", "kvbm-builder"), err)
         return EXIT_INVALID
-    except BrokenPipeError:  # `kvbm-builder schema | head`
+    except BrokenPipeError:  # `kvbm-builder schema | head`: the reader is gone; keep the exit quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     return EXIT_OK
