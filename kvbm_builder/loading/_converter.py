@@ -588,6 +588,9 @@ for _slot_type, _slot in SLOTS.items():
 # ---- layouts and the manager: a byte budget needs the model ------------------------------------------------------
 
 
+_FULLY_CONTIGUOUS = FullyContiguous()  # the layout's default
+
+
 def build_layout(
     table: Table, model: object, *, standalone: bool = False, seen: dict[object, int | None] | None = None
 ) -> tuple[KvManagerLayoutConfig[Any] | None, list[Problem]]:
@@ -613,7 +616,7 @@ def build_layout(
                 )
             )
         elif isinstance(size, int) and isinstance(model, KvManagerModelConfig):
-            shape = (values.get("layout_type", FullyContiguous()), values.get("alignment", 1))
+            shape = (values.get("layout_type", _FULLY_CONTIGUOUS), values.get("alignment", 1))
             block_bytes = seen[shape] if seen is not None and shape in seen else _block_bytes(model, *shape)
             if seen is not None:
                 seen[shape] = block_bytes
