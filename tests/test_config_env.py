@@ -79,9 +79,12 @@ class TestCacheSizesFromEnv:
         assert cache_sizes_from_env(MODEL, {CPU_GB: "4", CPU_BLOCKS: "0"}).cpu_blocks == 2179
 
     def test_exact_arithmetic_no_float_rounding(self) -> None:
-        one_block = KvManagerModelConfig.builder().num_layers(1).outer_dim(1).page_size(1).inner_dim(1).build()
-        # 2 bytes a block; 0.3 GB is exactly 150,000,000 blocks, where float math gives 149,999,999.99...
-        assert cache_sizes_from_env(one_block, {CPU_GB: "0.3"}).cpu_blocks == 150_000_000
+        one_byte = (
+            KvManagerModelConfig.builder().num_layers(1).outer_dim(1).page_size(1).inner_dim(1).dtype_width_bytes(1)
+        ).build()
+        # 1.001 GB is exactly 1,001,000,000 one-byte blocks; float(1.001) * 1e9 truncates to 1,000,999,999
+        assert int(1.001 * 1e9) == 1_000_999_999
+        assert cache_sizes_from_env(one_byte, {CPU_GB: "1.001"}).cpu_blocks == 1_001_000_000
 
     def test_it_reads_the_process_environment_by_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for name in (CPU_GB, CPU_BLOCKS, DISK_GB, DISK_BLOCKS):
