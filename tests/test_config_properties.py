@@ -832,7 +832,7 @@ ONE_BYTE_BLOCKS = (
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(model=models, cpu=decimals, disk=decimals)
 @example(model=ONE_BYTE_BLOCKS, cpu="1.001", disk="8.001")  # where float arithmetic loses a block
 def test_blocks_are_floor_of_decimal_gb_over_bytes_per_block_exactly(
@@ -858,7 +858,7 @@ def test_blocks_are_floor_of_decimal_gb_over_bytes_per_block_exactly(
     )
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(model=models, gb=decimals, override=st.integers(0, 10**7))
 def test_a_positive_override_wins_over_gb(model: KvManagerModelConfig, gb: str, override: int) -> None:
     environ = {"DYN_KVBM_DISK_CACHE_GB": gb, "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": str(override)}
@@ -875,7 +875,7 @@ def test_a_positive_override_wins_over_gb(model: KvManagerModelConfig, gb: str, 
         assert blocks == cache_sizes_from_env(model, {"DYN_KVBM_DISK_CACHE_GB": gb}).disk_blocks
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(environ=st.dictionaries(st.sampled_from(["DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB"]), st.text()))
 def test_bypass_never_raises_whatever_the_text(environ: dict[str, str]) -> None:
     # upstream's lenient reading: anything unparsable counts as unset
@@ -890,6 +890,7 @@ BINARY_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 spellings = st.sampled_from(["{n}{u}", "{n} {u}", "{n}{lower}", " {n}{upper} "])
 
 
+@settings(deadline=None)  # no timings in tests
 @given(n=st.integers(0, 10**6), unit=st.sampled_from(sorted({**DECIMAL_UNITS, **BINARY_UNITS})), spelling=spellings)
 def test_whole_sizes_in_every_unit(n: int, unit: str, spelling: str) -> None:
     factor = {**DECIMAL_UNITS, **BINARY_UNITS}[unit]
@@ -898,6 +899,7 @@ def test_whole_sizes_in_every_unit(n: int, unit: str, spelling: str) -> None:
     assert parse_size(text) == n * factor
 
 
+@settings(deadline=None)  # no timings in tests
 @given(n=st.integers(1, 10**6), unit=st.sampled_from(["K", "M", "G", "T"]))
 def test_gb_and_gib_are_never_mixed(n: int, unit: str) -> None:
     decimal, binary = parse_size(f"{n}{unit}B"), parse_size(f"{n}{unit}iB")
@@ -908,6 +910,7 @@ def test_gb_and_gib_are_never_mixed(n: int, unit: str) -> None:
     assert binary > decimal
 
 
+@settings(deadline=None)  # no timings in tests
 @given(nbytes=st.integers(0, 2**60))
 def test_a_byte_count_round_trips(nbytes: int) -> None:
     assert parse_size(nbytes) == nbytes
@@ -924,6 +927,7 @@ def exact_decimal(amount: Fraction) -> str:
     return str(scaled) if digits == 0 else f"{scaled // 10**digits}.{scaled % 10**digits:0{digits}d}"
 
 
+@settings(deadline=None)  # no timings in tests
 @given(nbytes=st.integers(0, 2**50), unit=st.sampled_from(sorted({**DECIMAL_UNITS, **BINARY_UNITS})))
 def test_sizes_written_as_exact_decimals_round_trip(nbytes: int, unit: str) -> None:
     factor = {**DECIMAL_UNITS, **BINARY_UNITS}[unit]
@@ -933,6 +937,7 @@ def test_sizes_written_as_exact_decimals_round_trip(nbytes: int, unit: str) -> N
         parse_size(f"{exact_decimal(Fraction(2 * nbytes + 1, 2 * factor))}{unit}")
 
 
+@settings(deadline=None)  # no timings in tests
 @given(value=st.one_of(st.text(max_size=20), st.floats(), st.booleans(), st.none(), st.integers(max_value=-1)))
 def test_anything_else_is_a_config_error_never_another_exception(value: object) -> None:
     try:
