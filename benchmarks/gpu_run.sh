@@ -13,7 +13,7 @@ for step in $steps; do
   echo "=== $step"
   case $step in
     tests) python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
-    all-tests) python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tee "$OUT/all_tests.log" | tail -15 ;;
+    all-tests) python3 -m pytest -q -p no:cacheprovider -rs tests > "$OUT/all_tests.log" 2>&1; tail -25 "$OUT/all_tests.log" ;;
     quickstart) python3 examples/quickstart.py --disk-dir /tmp 2>&1 | tee "$OUT/quickstart.log" ;;
     pinned) python3 benchmarks/bench_pinned.py 2>&1 | tee "$OUT/bench_pinned.log" ;;
     device) python3 benchmarks/bench_device.py 2>&1 | tee "$OUT/bench_device.log" ;;

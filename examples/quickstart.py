@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 took = f"{tier.nbytes / GiB:.2f} GiB in {tier.bringup_seconds:.3f} s"
                 print(f"  {tier.tier.name} ({tier.tier.words}): {took}")
             print(f"all tiers up in {total:.3f} s; NIXL agent: {'yes' if manager.nixl_agent is not None else 'none'}")
+            if gpu:
+                print("  (the device tier's time includes creating the CUDA context, the GPU's first use here)")
             host = manager.host
             if host is not None:
                 block0 = host.views()[0][0]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import pytest
+from callers import Region, SeenTwice
 
 from kvbm_builder import ConfigError, KvManagerLayoutConfig, UninitializedFieldError
 from kvbm_builder.config import (
@@ -22,31 +22,6 @@ from kvbm_builder.config import (
 
 SHARDED = BlockParallelismStrategy.LeaderWorkerSharded
 EXCLUSIVE = "only one of `storage`, `allocator` or `logical` may be chosen"
-
-
-@attrs.frozen
-class Region:
-    """Memory the caller allocated elsewhere (a tensor, a mapped file), as the config sees it.
-
-    The config only reads ``kind``, ``addr`` and ``size``; it never touches the memory.
-    """
-
-    kind: StorageKind
-    addr: int
-    size: int
-
-
-class SeenTwice:
-    """An offload filter: offload a block the second time its hash is seen."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-
-    def should_offload(self, sequence_hash: int) -> bool:
-        if sequence_hash in self.seen:
-            return True
-        self.seen.add(sequence_hash)
-        return False
 
 
 def test_the_defaults_are_upstreams() -> None:

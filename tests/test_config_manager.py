@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import pytest
+from callers import EventLog, Region, SeenTwice
 
 from kvbm_builder import (
     ConfigError,
@@ -25,42 +25,6 @@ from kvbm_builder.config import (
     SystemAllocator,
     Tier,
 )
-
-
-@attrs.frozen
-class Region:
-    """Memory the caller allocated elsewhere, as the config sees it (kind, addr, size; never touched)."""
-
-    kind: StorageKind
-    addr: int
-    size: int
-
-
-class SeenTwice:
-    """An offload filter: offload a block the second time its hash is seen."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-
-    def should_offload(self, sequence_hash: int) -> bool:
-        if sequence_hash in self.seen:
-            return True
-        self.seen.add(sequence_hash)
-        return False
-
-
-class EventLog:
-    """An event manager that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, object]] = []
-
-    def on_store(self, event: object) -> None:
-        self.events.append(("store", event))
-
-    def on_remove(self, event: object) -> None:
-        self.events.append(("remove", event))
-
 
 RUNTIME = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
 MODEL = KvManagerModelConfig.builder().num_layers(28).outer_dim(2).page_size(16).inner_dim(1024).build()

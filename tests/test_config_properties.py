@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 import pytest
+from callers import EventLog, Region, SeenTwice
 from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -59,41 +60,6 @@ from kvbm_builder.config import (
 
 # ---------------------------------------------------------------------------------------------------------
 # Values a caller might pass
-
-
-@attrs.frozen
-class Region:
-    """Memory the caller allocated elsewhere, as the config sees it (kind, addr, size; never touched)."""
-
-    kind: Any
-    addr: int
-    size: int
-
-
-class SeenTwice:
-    """An offload filter: offload a block the second time its hash is seen."""
-
-    def __init__(self) -> None:
-        self.seen: set[int] = set()
-
-    def should_offload(self, sequence_hash: int) -> bool:
-        if sequence_hash in self.seen:
-            return True
-        self.seen.add(sequence_hash)
-        return False
-
-
-class EventLog:
-    """An event manager that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.events: list[object] = []
-
-    def on_store(self, event: object) -> None:
-        self.events.append(event)
-
-    def on_remove(self, event: object) -> None:
-        self.events.append(event)
 
 
 class KindlessAllocator:
