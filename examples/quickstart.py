@@ -37,10 +37,12 @@ GiB = 2**30
 
 def progress_line(label: str) -> ProgressCallback:
     """A progress callback that redraws one terminal line while a large pinned tier comes up."""
-    started = time.perf_counter()
+    started: list[float] = []
 
     def report(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - started
+        if not started:  # the first call comes when pinning starts
+            started.append(time.perf_counter())
+        elapsed = time.perf_counter() - started[0]
         rate = done / GiB / elapsed if elapsed > 0 else 0.0
         end = "\n" if done >= total else ""
         print(f"\r  {label}: {done / GiB:6.2f} / {total / GiB:.2f} GiB pinned ({rate:5.1f} GiB/s)", end=end, flush=True)

@@ -43,6 +43,7 @@ _INSTALL = "pip install 'kvbm-builder[nixl]'"
 #: buffer it is dropped for good, and the storage stays registered with the others.
 _PREFERRED = {"DRAM": ("UCX", "POSIX"), "VRAM": ("UCX", "GDS_MT"), "FILE": ("POSIX", "GDS_MT")}
 _OPTIONAL = frozenset({"GDS_MT"})
+_NVIDIA_FS = "/proc/driver/nvidia-fs/version"
 
 
 @attrs.frozen
@@ -132,6 +133,11 @@ class NixlRegistry:
 
         if not cuda_available() or "GDS_MT" not in agent.get_plugin_list():
             log.debug("NIXL GDS_MT not tried: no CUDA or no plugin")
+            return
+        if not os.path.exists(_NVIDIA_FS):
+            # Without the nvidia-fs driver cuFile refuses file handles (seen on an H200 VM: error 5027), and
+            # the refusal is printed by NIXL's C++ side whatever our log level: do not ask.
+            log.debug("NIXL GDS_MT not tried: %s is missing (no GPUDirect Storage driver)", _NVIDIA_FS)
             return
         try:
             agent.create_backend("GDS_MT")
