@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
 from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
 from .config.protocols import Storage, StorageKind, Tier
+from .config.runtime import CancellationToken
 from .errors import AllocationError, KvbmError, LayoutError
 from .layout import Layout, LayoutSpec, MemoryRegion
+from .storage import StorageClosedError
 
 if TYPE_CHECKING:
     from .nixl import NixlRegistry
@@ -32,7 +34,7 @@ __all__ = ["KvBlockManager", "KvBlockManagerBuilder", "TierStorage"]
 class TierStorage:
     """One allocated tier: its layout, its storages and zero-copy views of its blocks."""
 
-    __slots__ = ("bringup_seconds", "config", "layout", "owned", "spec", "tier")
+    __slots__ = ("_released", "bringup_seconds", "config", "layout", "owned", "spec", "tier")
 
     def __init__(
         self,
@@ -48,6 +50,7 @@ class TierStorage:
         self.spec: LayoutSpec | None = layout.spec if layout is not None else None
         self.owned = owned
         self.bringup_seconds = bringup_seconds
+        self._released = False
 
     @property
     def storages(self) -> tuple[Storage, ...]:
@@ -66,6 +69,10 @@ class TierStorage:
         return sum(s.size for s in self.storages)
 
     def _layout(self) -> Layout:
+        if self._released:
+            raise StorageClosedError(
+                f"the {self.tier.words} was released when its KvBlockManager closed; its addresses and views are gone"
+            )
         if self.layout is None:
             raise LayoutError(
                 f"the {self.tier.words} is logical ({self.config.logical}): its blocks live on other workers, "
@@ -100,7 +107,10 @@ class TierStorage:
         else:
             import numpy as xp
         width = spec.dtype_width_bytes
-        dt = xp.dtype(dtype if dtype is not None else f"u{width}")
+        try:
+            dt = xp.dtype(dtype if dtype is not None else f"u{width}")
+        except TypeError as err:
+            raise LayoutError(f"{self.tier.words}: {dtype!r} is not a dtype ({err})") from None
         if dt.itemsize != width:
             raise LayoutError(f"dtype {dt} is {dt.itemsize} bytes wide but the model's dtype_width_bytes is {width}")
         token = spec.inner_dim * width
@@ -165,14 +175,19 @@ class KvBlockManager:
                 "build one with KvBlockManagerConfig.builder() or kvbm_builder.load()"
             )
         self.config = config
+        # cancelling the caller's token stops this manager; closing this manager leaves the caller's token alone
+        self.cancellation_token: CancellationToken = config.runtime.cancellation_token.child_token()
         self._tiers: dict[Tier, TierStorage] = {}
         self._owned: list[Storage] = []
         self._nixl: NixlRegistry | None = None
         self._closed = False
         try:
             self._bring_up()
-        except BaseException:
-            self.close()
+        except BaseException as failure:
+            try:
+                self.close()
+            except BaseException as cleanup:  # the bring-up failure is the news; say what cleanup hit too
+                _note(failure, f"while releasing what was already allocated: {type(cleanup).__name__}: {cleanup}")
             raise
 
     @staticmethod
@@ -232,6 +247,17 @@ class KvBlockManager:
                     f"{type(err).__name__}: {err}"
                 ) from err
             self._owned.append(storage)
+            kind = getattr(storage, "kind", None)
+            if not isinstance(storage, Storage) or kind not in tier.accepts:
+                self._owned.pop()
+                close = getattr(storage, "close", None)
+                if callable(close):
+                    close()
+                accepted = " or ".join(sorted(k.value for k in tier.accepts))
+                raise AllocationError(
+                    f"the {tier.words}'s allocator {allocator!r} returned {storage!r}, not a storage of {accepted} "
+                    "memory (an object with kind, addr and size); fix the allocator's allocate()"
+                )
         return tuple(self._owned[-spec.num_allocations :]), True
 
     # -- access ---------------------------------------------------------------------------------------------
@@ -286,28 +312,41 @@ class KvBlockManager:
         return self._closed
 
     def close(self) -> None:
-        """Deregister from NIXL, then free memory and remove files, newest first. Idempotent."""
+        """Deregister from NIXL, then free memory and remove files, newest first. Idempotent.
+
+        Memory that NIXL could not deregister is kept (and named in the error) rather than freed under a live
+        registration. If close() is interrupted, calling it again finishes the job.
+        """
         if self._closed:
             return
-        self._closed = True
         errors: list[BaseException] = []
-        if self._nixl is not None:
+        kept: list[Storage] = []
+        if self._nixl is not None and not self._nixl.closed:
             try:
                 self._nixl.close()
-            except Exception as err:  # keep freeing memory; report after
+            except Exception as err:  # keep freeing what is safe to free; report after
                 errors.append(err)
+                kept = list(getattr(err, "still_registered", ()))
+        for tier in self._tiers.values():
+            tier._released = True
         while self._owned:
-            storage = self._owned.pop()
-            try:
-                close: Callable[[], None] | None = getattr(storage, "close", None)
-                if close is not None:
-                    close()
-            except Exception as err:
-                errors.append(err)
-        self.config.runtime.cancellation_token.cancel()
+            storage = self._owned[-1]
+            if any(storage is k for k in kept):
+                log.error("kept %r allocated: NIXL still has it registered", storage)
+            else:
+                try:
+                    close: Callable[[], None] | None = getattr(storage, "close", None)
+                    if close is not None:
+                        close()
+                except Exception as err:
+                    errors.append(err)
+            self._owned.pop()
+        self._closed = True
+        self.cancellation_token.cancel()
         if errors:
             raise AllocationError(
                 f"releasing the tiers hit {len(errors)} error(s); first: {type(errors[0]).__name__}: {errors[0]}"
+                + (f"; kept {len(kept)} storage(s) that NIXL still has registered" if kept else "")
             ) from errors[0]
 
     def __enter__(self) -> KvBlockManager:
@@ -326,6 +365,13 @@ class KvBlockManager:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ", ".join(repr(t) for t in self._tiers.values())
         return f"KvBlockManager(worker_id={self.worker_id}, {state})"
+
+
+def _note(error: BaseException, text: str) -> None:
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(text)
+    else:
+        log.error(text)
 
 
 def _tier_key(tier: Tier | str) -> Tier:

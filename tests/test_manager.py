@@ -107,7 +107,21 @@ def test_builder_takes_the_config_setters_and_builds_a_manager(tmp_path: Path) -
     assert isinstance(manager, KvBlockManager)
     manager.close()
     manager.close()  # idempotent
-    assert manager.config.runtime.cancellation_token.is_cancelled()
+    assert manager.cancellation_token.is_cancelled()
+
+
+def test_closing_a_manager_leaves_the_callers_token_alone_but_the_caller_can_cancel_it() -> None:
+    config = (
+        KvBlockManagerConfig.builder().runtime(runtime()).model(MODEL).host_layout(tier(1, SystemAllocator())).build()
+    )
+    with KvBlockManager(config) as first:
+        pass
+    assert first.cancellation_token.is_cancelled()
+    assert not config.runtime.cancellation_token.is_cancelled()
+    with KvBlockManager(config) as second:  # the same config makes a live manager again
+        assert not second.cancellation_token.is_cancelled()
+        config.runtime.cancellation_token.cancel()
+        assert second.cancellation_token.is_cancelled()
 
 
 @pytest.mark.parametrize(
@@ -381,3 +395,116 @@ def test_system_storage_is_what_the_host_slot_reports() -> None:
         (storage,) = m.tier("G2").storages
         assert isinstance(storage, SystemStorage)
         assert "G2" in repr(m) and "system" in repr(m)
+
+
+@attrs.define
+class Returns:
+    """An allocator of the host tier that hands back whatever it is given."""
+
+    thing: Any
+    storage_kind: StorageKind = StorageKind.SYSTEM
+
+    def allocate(self, size: int) -> Any:
+        return self.thing
+
+
+def test_an_allocator_that_returns_no_storage_or_the_wrong_kind_is_named(tmp_path: Path) -> None:
+    from kvbm_builder.storage import allocate_disk
+
+    for thing in [None, allocate_disk(8192, DiskAllocator(directory=str(tmp_path)))]:
+        config = (
+            KvBlockManagerConfig.builder().runtime(runtime()).model(MODEL).host_layout(tier(1, Returns(thing))).build()
+        )
+        with pytest.raises(AllocationError, match=r"host tier \(G2\)'s allocator .* not a storage of pinned or system"):
+            KvBlockManager(config)
+    assert files_in(tmp_path) == []  # the disk storage handed to the host slot was released
+
+
+def test_a_cleanup_failure_does_not_hide_why_the_bring_up_failed(tmp_path: Path) -> None:
+    @attrs.define
+    class BrokenRelease:
+        inner: Any
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def close(self) -> None:
+            self.inner.close()
+            raise OSError(5, "EIO on release")
+
+    @attrs.define
+    class Allocates:
+        storage_kind: StorageKind = StorageKind.SYSTEM
+
+        def allocate(self, size: int) -> Any:
+            from kvbm_builder.storage import allocate_system
+
+            return BrokenRelease(allocate_system(size))
+
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(1, Allocates()))
+        .disk_layout(tier(1, Failing(StorageKind.DISK)))
+        .build()
+    )
+    with pytest.raises(AllocationError, match="No space left on device") as caught:
+        KvBlockManager(config)
+    notes = getattr(caught.value, "__notes__", [])
+    assert any("EIO on release" in note for note in notes)
+
+
+def test_an_interrupted_close_can_be_finished_by_calling_it_again(tmp_path: Path) -> None:
+    interrupts = [KeyboardInterrupt()]
+
+    @attrs.define
+    class InterruptOnce:
+        inner: Any
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def close(self) -> None:
+            if interrupts:
+                raise interrupts.pop()
+            self.inner.close()
+
+    @attrs.define
+    class Allocates:
+        storage_kind: StorageKind = StorageKind.SYSTEM
+        made: list[Any] = attrs.field(factory=list)
+
+        def allocate(self, size: int) -> Any:
+            from kvbm_builder.storage import allocate_system
+
+            self.made.append(InterruptOnce(allocate_system(size)))
+            return self.made[-1]
+
+    host = Allocates()
+    manager = (
+        KvBlockManager.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(1, host))
+        .disk_layout(tier(1, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    with pytest.raises(KeyboardInterrupt):
+        manager.close()
+    assert not manager.closed and files_in(tmp_path) == []  # newest first: the disk file went before the interrupt
+    manager.close()
+    assert manager.closed and host.made[0].inner.closed
+
+
+def test_views_and_regions_of_a_closed_manager_are_refused() -> None:
+    from kvbm_builder.storage import StorageClosedError
+
+    with KvBlockManager.builder().runtime(runtime()).model(MODEL).host_layout(tier(1, SystemAllocator())).build() as m:
+        host = m.tier("G2")
+        with pytest.raises(LayoutError, match=r"'float17' is not a dtype"):
+            host.views(dtype="float17")
+    with pytest.raises(StorageClosedError, match="released"):
+        host.memory_region(0, 0, 0)
+    with pytest.raises(StorageClosedError):
+        host.views()
