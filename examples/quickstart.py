@@ -30,7 +30,7 @@ from kvbm_builder import (
 )
 from kvbm_builder.config.allocators import ProgressCallback
 from kvbm_builder.layout import LayoutSpec
-from kvbm_builder.storage import cuda_available
+from kvbm_builder.storage import cuda_available, cuda_unavailable_reason
 
 GiB = 2**30
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if gpu:
         print("GPU found: allocating a device tier (G1), a pinned host tier (G2) and a disk tier (G3).")
     else:
-        print("No usable GPU here: allocating a system-memory host tier (G2) and a disk tier (G3) instead.")
+        print(f"No usable GPU here ({cuda_unavailable_reason()}):")
+        print("allocating a system-memory host tier (G2) and a disk tier (G3) instead.")
     if not nixl:
         print("NIXL is off (not installed, or --no-nixl): install 'kvbm-builder[nixl]' to register the tiers.")
     try:
