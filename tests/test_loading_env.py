@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvbm_builder import ConfigError, KvBlockManagerConfig, KvManagerModelConfig
+from kvbm_builder import ConfigError, KvBlockManagerConfig, KvManagerLayoutConfig, KvManagerModelConfig
 from kvbm_builder.config import DiskAllocator, PinnedAllocator, SystemAllocator
 from kvbm_builder.config.env import cache_sizes_from_env
 from kvbm_builder.loading import KvbmSettings, from_env, load, resolve, settings_from_env
@@ -261,6 +261,7 @@ def test_from_env_on_a_document_is_resolve_without_arguments() -> None:
 
 def test_from_env_on_a_built_config_rebuilds_only_the_tiers_it_touches() -> None:
     built = load(doc(host_layout={"num_blocks": 10, "allocator": {}}))
+    assert built.host_layout is not None
     built = attrs.evolve(
         built, event_manager=Events(), host_layout=attrs.evolve(built.host_layout, offload_filter=Always())
     )
@@ -274,6 +275,27 @@ def test_from_env_on_a_built_config_rebuilds_only_the_tiers_it_touches() -> None
     assert config.runtime is built.runtime
     assert config.disk_layout.allocator == DiskAllocator(directory="/x")
     assert from_env({}, built) is built
+
+
+def test_a_rebuilt_tier_keeps_its_offload_filter_and_its_allocators_progress_callback() -> None:
+    def progress(done: int, total: int) -> None: ...
+
+    host = (
+        KvManagerLayoutConfig.builder()
+        .num_blocks(10)
+        .allocator(PinnedAllocator(threads=3, progress=progress))
+        .offload_filter(Always())
+        .build()
+    )
+    built = attrs.evolve(load(doc()), host_layout=host)
+    for environ in ({"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "8"}, {"DYN_KVBM_USE_HUGE_PAGES": "1"}):
+        config = from_env(environ, built)
+        assert config.host_layout is not None and config.host_layout != built.host_layout
+        allocator = config.host_layout.allocator
+        assert isinstance(allocator, PinnedAllocator)
+        assert allocator.progress is progress
+        assert allocator.threads == 3
+        assert isinstance(config.host_layout.offload_filter, Always)
 
 
 def test_from_env_cannot_resize_a_tier_of_given_storage() -> None:
@@ -290,8 +312,6 @@ def test_from_env_cannot_resize_a_tier_of_given_storage() -> None:
 
 
 def _layout_on(region: object) -> Any:
-    from kvbm_builder import KvManagerLayoutConfig
-
     return KvManagerLayoutConfig.builder().num_blocks(1).storage([region]).build()
 
 

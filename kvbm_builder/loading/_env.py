@@ -37,7 +37,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -358,8 +358,9 @@ def from_env(
     """``base`` with the ``DYN_KVBM_*`` variables of ``environ`` applied (see the module's table).
 
     ``base`` is a document (what :func:`load` takes; None is an empty one) or a built config. For a built config
-    only the tiers the variables touch are rebuilt, keeping every runtime object of the rest (event manager,
-    registry, agent, token, a tier's offload filter); a touched tier backed by pre-allocated storage is an error.
+    only the tiers the variables touch are rebuilt, keeping every runtime object (event manager, registry, agent,
+    token; a rebuilt tier keeps its offload filter, and its allocator, of the same kind, keeps its progress
+    callback); a touched tier backed by pre-allocated storage or a custom allocator is an error.
     """
     if not isinstance(base, KvBlockManagerConfig):
         return resolve(base, environ=environ).config
@@ -392,8 +393,9 @@ def from_env(
         new, tier_problems = build_layout(_table(tier, section), base.model)
         problems.extend(_attributed(p.under(tier.slot), origins) for p in tier_problems)
         if new is not None:
-            keep = None if layout is None else layout.offload_filter
-            rebuilt[tier.slot] = attrs.evolve(new, offload_filter=keep) if keep is not None else new
+            if layout is not None and new.allocator is not None:
+                new = attrs.evolve(new, allocator=_carried(layout.allocator, new.allocator))
+            rebuilt[tier.slot] = _carried(layout, new)
     if problems:
         raise ConfigError(dict.fromkeys(problems), "")
     if not rebuilt:
@@ -402,6 +404,23 @@ def from_env(
         return attrs.evolve(base, **cast(dict[str, Any], rebuilt))
     except ConfigError as err:
         raise ConfigError([_attributed(p, {}) for p in err.problems], "") from None
+
+
+_T = TypeVar("_T")
+
+
+def _carried(old: object, new: _T) -> _T:
+    """``new`` with the runtime objects of ``old`` (its fields that take no part in equality, such as a layout's
+    ``offload_filter`` or an allocator's ``progress``), which a document cannot hold; ``new`` itself when ``old``
+    is of another class (an allocator of another kind keeps nothing)."""
+    if type(old) is not type(new) or not attrs.has(type(new)):
+        return new
+    kept = {
+        field.alias: getattr(old, field.name)
+        for field in attrs.fields(cast(Any, type(new)))
+        if not field.eq and field.init and getattr(old, field.name) is not getattr(new, field.name)
+    }
+    return cast(_T, attrs.evolve(cast(Any, new), **kept)) if kept else new
 
 
 def _table(tier: Tier, section: Mapping[str, Any]) -> Table:
