@@ -2,7 +2,8 @@
 
 Every command that reads a file applies the ``DYN_KVBM_*`` environment (unless ``--no-env``) and then the
 ``--set KEY=VALUE`` arguments: defaults < file < environment < arguments. Results go to stdout, errors to stderr.
-Nothing is allocated: ``plan`` only compares what the configuration would take with what this machine has.
+Nothing is allocated: ``plan`` only compares what the configuration would take with what this machine has, read
+through the storage modules' probes (imported when ``plan`` runs, so importing the CLI stays light).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +22,6 @@ import attrs
 from .config.allocators import DeviceAllocator, DiskAllocator, PinnedAllocator, SystemAllocator
 from .config.manager import KvBlockManagerConfig
 from .config.protocols import Tier
-from .config.sizes import GB, GiB
 from .errors import ConfigError, LoadError
 
 __all__ = ["main"]
@@ -145,17 +144,6 @@ class Finding:
     message: str
 
 
-def _bytes(n: int) -> str:
-    return f"{n / GiB:.2f} GiB ({n / GB:.2f} GB)"
-
-
-def _short(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def _memory(layout: Any) -> str:
     if layout.allocator is not None:
         return str(layout.allocator.storage_kind.value)
@@ -186,57 +174,45 @@ def _tiers(config: KvBlockManagerConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _meminfo() -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            out[name] = int(fields[0]) * (1024 if fields[1:2] == ["kB"] else 1)
-    return out
-
-
 def _check_host(total: int, pinned: bool) -> list[Finding]:
+    from .storage._base import human
+    from .storage._host import meminfo, memlock_bytes, memlock_limit
+
     findings = []
-    info = _meminfo()
-    ram, available = info.get("MemTotal"), info.get("MemAvailable")
+    ram, available = meminfo("MemTotal"), meminfo("MemAvailable")
     if ram is None:
         findings.append(Finding("warn", "host RAM", "/proc/meminfo is not readable; cannot check host memory"))
     elif total > ram:
         findings.append(
-            Finding("fail", "host RAM", f"the host tier needs {_bytes(total)}; this machine has {_bytes(ram)}")
+            Finding("fail", "host RAM", f"the host tier needs {human(total)}; this machine has {human(ram)}")
         )
     elif available is not None and total > available:
         findings.append(
-            Finding(
-                "warn", "host RAM", f"the host tier needs {_bytes(total)}; only {_bytes(available)} is available now"
-            )
+            Finding("warn", "host RAM", f"the host tier needs {human(total)}; only {human(available)} is available now")
         )
     else:
-        findings.append(Finding("ok", "host RAM", f"the host tier needs {_bytes(total)} of {_bytes(ram)}"))
+        findings.append(Finding("ok", "host RAM", f"the host tier needs {human(total)} of {human(ram)}"))
     if pinned:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        if soft == resource.RLIM_INFINITY:
+        limit = memlock_bytes()
+        if limit is None:
             findings.append(Finding("ok", "ulimit -l", "locked memory is unlimited"))
-        elif soft < total:
+        elif limit < total:
             findings.append(
                 Finding(
                     "warn",
                     "ulimit -l",
-                    f"locked memory is limited to {_short(soft)}, below the pinned tier's {_short(total)}; NIXL/RDMA "
-                    "registration may fail: raise it (ulimit -l unlimited, or docker --ulimit memlock=-1)",
+                    f"locked memory is limited to {memlock_limit()}, below the pinned tier's {human(total)}; "
+                    "NIXL/RDMA registration may fail: raise it (ulimit -l unlimited, or docker --ulimit memlock=-1)",
                 )
             )
         else:
-            findings.append(Finding("ok", "ulimit -l", f"locked memory limit {_short(soft)} covers the pinned tier"))
+            findings.append(Finding("ok", "ulimit -l", f"locked memory limit {memlock_limit()} covers the pinned tier"))
     return findings
 
 
 def _check_disk(total: int, allocator: DiskAllocator) -> list[Finding]:
+    from .storage._base import human
+
     directory = Path(allocator.directory)
     check = f"disk {allocator.directory}"
     if not directory.exists():
@@ -249,36 +225,43 @@ def _check_disk(total: int, allocator: DiskAllocator) -> list[Finding]:
         return [Finding("fail", check, "the directory is not writable by this user")]
     free = shutil.disk_usage(directory).free
     if total > free:
-        return [Finding("fail", check, f"the disk tier needs {_bytes(total)}; {_bytes(free)} is free")]
-    return [Finding("ok", check, f"the disk tier needs {_bytes(total)} of {_bytes(free)} free")]
+        return [Finding("fail", check, f"the disk tier needs {human(total)}; {human(free)} is free")]
+    return [Finding("ok", check, f"the disk tier needs {human(total)} of {human(free)} free")]
 
 
 def _gpu_memory(device_id: int) -> tuple[int, int] | str:
-    """(free, total) bytes of GPU ``device_id``, or why they cannot be known."""
+    """(free, total) bytes of GPU ``device_id``, or why they cannot be known (the storage modules' CUDA probe)."""
+    from .storage._cuda import cuda_unavailable_reason, device_count
+
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        return f"no GPU visible: {reason}"
+    count = device_count()
+    if device_id >= count:
+        return f"GPU {device_id} is not visible ({count} visible)"
     try:
         import cupy
 
-        count = int(cupy.cuda.runtime.getDeviceCount())
-        if device_id >= count:
-            return f"GPU {device_id} is not visible ({count} visible)"
         with cupy.cuda.Device(device_id):
             free, total = cupy.cuda.runtime.memGetInfo()
-        return int(free), int(total)
-    except Exception as exc:  # no cupy, no driver, no device: all mean the same here
-        return f"no GPU visible ({type(exc).__name__})"
+    except Exception as exc:  # the probe passed, so this is the device itself (busy, lost, out of memory)
+        return f"cannot read the memory of GPU {device_id} ({type(exc).__name__}: {exc})"
+    return int(free), int(total)
 
 
 def _check_device(total: int, allocator: DeviceAllocator) -> list[Finding]:
+    from .storage._base import human
+
     check = f"GPU {allocator.device_id}"
     memory = _gpu_memory(allocator.device_id)
     if isinstance(memory, str):
-        return [Finding("warn", check, f"{memory}; cannot check the device tier's {_bytes(total)}")]
+        return [Finding("warn", check, f"{memory}; cannot check the device tier's {human(total)}")]
     free, whole = memory
     if total > whole:
-        return [Finding("fail", check, f"the device tier needs {_bytes(total)}; the GPU has {_bytes(whole)}")]
+        return [Finding("fail", check, f"the device tier needs {human(total)}; the GPU has {human(whole)}")]
     if total > free:
-        return [Finding("warn", check, f"the device tier needs {_bytes(total)}; {_bytes(free)} is free now")]
-    return [Finding("ok", check, f"the device tier needs {_bytes(total)} of {_bytes(free)} free")]
+        return [Finding("warn", check, f"the device tier needs {human(total)}; {human(free)} is free now")]
+    return [Finding("ok", check, f"the device tier needs {human(total)} of {human(free)} free")]
 
 
 def _findings(config: KvBlockManagerConfig, rows: list[dict[str, Any]]) -> list[Finding]:
@@ -325,16 +308,18 @@ _LAYOUT_NAMES = {
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     """The tiers as an aligned table that fits a terminal (numbers right-aligned)."""
+    from .storage._base import human
+
     header = ["tier", "layout", "blocks", "block", "total", "allocs", "padding"]
     body = [
         [
             f"{row['tier']} {row['memory']}",
             _LAYOUT_NAMES.get(row["layout"], row["layout"]),
             f"{row['blocks']:,}",
-            _short(row["bytes_per_block"]),
-            _bytes(row["total_bytes"]),
+            human(row["bytes_per_block"]),
+            human(row["total_bytes"]),
             str(row["allocations"]),
-            _short(row["alignment_overhead_bytes"]),
+            human(row["alignment_overhead_bytes"]),
         ]
         for row in rows
     ]

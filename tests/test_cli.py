@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,14 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "config.toml"
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("DYN_KVBM_")}
 
 
-def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str | Path, env: dict[str, str] | None = None, memlock: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``kvbm-builder ARGS``; ``memlock``: run it under ``ulimit -l`` of that many bytes (the soft limit)."""
+
+    def lower_memlock(soft: int) -> None:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]))
+
     return subprocess.run(
         [sys.executable, "-m", "kvbm_builder", *map(str, args)],
         capture_output=True,
@@ -30,6 +39,7 @@ def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Comp
         env={**CLEAN_ENV, **(env or {})},
         check=False,
         timeout=120,
+        preexec_fn=None if memlock is None else partial(lower_memlock, memlock),
     )
 
 
@@ -136,13 +146,11 @@ def test_plan_prints_a_table_per_tier_and_the_checks(tmp_path: Path) -> None:
         "64",
         "1.0",
         "MiB",
-        "0.06",
-        "GiB",
-        "(0.07",
-        "GB)",
+        "64.0",
+        "MiB",
         "1",
         "0",
-        "B",
+        "bytes",
     ]
     assert disk.split()[:4] == ["G3", "disk", "FullyContiguous", "128"]
     assert len(header) == len(host) == len(disk)  # right-aligned numbers end in the same column
@@ -222,17 +230,55 @@ def test_plan_warns_when_a_lower_tier_is_smaller_than_the_one_above(tmp_path: Pa
     ]
 
 
-def test_plan_without_a_gpu_says_so_and_does_not_fail(tmp_path: Path) -> None:
-    from kvbm_builder.storage import cuda_available
+def test_plan_without_a_gpu_says_why_and_does_not_fail(tmp_path: Path) -> None:
+    from kvbm_builder.storage import cuda_unavailable_reason
 
-    if cuda_available():
+    reason = cuda_unavailable_reason()
+    if reason is None:
         pytest.skip("a GPU is visible here: test_plan_checks_gpu_memory checks it")
     plan = json.loads(
         run("plan", small(tmp_path, device_layout={"num_blocks": 8, "allocator": {}}), "--format", "json").stdout
     )
     [gpu] = [check for check in plan["checks"] if check["check"] == "GPU 0"]
-    assert gpu["level"] == "warn" and gpu["message"].startswith("no GPU visible")
+    assert gpu == {
+        "level": "warn",
+        "check": "GPU 0",
+        "message": f"no GPU visible: {reason}; cannot check the device tier's 8.0 MiB",
+    }
     assert plan["ok"] is True
+
+
+def ulimit_l_check(path: Path, memlock: int) -> dict[str, str]:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if hard != resource.RLIM_INFINITY and hard < memlock:
+        pytest.skip(f"the hard memlock limit here ({hard} bytes) is below {memlock}")
+    result = run("plan", path, "--format", "json", memlock=memlock)
+    [check] = [check for check in json.loads(result.stdout)["checks"] if check["check"] == "ulimit -l"]
+    return dict(check)
+
+
+def test_plan_warns_when_ulimit_l_is_below_the_pinned_tier(tmp_path: Path) -> None:
+    pinned = small(tmp_path, host_layout={"size": "4MiB", "allocator": {"kind": "pinned"}})
+    assert ulimit_l_check(pinned, 2**20) == {
+        "level": "warn",
+        "check": "ulimit -l",
+        "message": "locked memory is limited to 1.0 MiB (ulimit -l 1024), below the pinned tier's 4.0 MiB; NIXL/RDMA "
+        "registration may fail: raise it (ulimit -l unlimited, or docker --ulimit memlock=-1)",
+    }
+    assert ulimit_l_check(pinned, 8 * 2**20) == {
+        "level": "ok",
+        "check": "ulimit -l",
+        "message": "locked memory limit 8.0 MiB (ulimit -l 8192) covers the pinned tier",
+    }
+
+
+def test_importing_the_cli_imports_no_gpu_library_and_no_storage() -> None:
+    code = (
+        "import sys, kvbm_builder.cli; "
+        "print(sorted(m for m in ('cupy', 'nixl', 'torch', 'numpy', 'kvbm_builder.storage') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout == "[]\n"
 
 
 @pytest.mark.gpu

@@ -367,3 +367,12 @@ class HostStorage(OwnedStorage):
 
     def _repr_extra(self) -> str:
         return f", {self.pages} pages"
+
+
+# --- machine facts, as numbers ------------------------------------------------------------------------
+
+
+def memlock_bytes() -> int | None:
+    """The current soft RLIMIT_MEMLOCK in bytes (what :func:`memlock_limit` says in words); None when unlimited."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft
