@@ -231,12 +231,11 @@ def _check_disk(total: int, allocator: DiskAllocator) -> list[Finding]:
 
 def _gpu_memory(device_id: int) -> tuple[int, int] | str:
     """(free, total) bytes of GPU ``device_id``, or why they cannot be known (the storage modules' CUDA probe)."""
-    from .storage._cuda import cuda_unavailable_reason, device_count
+    from .storage._cuda import _probe
 
-    reason = cuda_unavailable_reason()
+    count, reason = _probe()
     if reason is not None:
         return f"no GPU visible: {reason}"
-    count = device_count()
     if device_id >= count:
         return f"GPU {device_id} is not visible ({count} visible)"
     try:
