@@ -159,3 +159,19 @@ def test_errors_survive_pickling() -> None:
     err = LayoutIndexError("block", 9, 7)
     again = pickle.loads(pickle.dumps(err))
     assert (again.axis, again.index, again.bound, str(again)) == ("block", 9, 7, str(err))
+
+
+def test_a_layout_larger_than_2_63_bytes_is_refused_naming_the_fields() -> None:
+    # one region of 2**30 * 2**30 * 8 = 2**63 bytes: no allocator or file can hold it, and ctypes would wrap it
+    with pytest.raises(ConfigError) as err:
+        LayoutSpec(2, 1, 1, 2**30, 2**30, 8, FullyContiguous(), alignment=4096)
+    [(path, message)] = err.value.errors
+    assert path == "layout_spec"
+    assert message.startswith(f"the layout needs {2 * 2**63 + 4095} bytes (num_blocks * num_layers * outer_dim")
+    assert "more than the 9223372036854775807 bytes (2**63 - 1)" in message
+    assert "lower num_blocks, page_size, inner_dim or num_layers" in message
+
+
+def test_the_largest_layout_that_fits_is_accepted() -> None:
+    spec = LayoutSpec(1, 1, 1, 2**30, 2**29, 8, FullyContiguous())  # 2**62 bytes
+    assert spec.total_bytes == 2**62

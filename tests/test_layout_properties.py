@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvbm_builder import FullyContiguous, LayerSeparate, LayoutType, StorageKind
+from kvbm_builder import ConfigError, FullyContiguous, LayerSeparate, LayoutType, StorageKind
 from kvbm_builder.layout import Layout, LayoutSpec, MemoryRegion, StorageTooSmallError
 
 
@@ -143,3 +143,35 @@ def test_data_starts_at_the_first_aligned_address_of_each_storage(layout: Layout
     for storage, base in zip(layout.storages, layout.base_addrs, strict=True):
         assert base % layout.spec.alignment == 0
         assert storage.addr <= base < storage.addr + layout.spec.alignment
+
+
+def restated_total_bytes(n: int, layers: int, outer: int, region: int, align: int, layout_type: LayoutType) -> int:
+    """kvbm-behaviour §2, restated: what a tier asks its allocator for."""
+    pad = align - 1
+    if layout_type == FullyContiguous():
+        block = layers * outer * region
+        return (n - 1) * (-(-block // align) * align) + block + pad
+    if layout_type == LayerSeparate(outer_contiguous=True):
+        return layers * (outer * n * (-(-region // align) * align) + pad)
+    return layers * (n * (-(-(outer * region) // align) * align) + pad)
+
+
+@given(
+    n=st.integers(1, 2**40),
+    layers=st.integers(1, 2**12),
+    outer=OUTER_DIMS,
+    page=st.integers(1, 2**30),
+    inner=st.integers(1, 2**30),
+    width=st.sampled_from([1, 2, 4, 8]),
+    layout_type=LAYOUT_TYPES,
+    align=ALIGNMENTS,
+)
+def test_a_spec_exists_exactly_when_its_bytes_fit_in_2_63(
+    n: int, layers: int, outer: int, page: int, inner: int, width: int, layout_type: LayoutType, align: int
+) -> None:
+    total = restated_total_bytes(n, layers, outer, page * inner * width, align, layout_type)
+    if total <= 2**63 - 1:
+        assert LayoutSpec(n, layers, outer, page, inner, width, layout_type, align).total_bytes == total
+    else:
+        with pytest.raises(ConfigError, match=rf"^layout_spec: the layout needs {total} bytes \(num_blocks \*"):
+            LayoutSpec(n, layers, outer, page, inner, width, layout_type, align)

@@ -7,6 +7,8 @@ import errno
 import os
 import re
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvbm_builder import DiskAllocator, DiskStorageError, LayoutError, StorageKind
+from kvbm_builder import AllocationError, DiskAllocator, DiskStorageError, KvbmError, LayoutError, StorageKind
 from kvbm_builder.config.protocols import Storage
-from kvbm_builder.storage import DiskReservationWarning, DiskStorage, StorageClosedError, _libc, allocate_disk
+from kvbm_builder.storage import (
+    DiskReservationWarning,
+    DiskStorage,
+    StorageBufferError,
+    StorageClosedError,
+    _libc,
+    allocate_disk,
+)
 from kvbm_builder.storage import disk as disk_module
 
 MiB = 2**20
@@ -242,3 +251,185 @@ def test_other_fallocate_failures_name_the_step(tmp_path: Path, monkeypatch: pyt
 
 def test_the_file_system_is_named(tmp_path: Path) -> None:
     assert re.fullmatch(r"\S+ at /.*", disk_module.fs_type(str(tmp_path)))
+
+
+# --- what the messages tell the user to change -----------------------------------------------------------
+
+
+def refuse_pwrite(code: int) -> Callable[[int, object, int], int]:
+    def refuse(fd: int, data: object, offset: int) -> int:
+        raise OSError(code, os.strerror(code))
+
+    return refuse
+
+
+def test_a_zero_fill_refused_under_o_direct_points_at_disabling_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_libc, "fallocate", refuse_fallocate)
+    monkeypatch.setattr(os, "pwrite", refuse_pwrite(errno.EINVAL))  # as Lustre refuses some O_DIRECT writes
+    with pytest.raises(DiskStorageError) as caught:
+        allocate_disk(MiB, spec(tmp_path, zerofill_fallback=True))
+    message = str(caught.value)
+    assert "(step: zero-fill)" in message and "EINVAL" in message
+    assert "set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false)" in message
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_zero_fill_failures_say_how_to_do_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_libc, "fallocate", refuse_fallocate)
+    monkeypatch.setattr(os, "pwrite", refuse_pwrite(errno.EIO))
+    with pytest.raises(DiskStorageError, match=r"\(step: zero-fill\).*EIO.*unset DYN_KVBM_DISK_ZEROFILL_FALLBACK"):
+        allocate_disk(MiB, spec(tmp_path, zerofill_fallback=True, o_direct=False))
+
+
+@pytest.mark.parametrize(
+    ("code", "hint"),
+    [
+        (errno.EINVAL, "DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 (zero-fill instead) applies only where"),
+        (errno.EFBIG, "larger than the file system allows; make the disk tier smaller (DYN_KVBM_DISK_CACHE_GB"),
+    ],
+)
+def test_a_refused_fallocate_says_what_the_variables_can_and_cannot_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, hint: str
+) -> None:
+    def refuse(fd: int, offset: int, length: int, mode: int = 0) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(_libc, "fallocate", refuse)
+    with pytest.raises(DiskStorageError, match=r"\(step: fallocate\)") as caught:
+        allocate_disk(4096, spec(tmp_path))
+    assert hint in str(caught.value) and errno.errorcode[code] in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "o_direct", "hint"),
+    [
+        (errno.EINVAL, True, "refused an O_DIRECT write; set DYN_KVBM_DISK_DISABLE_O_DIRECT=1"),
+        (errno.EIO, True, "check the file system"),
+        (errno.ENOSPC, False, "the file system is full"),
+    ],
+)
+def test_a_failed_write_says_what_to_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, o_direct: bool, hint: str
+) -> None:
+    with allocate_disk(8192, spec(tmp_path, o_direct=o_direct)) as storage:
+        monkeypatch.setattr(os, "pwrite", refuse_pwrite(code))
+        with pytest.raises(DiskStorageError, match=r"disk tier \(G3\): write failed on ") as caught:
+            storage.write(100, b"abc")
+        assert hint in str(caught.value) and errno.errorcode[code] in str(caught.value)
+
+
+# --- arguments -------------------------------------------------------------------------------------------
+
+
+def test_io_needs_an_integer_offset_and_a_contiguous_buffer(tmp_path: Path) -> None:
+    with allocate_disk(8192, spec(tmp_path)) as storage:
+        with pytest.raises(StorageBufferError, match=r"disk tier \(G3\): write\(\) needs a buffer .*got int"):
+            storage.write(0, 123)
+        with pytest.raises(LayoutError, match=r"the offset must be an integer, got 1.5"):
+            storage.write(1.5, b"x")  # type: ignore[arg-type]
+        with pytest.raises(LayoutError, match=r"the offset must be an integer, got True"):
+            storage.write(True, b"x")
+        every_other = np.zeros(20, dtype=np.uint8)[::2]
+        with pytest.raises(StorageBufferError, match="non-contiguous ndarray"):
+            storage.write(0, every_other)
+        with pytest.raises(StorageBufferError, match="needs a writable buffer, got a read-only bytes"):
+            storage.read_into(0, b"read-only")
+        storage.write(np.int64(4), b"numpy ints are integers")
+        out = bytearray(23)
+        storage.read_into(np.uint16(4), out)
+        assert out == b"numpy ints are integers"
+    assert issubclass(StorageBufferError, TypeError) and issubclass(StorageBufferError, KvbmError)
+
+
+def test_a_size_whose_file_would_pass_2_63_is_refused(tmp_path: Path) -> None:
+    # the file is whole 4096-byte blocks and fallocate takes a signed 64-bit length: 2**63 - 1 rounds past it
+    with pytest.raises(AllocationError, match=r"disk tier \(G3\): cannot allocate 9223372036854775807 bytes"):
+        allocate_disk(2**63 - 1, spec(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- releasing -------------------------------------------------------------------------------------------
+
+
+def test_a_file_that_cannot_be_removed_keeps_the_storage_open_until_a_retry_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = allocate_disk(8192, spec(tmp_path))
+    closes: list[int] = []
+    real_close = os.close
+
+    def counted_close(fd: int) -> None:
+        closes.append(fd)
+        real_close(fd)
+
+    def busy(path: str) -> None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+
+    monkeypatch.setattr(os, "close", counted_close)
+    monkeypatch.setattr(os, "unlink", busy)
+    with pytest.raises(DiskStorageError, match=r"cannot remove .*\(step: close\).*EBUSY.*call close\(\) again"):
+        storage.close()
+    assert not storage.closed and os.path.exists(storage.path)
+    with pytest.raises(StorageClosedError, match="being closed"):
+        storage.write(0, b"x")
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "close", counted_close)
+    storage.close()
+    assert storage.closed and list(tmp_path.iterdir()) == []
+    assert closes == [storage.fd]  # the descriptor was closed once: its number may belong to another file now
+
+
+# --- concurrent writers ----------------------------------------------------------------------------------
+
+
+class WatchedLock:
+    """A real lock that sets ``waited`` when a thread has to wait for it."""
+
+    def __init__(self, waited: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self.waited = waited
+
+    def __enter__(self) -> WatchedLock:
+        if not self._lock.acquire(blocking=False):
+            self.waited.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_unaligned_writers_of_disjoint_ranges_in_one_block_keep_each_others_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under O_DIRECT both writes read, patch and write back the same 4096-byte block. The second writer is
+    started while the first sits between its read and its write back: it must wait, not write first and then
+    have its bytes overwritten by the first writer's stale copy."""
+    with allocate_disk(8192, spec(tmp_path)) as storage:
+        assert storage.o_direct
+        waited_or_done = threading.Event()
+        monkeypatch.setattr(storage, "_rmw_lock", WatchedLock(waited_or_done), raising=False)
+
+        def write_the_next_208_bytes() -> None:
+            storage.write(208, b"B" * 208)
+            waited_or_done.set()
+
+        second = threading.Thread(target=write_the_next_208_bytes)
+        real_pwrite_all = disk_module._pwrite_all
+
+        def first_writes_back_last(fd: int, view: memoryview, offset: int) -> None:
+            if not second.ident:  # the first writer, about to write its block back
+                second.start()
+                assert waited_or_done.wait(60), "the second writer neither waited for the block nor finished"
+            real_pwrite_all(fd, view, offset)
+
+        monkeypatch.setattr(disk_module, "_pwrite_all", first_writes_back_last)
+        storage.write(0, b"A" * 208)
+        second.join()
+        out = bytearray(416)
+        storage.read_into(0, out)
+        assert out == b"A" * 208 + b"B" * 208

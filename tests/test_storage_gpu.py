@@ -224,6 +224,43 @@ def test_an_abort_after_pinning_unregisters_and_unmaps(cupy: Any, monkeypatch: p
     assert memory_type(cupy, pinned[0]) == 0 and not is_mapped(pinned[0])
 
 
+# --- releasing, exactly once ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "call"), [("device", "free"), ("host_alloc", "freeHost"), ("register", "hostUnregister")]
+)
+def test_an_interrupt_after_cuda_let_go_never_frees_twice(
+    cupy: Any, monkeypatch: pytest.MonkeyPatch, mode: str, call: str
+) -> None:
+    """Ctrl-C during cudaFree (or cudaFreeHost, cudaHostUnregister) is raised once the call returns: close()
+    fails, and the retry must not hand the address to CUDA again (it may belong to a new allocation)."""
+    runtime = cupy.cuda.runtime
+    real = getattr(runtime, call)
+    calls: list[int] = []
+
+    def interrupted_on_return(ptr: int) -> None:
+        calls.append(ptr)
+        real(ptr)
+        raise KeyboardInterrupt
+
+    storage: DeviceStorage | PinnedStorage
+    if mode == "device":
+        storage = allocate_device(MiB, 0)
+    else:
+        storage = allocate_pinned(MiB, PinnedAllocator(mode=PinningMode(mode)))
+    monkeypatch.setattr(runtime, call, interrupted_on_return)
+    with pytest.raises(KeyboardInterrupt):
+        storage.close()
+    assert not storage.closed
+    storage.close()
+    assert storage.closed and calls == [storage.addr]
+    if mode != "device":
+        assert memory_type(cupy, storage.addr) == 0  # no longer pinned
+    if mode == "register":
+        assert not is_mapped(storage.addr)  # and the retry unmapped our mapping
+
+
 # --- NIXL -----------------------------------------------------------------------------------------------
 
 

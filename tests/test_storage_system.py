@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import mmap
 import sys
@@ -11,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm_builder import KvbmError, StorageKind, SystemAllocator
+from kvbm_builder import AllocationError, KvbmError, StorageKind, SystemAllocator
 from kvbm_builder.config.protocols import Storage
-from kvbm_builder.storage import StorageClosedError, SystemStorage, allocate_system
+from kvbm_builder.storage import StorageClosedError, SystemStorage, _libc, allocate_system
 
 
 def is_mapped(addr: int) -> bool:
@@ -119,3 +120,86 @@ def test_every_byte_of_any_size_is_usable(size: int) -> None:
         assert storage.size == size == view.size
         view[:] = 0xAB
         assert int(view.sum()) == 0xAB * size
+
+
+# --- releasing: exactly once, even when interrupted ------------------------------------------------------
+
+
+def test_an_interrupted_close_leaves_the_storage_open_and_closing_again_finishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = allocate_system(3 * mmap.PAGESIZE)
+    real_munmap = _libc.munmap
+
+    def interrupted(addr: int, length: int) -> None:
+        monkeypatch.setattr(_libc, "munmap", real_munmap)
+        raise KeyboardInterrupt  # Ctrl-C just before the call
+
+    monkeypatch.setattr(_libc, "munmap", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        storage.close()
+    assert not storage.closed and is_mapped(storage.addr)
+    with pytest.raises(StorageClosedError, match=r"being closed \(close\(\) did not finish; call it again\)"):
+        storage.as_numpy()
+    storage.close()
+    assert storage.closed and not is_mapped(storage.addr)
+
+
+def test_an_interrupt_after_munmap_never_unmaps_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = allocate_system(3 * mmap.PAGESIZE)
+    real_munmap = _libc.munmap
+    calls: list[int] = []
+
+    def interrupted_on_return(addr: int, length: int) -> None:
+        calls.append(addr)
+        real_munmap(addr, length)
+        raise KeyboardInterrupt  # a signal during munmap is raised once it returns
+
+    monkeypatch.setattr(_libc, "munmap", interrupted_on_return)
+    with pytest.raises(KeyboardInterrupt):
+        storage.close()
+    storage.close()  # the range may hold someone else's memory by now: it must not be unmapped again
+    assert storage.closed and len(calls) == 1
+
+
+def test_a_refused_munmap_names_the_tier_and_can_be_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = allocate_system(4096)
+    real_munmap = _libc.munmap
+
+    def refused(addr: int, length: int) -> None:
+        raise OSError(errno.EINVAL, "munmap: Invalid argument")
+
+    monkeypatch.setattr(_libc, "munmap", refused)
+    with pytest.raises(AllocationError, match=r"host tier \(G2\): releasing SystemStorage.*munmap: Invalid argument"):
+        storage.close()
+    assert not storage.closed and is_mapped(storage.addr)
+    monkeypatch.setattr(_libc, "munmap", real_munmap)
+    storage.close()
+    assert storage.closed and not is_mapped(storage.addr)
+
+
+# --- sizes the C calls cannot take -----------------------------------------------------------------------
+
+
+@given(size=st.integers(min_value=2**63, max_value=2**70))
+def test_a_size_beyond_2_63_is_refused_before_anything_is_mapped(size: int) -> None:
+    # ctypes would wrap 2**64 + 4096 to 4096 and hand back a page claiming to hold 2**64 + 4096 bytes
+    with pytest.raises(AllocationError, match=rf"host tier \(G2\): cannot allocate {size} bytes: .*most {2**63 - 1}"):
+        allocate_system(size)
+
+
+@pytest.mark.parametrize("length", [-1, 2**64, 2**64 + 4096])
+def test_libc_refuses_numbers_its_c_arguments_cannot_hold(length: int) -> None:
+    with pytest.raises(OSError, match="outside the C argument's range") as caught:
+        _libc.mmap_anonymous(length)
+    assert caught.value.errno == errno.EOVERFLOW
+
+
+def test_every_storage_kind_knows_its_tier() -> None:
+    assert {kind: kind.tier.name for kind in StorageKind} == {
+        StorageKind.DEVICE: "G1",
+        StorageKind.PINNED: "G2",
+        StorageKind.SYSTEM: "G2",
+        StorageKind.DISK: "G3",
+    }
+    assert all(kind in kind.tier.accepts for kind in StorageKind)

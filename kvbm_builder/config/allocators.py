@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 #: ``progress(done_bytes, total_bytes)``, called from the allocating thread during long bring-ups.
 ProgressCallback = Callable[[int, int], None]
 
-_bool = rule(instance(bool, what="true or false"))
+#: The rule of every true/false field (the pinned tier's PinTuning shares it).
+true_or_false = rule(instance(bool, what="true or false"))
 _progress = rule(optional(lambda v: None if callable(v) else "must be callable as progress(done, total)"))
 
 
@@ -61,8 +62,8 @@ class PinnedAllocator(Validated):
     mode: PinningMode = attrs.field(
         default=PinningMode.register, metadata=rule(instance(PinningMode, what="a PinningMode"))
     )
-    huge_pages: bool = attrs.field(default=False, metadata=_bool)
-    numa: bool = attrs.field(default=False, metadata=_bool)
+    huge_pages: bool = attrs.field(default=False, metadata=true_or_false)
+    numa: bool = attrs.field(default=False, metadata=true_or_false)
     threads: int | None = attrs.field(default=None, metadata=rule(optional(integer(min=1, max=1024))))
     progress: ProgressCallback | None = attrs.field(default=None, eq=False, repr=False, metadata=_progress)
 
@@ -114,8 +115,8 @@ class DiskAllocator(Validated):
         default="/tmp/",
         metadata=rule(lambda v: None if isinstance(v, str) and v else f"must be a directory path, got {v!r}"),
     )
-    o_direct: bool = attrs.field(default=True, metadata=_bool)
-    zerofill_fallback: bool = attrs.field(default=False, metadata=_bool)
+    o_direct: bool = attrs.field(default=True, metadata=true_or_false)
+    zerofill_fallback: bool = attrs.field(default=False, metadata=true_or_false)
 
     def allocate(self, size: int) -> DiskStorage:
         from ..storage.disk import allocate_disk

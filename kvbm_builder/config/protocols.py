@@ -23,6 +23,11 @@ class StorageKind(enum.Enum):
     def nixl_mem_type(self) -> str:
         return {"device": "VRAM", "pinned": "DRAM", "system": "DRAM", "disk": "FILE"}[self.value]
 
+    @property
+    def tier(self) -> Tier:
+        """The tier a storage of this kind serves: device -> G1, pinned and system -> G2, disk -> G3."""
+        return _TIER_OF_KIND[self]
+
 
 class Tier(enum.Enum):
     """A cache level and the slot of :class:`KvBlockManagerConfig` that describes it."""
@@ -49,6 +54,7 @@ _ACCEPTS = {
     Tier.G2: frozenset({StorageKind.PINNED, StorageKind.SYSTEM}),
     Tier.G3: frozenset({StorageKind.DISK}),
 }
+_TIER_OF_KIND = {kind: tier for tier, kinds in _ACCEPTS.items() for kind in kinds}
 
 
 @runtime_checkable

@@ -14,7 +14,10 @@ import attrs
 from ..config._rules import Validated, instance, integer, one_of, power_of_two, rule
 from ..config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate, LayoutType
 from ..config.model import DTYPE_WIDTHS, KvManagerModelConfig
-from ..errors import LayoutError
+from ..errors import ConfigError, LayoutError, Problem
+
+#: The most bytes one allocation, one file and one tier may span: the C calls take signed 64-bit sizes and offsets.
+MAX_BYTES = 2**63 - 1
 
 
 def align_up(value: int, alignment: int) -> int:
@@ -66,6 +69,21 @@ class LayoutSpec(Validated):
         metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))"))
     )
     alignment: int = attrs.field(default=1, metadata=rule(power_of_two))
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()  # every field's own rule first: the sizes below need good fields
+        if self.total_bytes > MAX_BYTES:
+            raise ConfigError(
+                [
+                    Problem(
+                        (),
+                        f"the layout needs {self.total_bytes} bytes (num_blocks * num_layers * outer_dim * page_size * "
+                        f"inner_dim * dtype_width_bytes, plus alignment padding), more than the {MAX_BYTES} bytes "
+                        "(2**63 - 1) memory and files can span; lower num_blocks, page_size, inner_dim or num_layers",
+                    )
+                ],
+                self._kvbm_root,
+            )
 
     @classmethod
     def from_config(cls, model: KvManagerModelConfig, layout: KvManagerLayoutConfig[Any]) -> LayoutSpec:

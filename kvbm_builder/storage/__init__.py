@@ -5,7 +5,7 @@ Each ``allocate_*`` returns an owned storage that satisfies :class:`kvbm_builder
 the context-manager protocol. Importing this package imports neither cupy nor nixl.
 """
 
-from ._base import OwnedStorage, StorageClosedError
+from ._base import OwnedStorage, StorageBufferError, StorageClosedError
 from ._cuda import cuda_available, cuda_unavailable_reason
 from .device import DeviceStorage, allocate_device
 from .disk import DiskReservationWarning, DiskStorage, allocate_disk
@@ -19,6 +19,7 @@ __all__ = [
     "OwnedStorage",
     "PinTuning",
     "PinnedStorage",
+    "StorageBufferError",
     "StorageClosedError",
     "SystemStorage",
     "allocate_device",

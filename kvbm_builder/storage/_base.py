@@ -8,28 +8,21 @@ import warnings
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
-from ..config.protocols import StorageKind, Tier
+from ..config.protocols import StorageKind
 from ..config.sizes import format_bytes
-from ..errors import KvbmError
+from ..errors import AllocationError, KvbmError
+from ..layout._math import MAX_BYTES
 
 log = logging.getLogger("kvbm_builder.storage")
 _S = TypeVar("_S", bound="OwnedStorage")
 
-TIER_OF_KIND = {
-    StorageKind.DEVICE: Tier.G1,
-    StorageKind.PINNED: Tier.G2,
-    StorageKind.SYSTEM: Tier.G2,
-    StorageKind.DISK: Tier.G3,
-}
-
-
-def tier_words(kind: StorageKind) -> str:
-    """``StorageKind.PINNED`` -> ``host tier (G2)``: how errors name a storage's tier."""
-    return TIER_OF_KIND[kind].words
-
 
 class StorageClosedError(KvbmError, ValueError):
     """A storage was used after ``close()``: its memory or file is gone."""
+
+
+class StorageBufferError(KvbmError, TypeError):
+    """A storage's read or write was given something that is not a contiguous (writable, to read into) buffer."""
 
 
 def human(nbytes: int) -> str:
@@ -41,9 +34,16 @@ def human(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def check_size(size: object, kind: StorageKind) -> int:
+def check_size(size: object, kind: StorageKind, *, limit: int = MAX_BYTES) -> int:
+    """``size`` when it is a byte count one storage can hold: positive, and at most ``limit`` (2**63 - 1, what
+    the C calls take: beyond it ctypes would wrap the number silently and map far less than asked)."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise KvbmError(f"{tier_words(kind)}: size must be a positive number of bytes, got {size!r}")
+        raise KvbmError(f"{kind.tier.words}: size must be a positive number of bytes, got {size!r}")
+    if size > limit:
+        raise AllocationError(
+            f"{kind.tier.words}: cannot allocate {size} bytes: one storage holds at most {limit} bytes; "
+            "make the tier smaller (num_blocks, or the model's page_size, inner_dim or num_layers)"
+        )
     return size
 
 
@@ -61,6 +61,7 @@ class OwnedStorage:
         self._size = size
         self._device_id = device_id
         self._closed = False
+        self._closing = False  # close() started: the storage may be partly released, refuse new use
         self._close_lock = threading.Lock()
 
     @property
@@ -83,19 +84,31 @@ class OwnedStorage:
         return self._closed
 
     def close(self) -> None:
-        """Release the memory or file now. Safe to call twice."""
+        """Release the memory or file now. Safe to call twice.
+
+        The storage counts as closed only once everything is released: if releasing fails (an AllocationError
+        naming the step) or is interrupted, it stays open, refuses new use, and calling close() again finishes
+        the job. Each step is done at most once, so a retry never frees memory that was handed out again."""
         with self._close_lock:
             if self._closed:
                 return
+            self._closing = True
+            try:
+                self._release()
+            except OSError as exc:
+                raise AllocationError(
+                    f"{self.kind.tier.words}: releasing {self!r} failed: {exc}; it stays open: call close() again"
+                ) from exc
             self._closed = True
-        self._release()
 
     def _release(self) -> None:
+        """Free what the storage holds; called until it returns. Must not redo a step that succeeded."""
         raise NotImplementedError
 
     def _check_open(self, what: str) -> None:
-        if self._closed:
-            raise StorageClosedError(f"{tier_words(self.kind)}: cannot {what}: this {self!r} is closed")
+        if self._closing:
+            state = "closed" if self._closed else "being closed (close() did not finish; call it again)"
+            raise StorageClosedError(f"{self.kind.tier.words}: cannot {what}: this {self!r} is {state}")
 
     def __enter__(self: _S) -> _S:
         return self

@@ -48,10 +48,6 @@ def cuda_unavailable_reason() -> str | None:
     return _probe()[1]
 
 
-def device_count() -> int:
-    return _probe()[0]
-
-
 def require_cuda(tier: str, device_id: int, what_to_do: str) -> Any:
     """The cupy module, once CUDA and GPU ``device_id`` are known to be usable; else GpuUnavailableError."""
     count, reason = _probe()

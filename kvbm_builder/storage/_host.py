@@ -99,16 +99,30 @@ class HostMapping:
     ``pages`` says what backs it: ``"hugetlb"`` (MAP_HUGETLB), ``"thp"`` (MADV_HUGEPAGE accepted) or ``"4k"``.
     """
 
-    __slots__ = ("addr", "length", "page_size", "pages")
+    __slots__ = ("addr", "length", "page_size", "pages", "unmapped")
 
     def __init__(self, addr: int, length: int, page_size: int, pages: str) -> None:
         self.addr = addr
         self.length = length
         self.page_size = page_size
         self.pages = pages
+        self.unmapped = False
 
     def unmap(self) -> None:
-        _libc.munmap(self.addr, self.length)
+        """munmap the range, at most once: a second call never unmaps memory mapped there since.
+
+        An OSError leaves it mapped (the kernel refused; call again). When an interrupt lands around the call
+        (a signal during munmap is raised as soon as it returns), the kernel is asked whether the range is gone."""
+        if self.unmapped:
+            return
+        try:
+            _libc.munmap(self.addr, self.length)
+            self.unmapped = True
+        except OSError:
+            raise
+        except BaseException:
+            self.unmapped = not _libc.is_mapped(self.addr)
+            raise
 
 
 def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) -> HostMapping:

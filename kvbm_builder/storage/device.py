@@ -7,15 +7,19 @@ from typing import Any, ClassVar
 from ..config.protocols import StorageKind
 from ..errors import AllocationError, KvbmError
 from . import _cuda
-from ._base import OwnedStorage, check_size, human, log, tier_words
+from ._base import OwnedStorage, check_size, human, log
 
-_TIER = tier_words(StorageKind.DEVICE)
+_TIER = StorageKind.DEVICE.tier.words
 
 
 class DeviceStorage(OwnedStorage):
     """``size`` bytes of memory on GPU ``device_id``."""
 
     kind: ClassVar[StorageKind] = StorageKind.DEVICE
+
+    def __init__(self, addr: int, size: int, device_id: int) -> None:
+        super().__init__(addr, size, device_id)
+        self._freed = False
 
     def as_cupy(self) -> Any:
         """A zero-copy ``cupy.uint8`` array over the memory. Do not use it after ``close()``."""
@@ -37,6 +41,11 @@ class DeviceStorage(OwnedStorage):
     def _release(self) -> None:
         import cupy
 
+        if self._freed:
+            return
+        # marked first: if close() is interrupted after cudaFree, a retry must not free the address again
+        # (CUDA may have handed it out since); a failure is logged, CUDA offers no way to retry it
+        self._freed = True
         try:
             with cupy.cuda.Device(self._device_id):
                 cupy.cuda.runtime.free(self._addr)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import mmap
+import operator
 import os
 import secrets
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -23,14 +25,17 @@ from typing import ClassVar
 from ..config.allocators import DiskAllocator
 from ..config.protocols import StorageKind
 from ..errors import DiskStorageError, LayoutError
+from ..layout._math import MAX_BYTES
 from . import _libc
-from ._base import OwnedStorage, check_size, human, log, tier_words
+from ._base import OwnedStorage, StorageBufferError, check_size, human, log
+from ._host import round_up
 
-_TIER = tier_words(StorageKind.DISK)
+_TIER = StorageKind.DISK.tier.words
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical block size; 4096 covers all.
 ALIGNMENT = 4096
 _BOUNCE = 8 * 2**20
 _DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+_NO_O_DIRECT = "set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false)"
 
 
 class DiskReservationWarning(UserWarning):
@@ -48,6 +53,10 @@ class DiskStorage(OwnedStorage):
         self._fd = fd
         self._o_direct = o_direct
         self._reserved = reserved
+        self._fd_closed = False
+        # O_DIRECT read-modify-write of a partly covered 4096-byte block: two writers of disjoint ranges that
+        # share the block would each write back the other's old bytes
+        self._rmw_lock = threading.Lock()
 
     @property
     def path(self) -> str:
@@ -72,7 +81,8 @@ class DiskStorage(OwnedStorage):
         Works under O_DIRECT whatever the alignment: unaligned pieces go through an aligned bounce buffer
         (read-modify-write of the partly covered 4096-byte blocks)."""
         self._check_open("write")
-        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        offset = _offset(offset, "write")
+        view = _bytes_of(data, "write()", writable=False)
         self._check_range(offset, len(view), "write")
         with self._io("write"):
             if not self._o_direct or _aligned(view, offset):
@@ -83,9 +93,8 @@ class DiskStorage(OwnedStorage):
     def read_into(self, offset: int, buf: object) -> None:
         """Fill the writable buffer ``buf`` with the bytes at file offset ``offset``."""
         self._check_open("read")
-        view = memoryview(buf).cast("B")  # type: ignore[arg-type]
-        if view.readonly:
-            raise TypeError(f"read_into() needs a writable buffer, got a read-only {type(buf).__name__}")
+        offset = _offset(offset, "read")
+        view = _bytes_of(buf, "read_into()", writable=True)
         self._check_range(offset, len(view), "read")
         with self._io("read"):
             if not self._o_direct or _aligned(view, offset):
@@ -99,17 +108,21 @@ class DiskStorage(OwnedStorage):
         with _aligned_buffer(_BOUNCE) as bounce:
             window = start
             while window < end:
-                span = min(_BOUNCE, _round_up(end, ALIGNMENT) - window)
+                span = min(_BOUNCE, round_up(end, ALIGNMENT) - window)
                 lo, hi = max(offset, window), min(end, window + span)
                 part = memoryview(bounce)[:span]
                 try:
-                    if not write or lo > window or hi < window + span:  # partly covered: keep what is there
+                    if not write:
                         _pread_all(self._fd, part, window)
-                    if write:
-                        part[lo - window : hi - window] = view[lo - offset : hi - offset]
-                        _pwrite_all(self._fd, part, window)
-                    else:
                         view[lo - offset : hi - offset] = part[lo - window : hi - window]
+                    elif lo > window or hi < window + span:  # partly covered: keep what is there
+                        with self._rmw_lock:
+                            _pread_all(self._fd, part, window)
+                            part[lo - window : hi - window] = view[lo - offset : hi - offset]
+                            _pwrite_all(self._fd, part, window)
+                    else:
+                        part[:] = view[lo - offset : hi - offset]
+                        _pwrite_all(self._fd, part, window)
                 finally:
                     part.release()
                 window += span
@@ -126,19 +139,40 @@ class DiskStorage(OwnedStorage):
         try:
             yield
         except OSError as exc:
-            hint = ""
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and self._reserved == "truncate":
                 hint = (
-                    "; the space was never reserved (fallocate unsupported): set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 "
+                    "the space was never reserved (fallocate unsupported): set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 "
                     f"to reserve it up front, or move {_DIR_VAR} to a file system with room"
                 )
-            raise DiskStorageError(f"{_TIER}: {step} failed on {self._path}: {exc.strerror}{hint}") from exc
+            elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                hint = f"the file system is full; free space, or move {_DIR_VAR} to a file system with room"
+            elif exc.errno == errno.EINVAL and self._o_direct:
+                hint = f"the file system ({self._fs()}) refused an O_DIRECT {step}; {_NO_O_DIRECT}"
+            else:
+                hint = f"check the file system ({self._fs()}), or choose another {_DIR_VAR}"
+            raise DiskStorageError(
+                f"{_TIER}: {step} failed on {self._path}: {exc.strerror} ({_code(exc)}); {hint}"
+            ) from exc
 
     def _release(self) -> None:
+        if not self._fd_closed:
+            # marked first: Linux frees the descriptor even when close() fails, and a retry must never close
+            # a descriptor number that was handed out again
+            self._fd_closed = True
+            try:
+                os.close(self._fd)
+            except OSError as exc:
+                log.warning("%s: closing %s failed (%s); removing it anyway", _TIER, self._path, exc.strerror)
         try:
-            os.close(self._fd)
-        finally:
             _remove(self._path)
+        except OSError as exc:
+            raise DiskStorageError(
+                f"{_TIER}: cannot remove {self._path} (step: close): {exc.strerror} ({_code(exc)}); "
+                "the storage stays open: call close() again once the file can be removed"
+            ) from exc
+
+    def _fs(self) -> str:
+        return fs_type(os.path.dirname(self._path))
 
     def _repr_extra(self) -> str:
         return f", {self._path}"
@@ -146,7 +180,8 @@ class DiskStorage(OwnedStorage):
 
 def allocate_disk(size: int, spec: DiskAllocator) -> DiskStorage:
     """A new file of ``size`` bytes in ``spec.directory``; closed and removed again on any failure."""
-    check_size(size, StorageKind.DISK)
+    # the file is a whole number of 4096-byte blocks, and its size must fit fallocate's signed 64-bit length
+    check_size(size, StorageKind.DISK, limit=MAX_BYTES - ALIGNMENT + 1)
     directory = spec.directory
     _check_directory(directory)
     path = os.path.join(directory, f"kvbm-g3-{os.getpid()}-{secrets.token_hex(6)}.bin")
@@ -159,7 +194,7 @@ def allocate_disk(size: int, spec: DiskAllocator) -> DiskStorage:
             _remove(path)
         raise _open_error(path, directory, exc, spec.o_direct) from exc
     try:
-        file_size = _round_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
+        file_size = round_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
         reserved = _reserve(fd, path, directory, file_size, spec)
     except BaseException:
         os.close(fd)
@@ -186,13 +221,18 @@ def _check_directory(directory: str) -> None:
         )
 
 
+def _code(exc: OSError) -> str:
+    """``ENOSPC``: the errno's name, as man pages and file system documentation spell it."""
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
 def _open_error(path: str, directory: str, exc: OSError, o_direct: bool) -> DiskStorageError:
     fs = fs_type(directory)
-    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    code = _code(exc)
     if exc.errno == errno.EINVAL and o_direct:
         why = (
-            f"the file system of {directory!r} ({fs}) does not support O_DIRECT; set "
-            f"DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false), or choose another {_DIR_VAR}"
+            f"the file system of {directory!r} ({fs}) does not support O_DIRECT; {_NO_O_DIRECT}, "
+            f"or choose another {_DIR_VAR}"
         )
     elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         why = (
@@ -219,9 +259,19 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
                 break
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(path, directory, file_size, "fallocate") from exc
+            if exc.errno == errno.EFBIG:
+                what = (
+                    "the file is larger than the file system allows; make the disk tier smaller "
+                    f"(DYN_KVBM_DISK_CACHE_GB, num_blocks) or choose another {_DIR_VAR}"
+                )
+            else:
+                what = (
+                    f"choose another {_DIR_VAR}; DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 (zero-fill instead) applies only "
+                    "where the file system says fallocate is unsupported (EOPNOTSUPP), which this is not"
+                )
             raise DiskStorageError(
                 f"{_TIER}: cannot reserve {human(file_size)} for {path} (step: fallocate): {exc.strerror} "
-                f"({fs_type(directory)}); choose another {_DIR_VAR}"
+                f"({_code(exc)}, {fs_type(directory)}); {what}"
             ) from exc
     if spec.zerofill_fallback:
         log.info("%s: fallocate unsupported on %s (%s); zero-filling %s", _TIER, directory, fs_type(directory), path)
@@ -230,7 +280,17 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _no_space(path, directory, file_size, "zero-fill") from exc
-            raise DiskStorageError(f"{_TIER}: cannot zero-fill {path} (step: zero-fill): {exc.strerror}") from exc
+            if exc.errno == errno.EINVAL and spec.o_direct:
+                # Lustre and others refuse O_DIRECT writes that are not aligned to their own (larger) block size
+                what = f"the file system ({fs_type(directory)}) refused an aligned O_DIRECT write; {_NO_O_DIRECT}"
+            else:
+                what = (
+                    f"unset DYN_KVBM_DISK_ZEROFILL_FALLBACK (zerofill_fallback=false) to size the file without "
+                    f"reserving its space, or choose another {_DIR_VAR}"
+                )
+            raise DiskStorageError(
+                f"{_TIER}: cannot zero-fill {path} (step: zero-fill): {exc.strerror} ({_code(exc)}); {what}"
+            ) from exc
         return "zerofill"
     try:
         os.ftruncate(fd, file_size)
@@ -314,8 +374,29 @@ def _aligned(view: memoryview, offset: int) -> bool:
         del anchor
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def _offset(offset: object, what: str) -> int:
+    if isinstance(offset, bool) or not hasattr(type(offset), "__index__"):
+        raise LayoutError(f"{_TIER}: cannot {what}: the offset must be an integer, got {offset!r}")
+    return operator.index(offset)  # type: ignore[arg-type]
+
+
+def _bytes_of(data: object, call: str, *, writable: bool) -> memoryview:
+    """The bytes of a contiguous buffer (bytes, bytearray, numpy array, mmap, ...) as a flat view."""
+    try:
+        view = memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise StorageBufferError(
+            f"{_TIER}: {call} needs a buffer (bytes, bytearray, a numpy array, ...), got {type(data).__name__}"
+        ) from None
+    if writable and view.readonly:
+        raise StorageBufferError(f"{_TIER}: {call} needs a writable buffer, got a read-only {type(data).__name__}")
+    try:
+        return view.cast("B")
+    except TypeError:
+        raise StorageBufferError(
+            f"{_TIER}: {call} needs a contiguous buffer, got a non-contiguous {type(data).__name__} "
+            "(copy it first, e.g. numpy.ascontiguousarray)"
+        ) from None
 
 
 def _remove(path: str) -> None:

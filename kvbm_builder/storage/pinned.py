@@ -26,16 +26,16 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..config._rules import Validated, instance, integer, rule
-from ..config.allocators import PinnedAllocator, PinningMode
+from ..config._rules import Validated, integer, rule
+from ..config.allocators import PinnedAllocator, PinningMode, true_or_false
 from ..config.protocols import StorageKind
 from ..errors import AllocationError
 from . import _cuda, _host, _libc
-from ._base import check_size, human, tier_words
+from ._base import check_size, human
 
 log = logging.getLogger("kvbm_builder.storage")
 
-_TIER = tier_words(StorageKind.PINNED)
+_TIER = StorageKind.PINNED.tier.words
 _NO_CUDA_HINT = (
     "Pinned memory needs CUDA; without a GPU use the system allocator for the host tier: SystemAllocator() "
     '(in a config file: {"kind": "system"})'
@@ -52,9 +52,6 @@ def default_threads() -> int:
     return max(1, min(16, cpus))
 
 
-_bool = rule(instance(bool, what="true or false"))
-
-
 @attrs.frozen(kw_only=True)
 class PinTuning(Validated):
     """How the pinned tier does its work; the defaults are what ``benchmarks/bench_pinned.py`` found fastest.
@@ -67,8 +64,8 @@ class PinTuning(Validated):
     _kvbm_root: ClassVar[str] = "tuning"
 
     populate_chunk_bytes: int = attrs.field(default=16 * MiB, metadata=rule(integer(min=4096)))
-    transparent_huge_pages: bool = attrs.field(default=True, metadata=_bool)
-    write_combined: bool = attrs.field(default=False, metadata=_bool)
+    transparent_huge_pages: bool = attrs.field(default=True, metadata=true_or_false)
+    write_combined: bool = attrs.field(default=False, metadata=true_or_false)
 
 
 class PinnedStorage(_host.HostStorage):
@@ -97,6 +94,7 @@ class PinnedStorage(_host.HostStorage):
         self._numa_node = numa_node
         self._populate_method = populate_method
         self._phase_seconds = dict(phase_seconds or {})
+        self._freed = False  # cudaFreeHost (host_alloc) or cudaHostUnregister (register) was called
 
     @property
     def gpu(self) -> int:
@@ -129,15 +127,19 @@ class PinnedStorage(_host.HostStorage):
     def _release(self) -> None:
         import cupy
 
-        runtime = cupy.cuda.runtime
-        if self._mapping is None:
-            try:
-                runtime.freeHost(self._addr)
-            except Exception as exc:
-                log.warning("%s: cudaFreeHost of %r failed: %s", _TIER, self, exc)
-            return
-        _unregister(cupy, self._gpu, self._registered)
-        self._mapping.unmap()
+        if not self._freed:
+            # marked first: if close() is interrupted after the call, a retry must not free or unregister an
+            # address CUDA may have handed out again (a failure is logged: CUDA offers no way to retry it)
+            self._freed = True
+            if self._mapping is None:
+                try:
+                    cupy.cuda.runtime.freeHost(self._addr)
+                except Exception as exc:
+                    log.warning("%s: cudaFreeHost of %r failed: %s", _TIER, self, exc)
+            else:
+                _unregister(cupy, self._gpu, self._registered)
+        if self._mapping is not None:
+            self._mapping.unmap()
 
     def _repr_extra(self) -> str:
         return f", {self.pages} pages, {self._mode.value}"

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from ..config.protocols import StorageKind
 from . import _host
-from ._base import check_size, tier_words
+from ._base import check_size
 from ._host import HostStorage
 
 
@@ -23,5 +23,5 @@ class SystemStorage(HostStorage):
 def allocate_system(size: int) -> SystemStorage:
     """``size`` bytes of page-aligned host memory, zero-filled by the kernel on first touch."""
     check_size(size, StorageKind.SYSTEM)
-    mapping = _host.map_host(size, tier_words(StorageKind.SYSTEM))
+    mapping = _host.map_host(size, StorageKind.SYSTEM.tier.words)
     return SystemStorage(mapping, mapping.addr, size)
