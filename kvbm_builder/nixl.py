@@ -10,16 +10,20 @@
 Each storage is registered with every backend of the agent that handles its memory type: device ->
 ``VRAM`` (devId: the GPU ordinal), pinned and system -> ``DRAM`` (devId 0), disk -> ``FILE`` (offset 0,
 the whole file, devId: the file descriptor). ``close()`` deregisters everything in reverse order; call it
-before the memory is freed. nixl itself is imported on first use (``pip install 'kvbm-builder[nixl]'``).
+before the memory is freed. What NIXL refuses to deregister is named by :class:`NixlDeregistrationError`
+(``still_registered``): keep that memory, and call ``close()`` again later. The registry records a storage as
+soon as the agent holds it, so an interrupt (Ctrl-C) never leaves a registration it does not know of; an
+interrupted ``close()`` is finished by calling it again. nixl itself is imported on first use
+(``pip install 'kvbm-builder[nixl]'``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -27,16 +31,10 @@ from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import NixlMode, NixlOptions
 from .errors import NixlError
 
-__all__ = ["NixlRegistration", "NixlRegistry"]
+__all__ = ["NixlDeregistrationError", "NixlRegistration", "NixlRegistry"]
 
 log = logging.getLogger("kvbm_builder.nixl")
 
-_TIER_OF_KIND = {
-    StorageKind.DEVICE: Tier.G1,
-    StorageKind.PINNED: Tier.G2,
-    StorageKind.SYSTEM: Tier.G2,
-    StorageKind.DISK: Tier.G3,
-}
 _INSTALL = "pip install 'kvbm-builder[nixl]'"
 #: What an own agent registers each memory type with: UCX moves G1 <-> G2 (and to peers), POSIX G2 <-> G3,
 #: GDS_MT G1 <-> G3 without a host bounce. GDS_MT is tried on top: where cuFile cannot take a file or
@@ -48,7 +46,7 @@ _NVIDIA_FS = "/proc/driver/nvidia-fs/version"
 
 @attrs.frozen
 class NixlRegistration:
-    """One storage registered with an agent: what NIXL was told, and with which backends."""
+    """One storage registered with an agent: what NIXL was told, and the backends that still hold it."""
 
     storage: Storage = attrs.field(eq=False)
     tier: Tier
@@ -60,10 +58,35 @@ class NixlRegistration:
     descs: Any = attrs.field(eq=False, repr=False)
 
 
+class NixlDeregistrationError(NixlError):
+    """NIXL could not deregister some storages. They are still registered with the agent, so their memory must
+    not be freed (for a file, NIXL's devId is the descriptor, which the system would hand out again).
+
+    ``still_registered`` lists those storages, newest first; ``registrations`` what the registry still holds for
+    them. The registry keeps them and tries again on the next :meth:`NixlRegistry.close`.
+    """
+
+    def __init__(self, message: str, registrations: Iterable[NixlRegistration] = ()) -> None:
+        super().__init__(message)
+        self.registrations: tuple[NixlRegistration, ...] = tuple(registrations)
+        self.still_registered: tuple[Storage, ...] = tuple(r.storage for r in self.registrations)
+
+
 def _describe(storage: Storage, tier: Tier | None = None) -> str:
-    words = (tier or _TIER_OF_KIND[storage.kind]).words
+    words = (tier or storage.kind.tier).words
     where = getattr(storage, "path", None) or f"0x{storage.addr:x}"
     return f"the {words} storage ({storage.kind.nixl_mem_type}, {storage.size} bytes at {where})"
+
+
+def _not_found(exc: Exception) -> bool:
+    """NIXL_ERR_NOT_FOUND: the backend does not hold that memory (any more)."""
+    return type(exc).__name__ == "nixlNotFoundError" or "NIXL_ERR_NOT_FOUND" in str(exc)
+
+
+def _failures(failed: Sequence[tuple[NixlRegistration, Exception]]) -> str:
+    return "; ".join(
+        f"{_describe(r.storage, r.tier)} with backends {list(r.backends)} ({type(e).__name__}: {e})" for r, e in failed
+    )
 
 
 def _import_nixl(log_level: int | str | None) -> tuple[Any, Any]:
@@ -95,6 +118,7 @@ class NixlRegistry:
         self._agent: Any = None
         self._owns_agent = False
         self._closed = False
+        self._closing = False  # close() was called: no new registrations
         self._broken: set[str] = set()
         if options.mode is NixlMode.DISABLED:
             return
@@ -166,10 +190,12 @@ class NixlRegistry:
 
     @property
     def registrations(self) -> tuple[NixlRegistration, ...]:
+        """What is registered now, oldest first. After a failed :meth:`close`: what NIXL still holds."""
         return tuple(self._registrations)
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` has deregistered everything and let go of the agent."""
         return self._closed
 
     # --- registration ---------------------------------------------------------------------------------
@@ -185,9 +211,11 @@ class NixlRegistry:
         """Register ``storage`` (of ``tier``, by default the tier its kind belongs to) with NIXL.
 
         Returns None when NIXL is disabled, the earlier registration when the storage already is registered.
-        On failure everything this registry registered is deregistered, then NixlError names the storage."""
-        tier = tier or _TIER_OF_KIND[storage.kind]
-        if self._closed:
+        On failure everything this registry registered is deregistered, then NixlError names the storage; what
+        could not be deregistered stays in :attr:`registrations` and is named too (a
+        :class:`NixlDeregistrationError`, whose ``still_registered`` lists it)."""
+        tier = _checked_tier(storage, tier)
+        if self._closing:
             raise NixlError(f"cannot register {_describe(storage, tier)}: the NIXL registry is closed")
         if self._agent is None:
             return None
@@ -203,34 +231,37 @@ class NixlRegistry:
             self._add_posix()
             backends = self._chosen_backends(mem_type)
         if not backends:
-            self._rollback()
-            raise NixlError(
+            self._fail(
                 f"cannot register {_describe(storage, tier)}: no backend of NIXL agent {self._name()!r} handles "
                 f"{mem_type} memory (backends: {list(self.backends)})"
                 + (
                     "; create a POSIX backend on the agent (agent.create_backend('POSIX'))"
                     if mem_type == "FILE"
                     else ""
-                )
+                ),
+                None,
             )
+        required = [b for b in backends if b not in _OPTIONAL] or list(backends)
         try:
             descs = self._agent.get_reg_descs([(storage.addr, storage.size, dev_id, "")], mem_type)
             if descs is None:
                 raise ValueError("get_reg_descs() returned no descriptor list")
-            required = [b for b in backends if b not in _OPTIONAL] or list(backends)
-            self._agent.register_memory(descs, backends=required)
+            self._register_with(descs, required)
         except Exception as exc:
-            before = len(self._registrations)
-            self._rollback()
-            raise NixlError(
+            self._fail(
                 f"NIXL agent {self._name()!r} could not register {_describe(storage, tier)} with backends "
-                f"{list(backends)}: {type(exc).__name__}: {exc}; the {before} storage(s) registered before were "
-                "deregistered. Run with NIXL_LOG_LEVEL=DEBUG for NIXL's reason"
-                + ("; VRAM needs NIXL's UCX built with CUDA support" if mem_type == "VRAM" else "")
-            ) from exc
-        done = tuple(required) + tuple(b for b in backends if b not in required and self._try_optional(descs, b))
-        registration = NixlRegistration(storage, tier, mem_type, storage.addr, storage.size, dev_id, done, descs)
+                f"{list(backends)}: {type(exc).__name__}: {exc}. Run with NIXL_LOG_LEVEL=DEBUG for NIXL's reason"
+                + ("; VRAM needs NIXL's UCX built with CUDA support" if mem_type == "VRAM" else ""),
+                exc,
+            )
+        # recorded as soon as the agent holds it, so that close() deregisters it whatever happens next
+        registration = NixlRegistration(
+            storage, tier, mem_type, storage.addr, storage.size, dev_id, tuple(required), descs
+        )
         self._registrations.append(registration)
+        for backend in backends:
+            if backend not in required and self._try_optional(descs, backend):
+                registration = self._replace(registration, backends=(*registration.backends, backend))
         return registration
 
     def register_all(self, storages: Iterable[Storage], tier: Tier | None = None) -> list[NixlRegistration]:
@@ -248,9 +279,25 @@ class NixlRegistry:
             return tuple(able)  # a caller's agent: every backend they gave it
         return tuple(b for b in _PREFERRED.get(mem_type, tuple(able)) if b in able)
 
+    def _register_with(self, descs: Any, backends: list[str]) -> None:
+        """``register_memory`` that leaves nothing behind when interrupted (KeyboardInterrupt, ...)."""
+        try:
+            self._agent.register_memory(descs, backends=backends)
+        except Exception:
+            raise
+        except BaseException:
+            # the agent may already hold the memory (the interrupt lands when the call returns): take it back
+            for backend in backends:
+                try:
+                    self._agent.deregister_memory(descs, backends=[backend])
+                except Exception as exc:
+                    if not _not_found(exc):
+                        log.error("NIXL %s may still hold memory after an interrupted registration: %s", backend, exc)
+            raise
+
     def _try_optional(self, descs: Any, backend: str) -> bool:
         try:
-            self._agent.register_memory(descs, backends=[backend])
+            self._register_with(descs, [backend])
         except Exception as exc:
             log.debug("NIXL %s cannot register here (%s); not tried again", backend, exc)
             self._broken.add(backend)
@@ -266,36 +313,74 @@ class NixlRegistry:
     def _name(self) -> str:
         return str(getattr(self._agent, "name", "?"))
 
-    def _deregister(self, registration: NixlRegistration) -> Exception | None:
-        try:
-            self._agent.deregister_memory(registration.descs, backends=list(registration.backends))
-        except Exception as exc:
-            log.warning("NIXL could not deregister %s: %s", _describe(registration.storage, registration.tier), exc)
-            return exc
-        return None
+    def _fail(self, message: str, cause: Exception | None) -> NoReturn:
+        """Deregister everything registered so far, then raise NixlError (naming what NIXL still holds)."""
+        before = len(self._registrations)
+        failed = self._rollback()
+        if failed:
+            raise NixlDeregistrationError(
+                f"{message}; of the {before} storage(s) registered before, {len(failed)} could not be deregistered "
+                f"and stay registered (do not free their memory; close() tries again): {_failures(failed)}",
+                (r for r, _ in failed),
+            ) from cause
+        raise NixlError(
+            f"{message}; the {before} storage(s) registered before were deregistered" if before else message
+        ) from cause
+
+    def _replace(self, registration: NixlRegistration, **changes: Any) -> NixlRegistration:
+        new = attrs.evolve(registration, **changes)
+        index = next(i for i, r in enumerate(self._registrations) if r is registration)
+        self._registrations[index] = new
+        return new
+
+    def _deregister(self, registration: NixlRegistration) -> tuple[NixlRegistration | None, Exception | None]:
+        """Deregister one storage, backend by backend (newest first), keeping the record up to date after each
+        one, so that an interrupt or a failure leaves exactly what NIXL still holds. Returns that (None when
+        nothing) and the error."""
+        current = registration
+        for backend in reversed(registration.backends):
+            try:
+                self._agent.deregister_memory(registration.descs, backends=[backend])
+            except Exception as exc:
+                if not _not_found(exc):  # not found: that backend no longer holds it (an earlier try did it)
+                    log.warning("NIXL could not deregister %s from %s: %s", _describe(current.storage), backend, exc)
+                    return current, exc
+            rest = tuple(b for b in current.backends if b != backend)
+            if rest:
+                current = self._replace(current, backends=rest)
+            else:
+                self._registrations.remove(current)
+        return None, None
 
     def _rollback(self) -> list[tuple[NixlRegistration, Exception]]:
-        failures = []
-        while self._registrations:
-            registration = self._registrations.pop()
-            exc = self._deregister(registration)
-            if exc is not None:
-                failures.append((registration, exc))
-        return failures
+        """Deregister every storage, newest first; what could not be deregistered stays recorded."""
+        failed = []
+        for registration in reversed(self._registrations.copy()):
+            left, exc = self._deregister(registration)
+            if left is not None and exc is not None:
+                failed.append((left, exc))
+        return failed
 
     def close(self) -> None:
         """Deregister every storage, newest first, then let go of the agent (an own agent is destroyed;
-        a caller's agent is left as it is). Call it before the storages are freed. Safe to call twice."""
+        a caller's agent is left as it is). Call it before the storages are freed. Safe to call twice.
+
+        When some storage cannot be deregistered, :class:`NixlDeregistrationError` names it: ``still_registered``
+        lists the storages whose memory must be kept, the registry keeps them (and the agent) and a later
+        close() tries again. An interrupted close() is finished by calling it again. New registrations are
+        refused from the first call on."""
         if self._closed:
             return
-        self._closed = True
-        failures = self._rollback() if self._agent is not None else []
-        self._agent = None
-        if failures:
-            raise NixlError(
-                "NIXL could not deregister: "
-                + "; ".join(f"{_describe(r.storage, r.tier)} ({type(e).__name__}: {e})" for r, e in failures)
+        self._closing = True
+        failed = self._rollback() if self._agent is not None else []
+        if failed:
+            raise NixlDeregistrationError(
+                f"NIXL agent {self._name()!r} could not deregister {len(failed)} storage(s); they stay registered, "
+                f"so their memory must not be freed (close() tries again): {_failures(failed)}",
+                (r for r, _ in failed),
             )
+        self._agent = None
+        self._closed = True
 
     def __enter__(self) -> NixlRegistry:
         return self
@@ -308,3 +393,22 @@ class NixlRegistry:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._registrations)} registered"
         return f"NixlRegistry({self._options.mode.value}, agent={self._name() if self._agent else None}, {state})"
+
+
+def _checked_tier(storage: object, tier: Tier | None) -> Tier:
+    """The tier ``storage`` is registered for; NixlError when it is not a storage or not of that tier."""
+    kind = getattr(storage, "kind", None)
+    addr, size = getattr(storage, "addr", None), getattr(storage, "size", None)
+    if not isinstance(kind, StorageKind) or not isinstance(addr, int) or not isinstance(size, int):
+        raise NixlError(
+            f"cannot register {storage!r} ({type(storage).__name__}) with NIXL: not a storage "
+            "(it needs kind: a StorageKind, and addr and size: ints)"
+        )
+    if tier is None:
+        return kind.tier
+    if not isinstance(tier, Tier) or kind not in tier.accepts:
+        raise NixlError(
+            f"cannot register the {kind.value} storage {storage!r} with NIXL as {tier!r}: "
+            f"a {kind.value} storage belongs to the {kind.tier.words}"
+        )
+    return tier

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from kvbm_builder import DiskAllocator, NixlError, NixlOptions, Tier
-from kvbm_builder.nixl import NixlRegistry
+from kvbm_builder import nixl as nixl_module
+from kvbm_builder.nixl import NixlDeregistrationError, NixlRegistry
 from kvbm_builder.storage import DiskStorage, SystemStorage, allocate_disk, allocate_system
 
 nixl_api = pytest.importorskip("nixl._api")
@@ -139,6 +140,7 @@ def test_a_failure_on_the_second_storage_deregisters_the_first(
     assert "could not register the disk tier (G3) storage (FILE" in message and disk.path in message
     assert "the 1 storage(s) registered before were deregistered" in message
     assert registry.registrations == ()
+    assert type(caught.value) is NixlError  # nothing is left registered: no storage must be kept
     with pytest.raises(Exception, match="NIXL_ERR_NOT_FOUND"):  # the host storage is no longer registered
         shared_agent.deregister_memory(first.descs)
     registry.close()
@@ -180,3 +182,165 @@ def test_without_nixl_installed_the_error_names_the_extra(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "nixl._api", None)
     with pytest.raises(NixlError, match=r"pip install 'kvbm-builder\[nixl\]'"):
         NixlRegistry(NixlOptions.ENABLED, 1)
+
+
+# --- failures and interrupts leave the registry knowing exactly what NIXL holds -------------------------------
+
+
+def holds(agent: Any, storage: SystemStorage | DiskStorage, backend: str) -> bool:
+    """Whether ``backend`` of ``agent`` has ``storage`` registered. Deregisters it when it does: ask at the end."""
+    mem_type = storage.kind.nixl_mem_type
+    descs = agent.get_reg_descs([(storage.addr, storage.size, storage.device_id, "")], mem_type)
+    try:
+        agent.deregister_memory(descs, backends=[backend])
+    except Exception as exc:
+        assert "NIXL_ERR_NOT_FOUND" in str(exc)
+        return False
+    return True
+
+
+@pytest.fixture
+def posix_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POSIX treated like GDS_MT (tried after the required backends, dropped where it fails): the optional path
+    runs on this CPU machine, where no GDS_MT backend can be created."""
+    monkeypatch.setattr(nixl_module, "_OPTIONAL", frozenset({"GDS_MT", "POSIX"}))
+
+
+@pytest.mark.parametrize("when", ["before the call", "after the agent took it"])
+def test_an_interrupt_while_adding_an_optional_backend_keeps_the_registration_known(
+    shared_agent: Any, host: SystemStorage, monkeypatch: pytest.MonkeyPatch, posix_optional: None, when: str
+) -> None:
+    real = shared_agent.register_memory
+
+    def interrupted_on_posix(descs: Any, *args: Any, backends: list[str], **kwargs: Any) -> Any:
+        if backends == ["POSIX"]:
+            if when != "before the call":
+                real(descs, *args, backends=backends, **kwargs)
+            raise KeyboardInterrupt
+        return real(descs, *args, backends=backends, **kwargs)
+
+    monkeypatch.setattr(shared_agent, "register_memory", interrupted_on_posix)
+    registry = NixlRegistry(NixlOptions.enabled_with_agent(shared_agent), 3)
+    with pytest.raises(KeyboardInterrupt):
+        registry.register(host)
+    [known] = registry.registrations  # UCX took it: the registry knows, so close() gives it back
+    assert known.storage is host and known.backends == ("UCX",)
+    registry.close()
+    assert registry.closed and registry.registrations == ()
+    assert not holds(shared_agent, host, "UCX") and not holds(shared_agent, host, "POSIX")
+
+
+def test_an_interrupt_just_after_the_agent_took_the_memory_gives_it_back(
+    shared_agent: Any, host: SystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shared_agent.register_memory
+
+    def interrupted_on_return(descs: Any, *args: Any, **kwargs: Any) -> Any:
+        real(descs, *args, **kwargs)
+        raise KeyboardInterrupt  # as when Ctrl-C arrives during the C call: raised once it returns
+
+    monkeypatch.setattr(shared_agent, "register_memory", interrupted_on_return)
+    registry = NixlRegistry(NixlOptions.enabled_with_agent(shared_agent), 3)
+    with pytest.raises(KeyboardInterrupt):
+        registry.register(host)
+    assert registry.registrations == ()
+    assert not holds(shared_agent, host, "UCX") and not holds(shared_agent, host, "POSIX")
+    registry.close()
+
+
+@pytest.mark.parametrize("when", ["before the call", "after the agent let go"])
+def test_an_interrupted_close_is_finished_by_closing_again(
+    shared_agent: Any, host: SystemStorage, disk: DiskStorage, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    registry = NixlRegistry(NixlOptions.enabled_with_agent(shared_agent), 3)
+    registry.register_all([host, disk])
+    real = shared_agent.deregister_memory
+    calls = 0
+
+    def interrupted_once(descs: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            if when != "before the call":
+                real(descs, *args, **kwargs)
+            raise KeyboardInterrupt
+        real(descs, *args, **kwargs)
+
+    monkeypatch.setattr(shared_agent, "deregister_memory", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        registry.close()
+    assert not registry.closed and [r.storage for r in registry.registrations] == [host, disk]
+    with allocate_system(4096) as extra, pytest.raises(NixlError, match="registry is closed"):
+        registry.register(extra)  # closing: nothing new is taken on
+    registry.close()
+    assert registry.closed and registry.registrations == () and registry.agent is None
+    monkeypatch.undo()
+    assert not any(holds(shared_agent, s, b) for s in (host, disk) for b in ("UCX", "POSIX"))
+
+
+def refuse_to_deregister(agent: Any, monkeypatch: pytest.MonkeyPatch, mem_type: int) -> None:
+    real = agent.deregister_memory
+
+    def refuse(descs: Any, *args: Any, **kwargs: Any) -> None:
+        if descs.getType() == mem_type:
+            raise RuntimeError("NIXL_ERR_BACKEND")
+        real(descs, *args, **kwargs)
+
+    monkeypatch.setattr(agent, "deregister_memory", refuse)
+
+
+def test_close_names_the_storages_nixl_still_holds_and_keeps_them_for_another_try(
+    shared_agent: Any, host: SystemStorage, disk: DiskStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = NixlRegistry(NixlOptions.enabled_with_agent(shared_agent), 3)
+    registry.register_all([host, disk])
+    refuse_to_deregister(shared_agent, monkeypatch, nixl_api.nixlBind.FILE_SEG)
+    with pytest.raises(NixlDeregistrationError) as caught:
+        registry.close()
+    err = caught.value
+    assert isinstance(err, NixlError)
+    assert err.still_registered == (disk,)  # the host storage was deregistered: its memory may be freed
+    assert "could not deregister 1 storage(s)" in str(err) and disk.path in str(err)
+    assert "must not be freed" in str(err) and "NIXL_ERR_BACKEND" in str(err)
+    assert not registry.closed and [r.storage for r in registry.registrations] == [disk]
+    assert registry.agent is shared_agent
+    monkeypatch.undo()  # the backend recovers: closing again finishes
+    registry.close()
+    assert registry.closed and registry.registrations == ()
+    assert not holds(shared_agent, disk, "POSIX") and not holds(shared_agent, host, "UCX")
+
+
+def test_a_rollback_that_cannot_deregister_says_so_instead_of_claiming_it_did(
+    shared_agent: Any, host: SystemStorage, disk: DiskStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = NixlRegistry(NixlOptions.enabled_with_agent(shared_agent), 3)
+    registry.register(host)
+    real = shared_agent.register_memory
+
+    def refuse_files(descs: Any, *args: Any, **kwargs: Any) -> Any:
+        if descs.getType() == nixl_api.nixlBind.FILE_SEG:
+            raise RuntimeError("NIXL_ERR_BACKEND")
+        return real(descs, *args, **kwargs)
+
+    monkeypatch.setattr(shared_agent, "register_memory", refuse_files)
+    refuse_to_deregister(shared_agent, monkeypatch, nixl_api.nixlBind.DRAM_SEG)
+    with pytest.raises(NixlDeregistrationError) as caught:
+        registry.register(disk)
+    message = str(caught.value)
+    assert "could not register the disk tier (G3) storage" in message
+    assert "of the 1 storage(s) registered before, 1 could not be deregistered and stay registered" in message
+    assert "were deregistered" not in message and f"0x{host.addr:x}" in message
+    assert caught.value.still_registered == (host,)
+    assert [r.storage for r in registry.registrations] == [host]
+    monkeypatch.undo()
+    registry.close()
+    assert registry.registrations == () and not holds(shared_agent, host, "UCX")
+
+
+def test_only_storages_are_registered_and_only_for_their_own_tier(shared_agent: Any, disk: DiskStorage) -> None:
+    with NixlRegistry(NixlOptions.enabled_with_agent(shared_agent), 3) as registry:
+        with pytest.raises(NixlError, match=r"cannot register <object .*not a storage \(it needs kind"):
+            registry.register(object())  # type: ignore[arg-type]
+        with pytest.raises(NixlError, match=r"as <Tier.G2.*a disk storage belongs to the disk tier \(G3\)"):
+            registry.register(disk, Tier.G2)
+        assert registry.registrations == ()
