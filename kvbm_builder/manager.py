@@ -314,25 +314,31 @@ class KvBlockManager:
     def close(self) -> None:
         """Deregister from NIXL, then free memory and remove files, newest first. Idempotent.
 
-        Memory that NIXL could not deregister is kept (and named in the error) rather than freed under a live
-        registration. If close() is interrupted, calling it again finishes the job.
+        Memory that NIXL could not deregister stays allocated (never freed under a live registration) and the
+        manager stays open: the error names it, and calling close() again retries. An interrupted close() is
+        finished by calling it again.
         """
         if self._closed:
             return
+        from .nixl import NixlDeregistrationError
+
         errors: list[BaseException] = []
         kept: list[Storage] = []
         if self._nixl is not None and not self._nixl.closed:
             try:
                 self._nixl.close()
+            except NixlDeregistrationError as err:
+                errors.append(err)
+                kept = list(err.still_registered)
             except Exception as err:  # keep freeing what is safe to free; report after
                 errors.append(err)
-                kept = list(getattr(err, "still_registered", ()))
         for tier in self._tiers.values():
             tier._released = True
+        still_owned: list[Storage] = []
         while self._owned:
             storage = self._owned[-1]
             if any(storage is k for k in kept):
-                log.error("kept %r allocated: NIXL still has it registered", storage)
+                still_owned.append(storage)
             else:
                 try:
                     close: Callable[[], None] | None = getattr(storage, "close", None)
@@ -341,12 +347,16 @@ class KvBlockManager:
                 except Exception as err:
                     errors.append(err)
             self._owned.pop()
-        self._closed = True
-        self.cancellation_token.cancel()
+        self._owned = still_owned[::-1]
+        if not self._owned:
+            self._closed = True
+            self.cancellation_token.cancel()
         if errors:
+            retry = (
+                f"; kept {len(kept)} storage(s) NIXL still has registered: call close() again to retry" if kept else ""
+            )
             raise AllocationError(
-                f"releasing the tiers hit {len(errors)} error(s); first: {type(errors[0]).__name__}: {errors[0]}"
-                + (f"; kept {len(kept)} storage(s) that NIXL still has registered" if kept else "")
+                f"releasing the tiers hit {len(errors)} error(s); first: {type(errors[0]).__name__}: {errors[0]}{retry}"
             ) from errors[0]
 
     def __enter__(self) -> KvBlockManager:

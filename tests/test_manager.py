@@ -508,3 +508,30 @@ def test_views_and_regions_of_a_closed_manager_are_refused() -> None:
         host.memory_region(0, 0, 0)
     with pytest.raises(StorageClosedError):
         host.views()
+
+
+def test_memory_nixl_will_not_let_go_is_kept_until_a_retried_close_succeeds(tmp_path: Path) -> None:
+    pytest.importorskip("nixl")
+    host = Recording(SystemAllocator())
+    manager = (
+        KvBlockManager.builder()
+        .runtime(runtime(nixl=True))
+        .model(MODEL)
+        .host_layout(tier(2, host))
+        .disk_layout(tier(2, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    agent = manager.nixl_agent
+    real_deregister = agent.deregister_memory
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected: NIXL_ERR_BACKEND")
+
+    agent.deregister_memory = refuse
+    with pytest.raises(AllocationError, match=r"kept 2 storage.*call close\(\) again"):
+        manager.close()
+    assert not manager.closed
+    assert not host.made[0].closed and len(files_in(tmp_path)) == 1  # never freed under a live registration
+    agent.deregister_memory = real_deregister
+    manager.close()
+    assert manager.closed and host.made[0].closed and files_in(tmp_path) == []
