@@ -248,7 +248,9 @@ class KvBlockManager:
                 ) from err
             self._owned.append(storage)
             kind = getattr(storage, "kind", None)
-            if not isinstance(storage, Storage) or kind not in tier.accepts:
+            # hasattr, not isinstance(Storage): from Python 3.12 protocol checks ignore attributes a proxy's
+            # __getattr__ provides
+            if not all(hasattr(storage, a) for a in ("addr", "size")) or kind not in tier.accepts:
                 self._owned.pop()
                 close = getattr(storage, "close", None)
                 if callable(close):
