@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import ConfigError, KvbmError, LoadError
@@ -136,6 +136,7 @@ tables = st.recursive(
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tables)
+@example({"0\n": False, "t": {"a\n": {}}})  # keys that end in a newline must be quoted
 def test_to_toml_writes_what_tomllib_reads_back(data: dict[str, Any]) -> None:
     assert tomllib.loads(to_toml(data)) == data
 

@@ -778,14 +778,7 @@ _WRITABLE = (
     PinningMode,
     BlockParallelismStrategy,
     NixlOptions,
-    KvManagerRuntimeConfig,
-    KvManagerModelConfig,
-    KvManagerLayoutConfig,
-    KvEventConsolidatorConfig,
-    DeviceAllocator,
-    PinnedAllocator,
-    SystemAllocator,
-    DiskAllocator,
+    *LOADABLE,
 )
 
 

@@ -150,11 +150,13 @@ def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfi
 
 # ---- writing TOML ------------------------------------------------------------------------------------------------
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _scalar(key, key)
+    return (
+        key if _BARE_KEY.fullmatch(key) else _scalar(key, key)
+    )  # not match(): its "$" also matches before a final newline
 
 
 def _scalar(value: object, where: str) -> str:
