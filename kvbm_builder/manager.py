@@ -19,7 +19,7 @@ from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
 from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import CancellationToken
-from .errors import AllocationError, KvbmError, LayoutError
+from .errors import AllocationError, ConfigError, KvbmError, LayoutError
 from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError
 
@@ -209,7 +209,10 @@ class KvBlockManager:
             )
         for tier, layout_config in tiers:
             started = time.perf_counter()
-            spec = LayoutSpec.from_config(config.model, layout_config)
+            try:
+                spec = LayoutSpec.from_config(config.model, layout_config)
+            except ConfigError as err:  # say which tier (the spec alone does not know)
+                raise err.rerooted(tier.slot) from None
             if layout_config.logical is not None:
                 self._tiers[tier] = TierStorage(tier, layout_config, None, False, 0.0)
                 continue

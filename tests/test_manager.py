@@ -14,6 +14,7 @@ import pytest
 from kvbm_builder import (
     AllocationError,
     BlockParallelismStrategy,
+    ConfigError,
     DeviceAllocator,
     DiskAllocator,
     DiskStorageError,
@@ -535,3 +536,18 @@ def test_memory_nixl_will_not_let_go_is_kept_until_a_retried_close_succeeds(tmp_
     agent.deregister_memory = real_deregister
     manager.close()
     assert manager.closed and host.made[0].closed and files_in(tmp_path) == []
+
+
+def test_a_tier_too_large_to_address_is_named_before_anything_is_allocated() -> None:
+    huge = KvManagerModelConfig.builder().num_layers(1).outer_dim(1).page_size(2**20).inner_dim(2**20).build()
+    host = Recording(SystemAllocator())
+    layout = KvManagerLayoutConfig.builder().num_blocks(4).alignment(2**62).allocator(host).build()
+    try:
+        config = KvBlockManagerConfig.builder().runtime(runtime()).model(huge).host_layout(layout).build()
+    except ConfigError as err:  # the config may already refuse it
+        assert any(path.startswith("host_layout") for path, _ in err.errors)
+    else:
+        with pytest.raises(ConfigError) as caught:
+            KvBlockManager(config)
+        assert all(path.startswith("host_layout") for path, _ in caught.value.errors)
+    assert host.made == []
