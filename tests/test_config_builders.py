@@ -75,6 +75,14 @@ class TestBuildConsumesTheBuilder:
         with pytest.raises(BuilderConsumedError, match=f"consumed by build\\(\\); {doing} on it"):
             getattr(builder, call)()
 
+    def test_is_set_after_build(self) -> None:
+        builder = KvManagerRuntimeConfig.builder().worker_id(1)
+        assert builder.is_set("worker_id")
+        builder.build()
+
+        with pytest.raises(BuilderConsumedError, match=r"consumed by build\(\); asking is_set\('worker_id'\) on it"):
+            builder.is_set("worker_id")
+
     def test_custom_setters_after_build(self) -> None:
         layout = KvManagerLayoutConfig.builder().num_blocks(1).logical(SHARDED)
         layout.build()
@@ -224,10 +232,26 @@ class TestTheValidateHookComesFirst:
             ("layout.num_blocks", "must be initialized"),
         ]
 
-    def test_a_rejected_custom_setter_also_comes_first(self) -> None:
-        # where upstream panics in the setter, its error is seen before any missing field
-        with pytest.raises(ConfigError) as caught:
+    def test_a_rejected_custom_setter_is_listed_first_but_is_no_hook_failure(self) -> None:
+        # where upstream panics in the setter, its problem is listed before any missing field; but only the
+        # validate hook decides the class, so a missing field still gives upstream's UninitializedFieldError
+        with pytest.raises(UninitializedFieldError) as caught:
             KvBlockManagerConfig.builder().consolidator_config("tcp://localhost:5557", None, "vllm").build()
 
-        assert not isinstance(caught.value, UninitializedFieldError)
+        assert str(caught.value) == "`runtime` must be initialized"
+        assert caught.value.missing == ("runtime", "model")
         assert [path for path, _ in caught.value.errors] == ["consolidator_config", "runtime", "model"]
+
+    def test_a_refused_agent_with_no_worker_id_is_an_uninitialized_field(self) -> None:
+        # the runtime builder has no validate hook: use_nixl_agent(None) is one more problem, not a hook failure
+        with pytest.raises(UninitializedFieldError) as caught:
+            KvManagerRuntimeConfig.builder().use_nixl_agent(None).build()
+
+        assert str(caught.value) == "`worker_id` must be initialized"
+        assert caught.value.errors == [
+            (
+                "runtime.nixl",
+                "use_nixl_agent() needs an agent, got None; use enable_nixl() to let the manager create one",
+            ),
+            ("runtime.worker_id", "must be initialized"),
+        ]

@@ -177,7 +177,7 @@ class TestTheCustomSetter:
             (
                 "consolidator_config",
                 "engine_source Kvbm is not valid here: KVBM's own events reach the consolidator directly, "
-                "not over ZMQ; use EventSource.Vllm or EventSource.Trtllm",
+                "not over ZMQ; use vllm or trtllm (EventSource.Vllm or EventSource.Trtllm)",
             )
         ]
 
@@ -226,3 +226,18 @@ class TestTheCustomSetter:
         ((path, message),) = caught.value.errors
         assert path == "consolidator_config.engine_source"
         assert message.startswith("Kvbm is not valid here")
+
+    def test_the_setter_and_the_config_say_the_same(self) -> None:
+        # one rule, one message: the setter reports it at its own field, the config at engine_source
+        with pytest.raises(ConfigError) as by_setter:
+            manager().consolidator_config("tcp://localhost:5557", "tcp://*:5558", "kvbm").build()
+        with pytest.raises(ConfigError) as by_config:
+            KvBlockManagerConfig(
+                runtime=RUNTIME,
+                model=MODEL,
+                consolidator_config=KvEventConsolidatorConfig(engine_source=EventSource.Kvbm),
+            )
+
+        ((_, setter_message),) = by_setter.value.errors
+        ((_, config_message),) = by_config.value.errors
+        assert setter_message == f"engine_source {config_message}"

@@ -6,6 +6,7 @@ import pytest
 
 from kvbm_builder import ConfigError, KvManagerModelConfig
 from kvbm_builder.config import GB, CacheSizes, GiB, cache_sizes_from_env, parse_size, should_bypass_cpu_cache
+from kvbm_builder.config.env import read_positive
 from kvbm_builder.config.sizes import format_bytes
 
 CPU_GB = "DYN_KVBM_CPU_CACHE_GB"
@@ -124,6 +125,42 @@ class TestCacheSizesFromEnv:
         for text in ("1e999999999", "9" * 5000):
             with pytest.raises(ConfigError, match=CPU_GB):
                 cache_sizes_from_env(MODEL, {CPU_GB: text})
+
+
+class TestReadPositive:
+    """The one parser of numeric variables; a variable that is no block count says what it is."""
+
+    PORT = "DYN_KVBM_METRICS_PORT"
+
+    def test_a_count_of_blocks_by_default(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            read_positive({CPU_BLOCKS: "many"}, CPU_BLOCKS, integer=True)
+
+        assert caught.value.errors == [(f"$env.{CPU_BLOCKS}", "must be a whole number of blocks, got 'many'")]
+
+    @pytest.mark.parametrize("text", ["http", "80.5", "-1"])
+    def test_the_caller_says_what_is_wanted(self, text: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            read_positive({self.PORT: text}, self.PORT, integer=True, what="a port number 1..65535")
+
+        assert caught.value.errors == [(f"$env.{self.PORT}", f"must be a port number 1..65535, got {text!r}")]
+
+    def test_zero_is_unset_unless_the_caller_refuses_it(self) -> None:
+        assert read_positive({self.PORT: "0"}, self.PORT, integer=True) is None
+        with pytest.raises(ConfigError) as caught:
+            read_positive(
+                {self.PORT: " 0 "}, self.PORT, integer=True, what="a port number 1..65535", zero_is_unset=False
+            )
+
+        assert caught.value.errors == [(f"$env.{self.PORT}", "must be a port number 1..65535, got ' 0 '")]
+
+    def test_refusing_zero_keeps_unset_and_empty_unset(self) -> None:
+        for environ in ({}, {self.PORT: ""}, {self.PORT: "  "}):
+            assert read_positive(environ, self.PORT, integer=True, zero_is_unset=False) is None
+        assert read_positive({self.PORT: "6881"}, self.PORT, integer=True, zero_is_unset=False) == 6881
+
+    def test_lenient_reading_counts_a_refused_zero_as_unset(self) -> None:
+        assert read_positive({self.PORT: "0"}, self.PORT, integer=True, strict=False, zero_is_unset=False) is None
 
 
 class TestParseSize:

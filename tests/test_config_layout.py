@@ -219,7 +219,7 @@ class TestStorage:
             ("tensor", "must be a list of storages (or None), got 'tensor' (str)"),
             (42, "must be a list of storages (or None), got 42"),
             ([object()], "item 0 must be a storage (with kind, addr, size), got <object object at"),
-            ([Region("system", 0, 1)], "item 0 must have a StorageKind as its kind, got 'system' (str)"),  # type: ignore[arg-type]
+            ([Region("system", 0, 1)], "item 0 must have a StorageKind as its kind, got 'system' (str)"),
         ],
     )
     def test_what_is_not_storage(self, value: Any, message: str) -> None:
@@ -255,6 +255,23 @@ class TestAllocator:
 
         assert layout.allocator is allocator
         assert layout.storage_kind is kind
+
+    @pytest.mark.parametrize(
+        ("directory", "message"),
+        [
+            (
+                "/var/cache/\0kv",
+                "must not contain a NUL byte (no file system path can), got '/var/cache/\\x00kv' (str)",
+            ),
+            ("", "must be a directory path, got '' (str)"),
+            (7, "must be a directory path, got 7"),
+        ],
+    )
+    def test_a_disk_directory_must_be_a_usable_path(self, directory: object, message: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            DiskAllocator(directory=directory)  # type: ignore[arg-type]
+
+        assert caught.value.errors == [("allocator.directory", message)]
 
     def test_an_allocator_of_your_own(self) -> None:
         class Arena:

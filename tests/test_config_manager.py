@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 from callers import EventLog, Region, SeenTwice
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvbm_builder import (
     ConfigError,
@@ -27,6 +29,7 @@ from kvbm_builder.config import (
 )
 
 RUNTIME = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
+SHARDED = BlockParallelismStrategy.LeaderWorkerSharded
 MODEL = KvManagerModelConfig.builder().num_layers(28).outer_dim(2).page_size(16).inner_dim(1024).build()
 
 
@@ -208,6 +211,100 @@ class TestTierKinds:
             KvBlockManagerConfig(runtime=RUNTIME, model=MODEL, device_layout=layout(PinnedAllocator()))
 
         assert caught.value.errors[0][0] == "device_layout.allocator"
+
+
+class TestTierSpan:
+    """A tier spans at most 2**63 - 1 bytes (what memory and file offsets can address): the manager config
+    refuses a bigger one at ``<slot>.num_blocks``, so that ``validate`` refuses what ``plan`` cannot lay out."""
+
+    BLOCK = MODEL.bytes_per_block  # 28 * 2 * 16 * 1024 * 2 = 1,835,008 bytes
+    MOST = (2**63 - 1) // BLOCK
+
+    def sized(self, num_blocks: int) -> KvManagerLayoutConfig[Any]:
+        return KvManagerLayoutConfig.builder().num_blocks(num_blocks).allocator(SystemAllocator()).build()
+
+    def test_the_largest_tier_that_fits(self) -> None:
+        config = manager().host_layout(self.sized(self.MOST)).build()
+
+        assert config.host_layout is not None and config.host_layout.num_blocks * self.BLOCK <= 2**63 - 1
+
+    def test_one_block_more_is_refused_under_the_tier(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            manager().host_layout(self.sized(self.MOST + 1)).build()
+
+        assert caught.value.errors == [
+            (
+                "host_layout.num_blocks",
+                f"{self.MOST + 1} blocks of 1835008 bytes need {(self.MOST + 1) * self.BLOCK} bytes, more than the "
+                "9223372036854775807 bytes (2**63 - 1) memory and files can span; lower num_blocks to at most "
+                f"{self.MOST}, or make the blocks smaller (page_size, inner_dim, num_layers)",
+            )
+        ]
+
+    def test_every_tier_is_checked_and_direct_construction_too(self) -> None:
+        huge = 2**64 - 1
+        with pytest.raises(ConfigError) as caught:
+            KvBlockManagerConfig(
+                runtime=RUNTIME,
+                model=MODEL,
+                device_layout=KvManagerLayoutConfig.builder().num_blocks(huge).logical(SHARDED).build(),
+                disk_layout=KvManagerLayoutConfig.builder().num_blocks(huge).allocator(DiskAllocator()).build(),
+            )
+
+        assert [path for path, _ in caught.value.errors] == ["device_layout.num_blocks", "disk_layout.num_blocks"]
+
+    def test_an_absurd_count_still_gives_a_message(self) -> None:
+        # str() of an int past 4300 digits raises ValueError: the message must not
+        with pytest.raises(ConfigError) as caught:
+            manager().host_layout(self.sized(10**5000)).build()
+
+        ((path, message),) = caught.value.errors
+        assert path == "host_layout.num_blocks"
+        assert message.startswith("more than 2**16609 blocks of 1835008 bytes need more than 2**")
+
+    @given(
+        num_blocks=st.integers(1, 2**70),
+        shape=st.tuples(st.integers(1, 128), st.sampled_from([1, 2]), st.integers(1, 2**12), st.integers(1, 2**16)),
+        width=st.sampled_from([1, 2, 4, 8]),
+    )
+    def test_refused_exactly_when_the_bytes_pass_the_bound(
+        self, num_blocks: int, shape: tuple[int, int, int, int], width: int
+    ) -> None:
+        layers, outer, page, inner = shape
+        model = KvManagerModelConfig(
+            num_layers=layers, outer_dim=outer, page_size=page, inner_dim=inner, dtype_width_bytes=width
+        )
+        try:
+            KvBlockManagerConfig(runtime=RUNTIME, model=model, host_layout=self.sized(num_blocks))
+        except ConfigError as err:
+            assert num_blocks * layers * outer * page * inner * width >= 2**63
+            assert [path for path, _ in err.errors] == ["host_layout.num_blocks"]
+        else:
+            assert num_blocks * layers * outer * page * inner * width < 2**63
+
+
+class TestStorageKindParse:
+    """The one reading of an allocator's ``kind`` text, shared by files, the environment and the command line."""
+
+    @given(kind=st.sampled_from(list(StorageKind)), data=st.data())
+    def test_any_case_and_surrounding_spaces(self, kind: StorageKind, data: st.DataObject) -> None:
+        spelled = "".join(c.upper() if data.draw(st.booleans()) else c for c in kind.value)
+        padded = data.draw(st.sampled_from(["", " ", "\t"])) + spelled + data.draw(st.sampled_from(["", " ", "\n"]))
+
+        assert StorageKind.parse(padded) is kind
+
+    def test_a_kind_is_itself(self) -> None:
+        assert StorageKind.parse(StorageKind.DISK) is StorageKind.DISK
+
+    @pytest.mark.parametrize(
+        ("value", "shown"),
+        [("gpu", "'gpu' (str)"), ("", "'' (str)"), ("dev ice", "'dev ice' (str)"), (None, "None"), (1, "1")],
+    )
+    def test_anything_else_lists_the_kinds(self, value: object, shown: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            StorageKind.parse(value)
+
+        assert caught.value.errors == [("", f"must be a storage kind (device, pinned, system, disk), got {shown}")]
 
 
 def test_every_problem_of_one_build_is_reported_together() -> None:

@@ -61,7 +61,9 @@ class Builder(Generic[T]):
             )
 
     def is_set(self, name: str) -> bool:
-        """Whether the setter of ``name`` was called (even with ``None``)."""
+        """Whether the setter of ``name`` was called (even with ``None``). Like any use, refused once consumed."""
+        if self._consumed:
+            self._live(f"asking is_set({name!r})")
         return name in self._values or name in self._rejected
 
     def clone(self: B) -> B:
@@ -86,13 +88,14 @@ class Builder(Generic[T]):
         values = self._values  # no copy: nothing can touch a consumed builder
         rejected = self._rejected
         problems = self._validate() if self._hooked else []
+        # Upstream's order: a failing validate hook is reported before a missing field. Only the hook counts:
+        # a value a custom setter refused is one more problem, not a hook failure.
+        hook_failed = bool(problems)
         if rejected:
             problems.extend(Problem((name,), message) for name, message in rejected.items())
         required = (target.__dict__.get("_kvbm_plan") or plan(target)).required
         missing = [name for name in required if name not in values and name not in rejected]
         if missing:
-            # Upstream's order: a failing validate hook is reported before a missing field.
-            hook_failed = bool(problems)
             problems.extend(Problem((name,), "must be initialized") for name in missing)
             # the hook and the class may both see an exclusive choice: say it once
             problems = list(dict.fromkeys([*problems, *target.check_values(values)]))

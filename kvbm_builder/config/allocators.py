@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from ..errors import Problem
-from ._rules import Validated, instance, integer, optional, rule
+from ._rules import Validated, instance, integer, optional, rule, show
 from .protocols import StorageKind
 
 if TYPE_CHECKING:
@@ -100,6 +100,14 @@ class SystemAllocator(Validated):
         return allocate_system(size)
 
 
+def _directory(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return f"must be a directory path, got {show(value)}"
+    if "\0" in value:
+        return f"must not contain a NUL byte (no file system path can), got {show(value)}"
+    return None
+
+
 @attrs.frozen(kw_only=True)
 class DiskAllocator(Validated):
     """G3: one file per storage in ``directory`` (``DYN_KVBM_DISK_CACHE_DIR``), mode 0600, removed on release.
@@ -111,10 +119,7 @@ class DiskAllocator(Validated):
     _kvbm_root: ClassVar[str] = "allocator"
     storage_kind: ClassVar[StorageKind] = StorageKind.DISK
 
-    directory: str = attrs.field(
-        default="/tmp/",
-        metadata=rule(lambda v: None if isinstance(v, str) and v else f"must be a directory path, got {v!r}"),
-    )
+    directory: str = attrs.field(default="/tmp/", metadata=rule(_directory))
     o_direct: bool = attrs.field(default=True, metadata=true_or_false)
     zerofill_fallback: bool = attrs.field(default=False, metadata=true_or_false)
 

@@ -117,6 +117,18 @@ class KvEventConsolidatorConfigBuilder(Builder[KvEventConsolidatorConfig]):
             return self._reject("mode", err.problems[0].message)
 
 
+def engine_source_problem(source: EventSource) -> Problem | None:
+    """The one rule on a manager's consolidator source: Kvbm is never valid there (path relative to the
+    consolidator config). Both the manager's custom setter and ``KvBlockManagerConfig`` report it."""
+    if source is EventSource.Kvbm:
+        return Problem(
+            ("engine_source",),
+            "Kvbm is not valid here: KVBM's own events reach the consolidator directly, not over ZMQ; "
+            "use vllm or trtllm (EventSource.Vllm or EventSource.Trtllm)",
+        )
+    return None
+
+
 def consolidator_from_setter(
     engine_endpoint: object, output_endpoint: object, engine_source: object
 ) -> KvEventConsolidatorConfig | str:
@@ -128,11 +140,9 @@ def consolidator_from_setter(
         source = EventSource.parse(engine_source)
     except ConfigError as err:
         return f"engine_source {err.problems[0].message}"
-    if source is EventSource.Kvbm:
-        return (
-            "engine_source Kvbm is not valid here: KVBM's own events reach the consolidator directly, "
-            "not over ZMQ; use EventSource.Vllm or EventSource.Trtllm"
-        )
+    refused = engine_source_problem(source)
+    if refused is not None:
+        return f"{refused.path[0]} {refused.message}"
     if output_endpoint is None:
         which = "vLLM" if source is EventSource.Vllm else "TensorRT-LLM (the endpoint the consolidator publishes on)"
         return f"output_endpoint is required for {which}; e.g. 'tcp://*:5558'"

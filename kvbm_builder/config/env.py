@@ -37,21 +37,32 @@ DEFAULT_METRICS_PORT = 6880
 
 
 def read_positive(
-    environ: Mapping[str, str], name: str, *, integer: bool = False, strict: bool = True
+    environ: Mapping[str, str],
+    name: str,
+    *,
+    integer: bool = False,
+    strict: bool = True,
+    what: str | None = None,
+    zero_is_unset: bool = True,
 ) -> Fraction | None:
     """The positive number in ``environ[name]``, or None when unset, empty or zero.
 
     Unparsable text (or a fraction where a count is needed) raises a ConfigError naming the
-    variable when ``strict``, and counts as unset otherwise (upstream's lenient reading).
+    variable when ``strict``, and counts as unset otherwise (upstream's lenient reading). The message
+    says ``must be <what>``: by default "a whole number of blocks" when ``integer``, else "a non-negative
+    number, such as 4 or 0.5"; a variable that is no block count passes its own words, e.g.
+    ``what="a port number 1..65535"``. Zero counts as unset, as upstream reads its sizes; where zero can only be a
+    mistake (a port), ``zero_is_unset=False`` refuses it like unparsable text.
     """
     text = environ.get(name)
     if text is None or not text.strip():
         return None
     value = parse_number(text.strip())
-    if value is None or (integer and value.denominator != 1):
+    if value is None or (integer and value.denominator != 1) or (not zero_is_unset and not value):
         if not strict:
             return None
-        what = "a whole number of blocks" if integer else "a non-negative number, such as 4 or 0.5"
+        if what is None:
+            what = "a whole number of blocks" if integer else "a non-negative number, such as 4 or 0.5"
         raise ConfigError([Problem((name,), f"must be {what}, got {text!r}")], "$env")
     return value if value > 0 else None
 

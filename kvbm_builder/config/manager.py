@@ -10,11 +10,12 @@ import attrs
 from ..errors import Problem
 from ._builder import Builder
 from ._rules import Validated, has_attributes, instance, optional, rule
-from .consolidator import EventSource, KvEventConsolidatorConfig, consolidator_from_setter
+from .consolidator import EventSource, KvEventConsolidatorConfig, consolidator_from_setter, engine_source_problem
 from .layout import KvManagerLayoutConfig
 from .model import KvManagerModelConfig
 from .protocols import EventManager, Tier
 from .runtime import KvManagerRuntimeConfig
+from .sizes import MAX_SPAN_BYTES
 
 _B = TypeVar("_B", bound="KvBlockManagerConfigBuilder")
 
@@ -53,18 +54,18 @@ class KvBlockManagerConfig(Validated):
     @classmethod
     def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
         problems: list[Problem] = []
+        model = good.get("model")
         for tier, slot in _SLOTS:
             layout = good.get(slot)
             if layout is not None:
-                problems.extend(p.under(slot) for p in tier_problems(tier, layout))  # type: ignore[arg-type]
+                found = tier_problems(tier, layout, model)  # type: ignore[arg-type]
+                if found:
+                    problems.extend(p.under(slot) for p in found)
         consolidator = good.get("consolidator_config")
-        if isinstance(consolidator, KvEventConsolidatorConfig) and consolidator.engine_source is EventSource.Kvbm:
-            problems.append(
-                Problem(
-                    ("consolidator_config", "engine_source"),
-                    "Kvbm is not valid here: KVBM's own events reach the consolidator directly; use vllm or trtllm",
-                )
-            )
+        if isinstance(consolidator, KvEventConsolidatorConfig):
+            refused = engine_source_problem(consolidator.engine_source)
+            if refused is not None:
+                problems.append(refused.under("consolidator_config"))
         return problems
 
     def tiers(self) -> list[tuple[Tier, KvManagerLayoutConfig[Any]]]:
@@ -81,9 +82,17 @@ _SLOTS = tuple((tier, tier.slot) for tier in Tier)
 _ACCEPTS = {tier: tuple(tier.accepts) for tier in Tier}
 
 
-def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Problem]:
-    """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout)."""
+def tier_problems(
+    tier: Tier, layout: KvManagerLayoutConfig[Any], model: KvManagerModelConfig | None = None
+) -> list[Problem]:
+    """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout). Given the ``model``,
+    also a tier too big for any memory or file: ``num_blocks * model.bytes_per_block`` past 2**63 - 1 bytes
+    (a lower bound: the layout's alignment padding, which the layout module adds, can only make it bigger)."""
     problems: list[Problem] = []
+    if model is not None:
+        too_big = span_problem(layout.num_blocks, model)
+        if too_big is not None:
+            problems.append(too_big)
     accepts = _ACCEPTS[tier]
     if layout.allocator is not None:
         kind = layout.allocator.storage_kind
@@ -109,6 +118,25 @@ def tier_problems(tier: Tier, layout: KvManagerLayoutConfig[Any]) -> list[Proble
     if tier is Tier.G3 and layout.offload_filter is not None:
         problems.append(Problem(("offload_filter",), "the disk tier is the last tier: there is nothing to offload to"))
     return problems
+
+
+def span_problem(num_blocks: int, model: KvManagerModelConfig) -> Problem | None:
+    """``num_blocks`` of ``model``'s blocks past :data:`MAX_SPAN_BYTES`, reported at ``num_blocks``."""
+    per_block = model.bytes_per_block
+    total = num_blocks * per_block
+    if total <= MAX_SPAN_BYTES:
+        return None
+    return Problem(
+        ("num_blocks",),
+        f"{_count(num_blocks)} blocks of {per_block} bytes need {_count(total)} bytes, more than the "
+        f"{MAX_SPAN_BYTES} bytes (2**63 - 1) memory and files can span; lower num_blocks to at most "
+        f"{MAX_SPAN_BYTES // per_block}, or make the blocks smaller (page_size, inner_dim, num_layers)",
+    )
+
+
+def _count(number: int) -> str:
+    # str() of an int past 4300 digits raises ValueError; a message must never raise
+    return str(number) if number.bit_length() <= 192 else f"more than 2**{number.bit_length() - 1}"
 
 
 class KvBlockManagerConfigBuilder(Builder[KvBlockManagerConfig]):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import enum
 from typing import Protocol, runtime_checkable
 
+from ..errors import ConfigError, Problem
+from ._rules import show
+
 
 class StorageKind(enum.Enum):
     """Where a storage's bytes live; a tier slot accepts only some kinds."""
@@ -18,6 +21,22 @@ class StorageKind(enum.Enum):
     PINNED = "pinned"  # G2: page-locked host memory
     SYSTEM = "system"  # G2 without CUDA: ordinary page-aligned host memory
     DISK = "disk"  # G3: a file
+
+    @classmethod
+    def parse(cls, value: object) -> StorageKind:
+        """A StorageKind, or its name as text in any case, spaces around ignored: ``"Pinned"``, ``" disk "``.
+
+        The one reading of an allocator's ``kind`` (files, the environment, the command line). Anything else
+        raises a ConfigError (path relative to the value) listing the accepted kinds.
+        """
+        if isinstance(value, StorageKind):
+            return value
+        if isinstance(value, str):
+            found = _KIND_NAMES.get(value.strip().lower())
+            if found is not None:
+                return found
+        accepted = ", ".join(kind.value for kind in cls)
+        raise ConfigError([Problem((), f"must be a storage kind ({accepted}), got {show(value)}")])
 
     @property
     def nixl_mem_type(self) -> str:
@@ -54,6 +73,7 @@ _ACCEPTS = {
     Tier.G2: frozenset({StorageKind.PINNED, StorageKind.SYSTEM}),
     Tier.G3: frozenset({StorageKind.DISK}),
 }
+_KIND_NAMES = {kind.value: kind for kind in StorageKind}
 _TIER_OF_KIND = {kind: tier for tier, kinds in _ACCEPTS.items() for kind in kinds}
 
 

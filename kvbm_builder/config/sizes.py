@@ -14,6 +14,9 @@ from ._rules import show
 GB = 10**9
 GiB = 2**30
 
+#: The most bytes one memory allocation or file can span (a signed 64-bit offset): a tier bigger than this is refused.
+MAX_SPAN_BYTES = 2**63 - 1
+
 _UNITS = {
     "": 1,
     "b": 1,
