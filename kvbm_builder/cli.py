@@ -22,7 +22,7 @@ import attrs
 from .config.allocators import DeviceAllocator, DiskAllocator, PinnedAllocator, SystemAllocator
 from .config.manager import KvBlockManagerConfig
 from .config.protocols import Tier
-from .errors import ConfigError, LoadError
+from .errors import ConfigError, LoadError, Problem
 
 __all__ = ["main"]
 
@@ -34,7 +34,7 @@ _EPILOG = """\
 exit status:
   0  valid (validate), every check passed (plan), or printed (show, schema)
   1  an invalid configuration, or a check that failed
-  2  a usage error, or a file that cannot be read
+  2  a usage error, a file that cannot be read, or a configuration that the chosen --format cannot express
 
 Values come from, lowest first: defaults < FILE < DYN_KVBM_* variables < --set arguments.
 """
@@ -98,6 +98,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
             out[key] = json.loads(text)
         except ValueError:
             out[key] = text
+        except RecursionError:
+            raise _Usage(f"--set {key}: the value is nested too deeply") from None
     return out
 
 
@@ -157,7 +159,12 @@ def _tiers(config: KvBlockManagerConfig) -> list[dict[str, Any]]:
 
     rows = []
     for tier, layout in config.tiers():
-        spec = LayoutSpec.from_config(config.model, layout)
+        try:
+            spec = LayoutSpec.from_config(config.model, layout)
+        except ConfigError as err:  # reported under the tier, where the configuration says how many blocks
+            raise ConfigError(
+                [Problem((tier.slot, *(p.path or ("num_blocks",))), p.message) for p in err.problems], "$"
+            ) from None
         rows.append(
             {
                 "tier": tier.name,
@@ -374,7 +381,12 @@ def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     resolved = _resolve(args.file, args)
     data = dump(resolved.config)
     if args.format == "toml":
-        print(to_toml(data, resolved.sources if args.sources else None), end="", file=out)
+        try:
+            text = to_toml(data, resolved.sources if args.sources else None)
+        except ConfigError as error:  # a valid config TOML cannot spell (a null choice): a usage error
+            print(f"{args.file}: {error} (--format json)", file=err)
+            return EXIT_USAGE
+        print(text, end="", file=out)
     elif args.sources:
         print(json.dumps({"config": data, "sources": dict(resolved.sources)}, indent=2), file=out)
     else:

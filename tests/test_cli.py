@@ -334,3 +334,50 @@ def test_schema_prints_a_json_schema() -> None:
     assert result.returncode == 0
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert "KvBlockManagerConfig" in schema["$defs"]
+
+
+# ---- review 2 ---------------------------------------------------------------------------------------------------
+
+TINY = {"runtime": {"worker_id": 0}, "model": {"num_layers": 2, "outer_dim": 2, "page_size": 4, "inner_dim": 8}}
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    """``kvbm-builder ARGS`` in this process, with no DYN_KVBM_* variables: (status, stdout, stderr)."""
+    from kvbm_builder.cli import main
+
+    try:
+        status = main([*map(str, args), "--no-env"])
+    except SystemExit as exit:  # argparse's usage errors
+        status = int(exit.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_validate_names_a_tier_whose_block_is_too_large(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "c.json", {**TINY, "host_layout": {"size": "1GiB", "alignment": 2**63}})
+    status, _, err = cli(capsys, "validate", path)
+    assert status == 1 and f"{path}: $.host_layout.size: one block of this layout is too large" in err
+
+
+def test_plan_reports_a_tier_too_large_for_its_padding_under_the_tier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 256-byte blocks: the count fits in 2**63 - 1 bytes, but not once each block is padded to 2 MiB
+    host = {"num_blocks": (2**63 - 1) // 256, "alignment": 2**21, "allocator": {"kind": "system"}}
+    path = write(tmp_path / "c.json", {**TINY, "host_layout": host})
+    status, _, err = cli(capsys, "plan", path)
+    assert status == 1 and f"{path}: $.host_layout.num_blocks: the layout needs" in err
+
+
+def test_show_as_toml_of_a_null_choice_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "c.json", {**TINY, "host_layout": {"num_blocks": 4, "logical": None}})
+    assert cli(capsys, "validate", path)[0] == 0
+    status, out, err = cli(capsys, "show", path, "--format", "toml")
+    assert (status, out) == (2, "") and "host_layout.logical is null, which TOML cannot write" in err
+    assert "--format json" in err
+
+
+def test_a_set_value_nested_too_deeply_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "c.json", TINY)
+    status, _, err = cli(capsys, "validate", path, "--set", "model=" + "[" * 100_000)
+    assert status == 2 and "--set model: the value is nested too deeply" in err

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvbm_builder import ConfigError, KvBlockManagerConfig, KvManagerLayoutConfig, KvManagerModelConfig
+from kvbm_builder import (
+    ConfigError,
+    KvBlockManagerConfig,
+    KvManagerLayoutConfig,
+    KvManagerModelConfig,
+    UninitializedFieldError,
+)
 from kvbm_builder.config import DiskAllocator, PinnedAllocator, SystemAllocator
 from kvbm_builder.config.env import cache_sizes_from_env
 from kvbm_builder.loading import KvbmSettings, from_env, load, resolve, settings_from_env
@@ -113,7 +119,7 @@ def test_a_bad_value_names_its_variable_and_all_are_reported_together() -> None:
         ("$env.DYN_KVBM_CPU_CACHE_GB", "must be a non-negative number, such as 4 or 0.5, got 'lots'"),
         ("$env.DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "must be a whole number of blocks, got '1.5'"),
         ("$env.DYN_KVBM_USE_HUGE_PAGES", "must be 1, true, yes, on or 0, false, no, off; got 'maybe' (str)"),
-        ("$env.DYN_KVBM_METRICS_PORT", "must be at most 65535, got '70000'"),
+        ("$env.DYN_KVBM_METRICS_PORT", "must be a port number 1..65535, got '70000'"),
     ]
 
 
@@ -320,3 +326,55 @@ def test_from_env_of_nothing_says_what_is_missing() -> None:
         from_env({"DYN_KVBM_CPU_CACHE_GB": "4"})
     assert caught.value.errors == [("$.runtime", "must be initialized"), ("$.model", "must be initialized")]
     assert isinstance(from_env({}, doc()), KvBlockManagerConfig)
+
+
+# ---- review 2 ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["DISK", " Disk "])
+def test_the_disk_variables_act_on_a_disk_allocator_however_its_kind_is_spelled(kind: str) -> None:
+    document = doc(disk_layout={"num_blocks": 4, "allocator": {"kind": kind}})
+    environ = {"DYN_KVBM_DISK_CACHE_DIR": "/var/tmp", "DYN_KVBM_DISK_ZEROFILL_FALLBACK": "1"}
+    disk = resolve(document, environ=environ).config.disk_layout
+    assert disk is not None and disk.allocator == DiskAllocator(directory="/var/tmp", zerofill_fallback=True)
+
+
+def test_huge_pages_act_on_a_pinned_allocator_however_its_kind_is_spelled() -> None:
+    document = doc(host_layout={"num_blocks": 4, "allocator": {"kind": "Pinned"}})
+    host = resolve(document, environ={"DYN_KVBM_USE_HUGE_PAGES": "1"}).config.host_layout
+    assert host is not None and host.allocator == PinnedAllocator(huge_pages=True)
+
+
+@pytest.mark.parametrize("tier", [["garbage"], "garbage", 3])
+def test_a_variable_never_hides_a_tier_that_is_not_a_table(tier: object) -> None:
+    [(path, message)] = problems(doc(host_layout=tier), {"DYN_KVBM_CPU_CACHE_GB": "4"})
+    assert path == "$.host_layout" and message.startswith("must be a table of keys and values")
+
+
+def test_a_missing_field_stays_an_uninitialized_field_error_through_resolve() -> None:
+    with pytest.raises(UninitializedFieldError):
+        resolve({"runtime": {}, "model": dict(MODEL)}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        (
+            {"DYN_KVBM_METRICS_PORT": "http"},
+            ("$env.DYN_KVBM_METRICS_PORT", "must be a port number 1..65535, got 'http'"),
+        ),
+        ({"DYN_KVBM_METRICS_PORT": "0"}, ("$env.DYN_KVBM_METRICS_PORT", "must be a port number 1..65535, got '0'")),
+        (
+            {"DYN_KVBM_MAX_CONCURRENT_TRANSFERS": "x"},
+            ("$env.DYN_KVBM_MAX_CONCURRENT_TRANSFERS", "must be a whole number, got 'x'"),
+        ),
+        (
+            {"DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "1.5"},
+            ("$env.DYN_KVBM_MAX_TRANSFER_BATCH_SIZE", "must be a whole number of blocks, got '1.5'"),
+        ),
+    ],
+)
+def test_each_setting_says_what_it_takes(environ: dict[str, str], expected: tuple[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_env(environ)
+    assert caught.value.errors == [expected]

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import ConfigError, KvbmError, LoadError
+from kvbm_builder.config import DiskAllocator, PinnedAllocator
 from kvbm_builder.loading import dump, load, load_file, read_document, to_toml
 
 if sys.version_info >= (3, 11):
@@ -152,3 +153,78 @@ def test_to_toml_writes_sections_and_upstreams_layout_inline() -> None:
 def test_toml_has_no_null() -> None:
     with pytest.raises(ConfigError, match=r"disk_layout\.logical is null, which TOML cannot write; use JSON"):
         to_toml({"disk_layout": {"num_blocks": 1, "logical": None}})
+
+
+# ---- review 2 ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["huge.toml", "huge.yaml", "huge.json"])
+def test_an_integer_python_cannot_read_is_a_load_error_naming_the_file(tmp_path: Path, name: str) -> None:
+    digits = "9" * 5000
+    text = {".toml": f"[model]\nnum_layers = {digits}\n", ".yaml": f"model:\n  num_layers: {digits}\n"}
+    path = tmp_path / name
+    path.write_text(text.get(path.suffix, f'{{"model": {{"num_layers": {digits}}}}}'))
+    assert load_error(path).startswith(f"is not valid {path.suffix[1:].upper()}: ")
+
+
+def test_a_file_name_with_a_nul_byte_is_a_load_error() -> None:
+    with pytest.raises(LoadError, match="contains a NUL byte"):
+        load_file("a\x00.json")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml", ".yaml"])
+def test_a_byte_order_mark_is_allowed_in_every_format(tmp_path: Path, suffix: str) -> None:
+    data = dump(load_file(EXAMPLE))
+    text = {".json": json.dumps(data), ".toml": to_toml(data), ".yaml": yaml.safe_dump(data)}[suffix]
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_file(path) == load_file(EXAMPLE)
+
+
+MERGED = """\
+runtime: {worker_id: 0}
+model: {num_layers: 2, outer_dim: 2, page_size: 4, inner_dim: 8}
+host_layout: &tier
+  num_blocks: 16
+  allocator: {kind: system}
+disk_layout:
+  <<: *tier
+  allocator: {kind: disk, directory: /var/tmp}
+"""
+
+
+def test_yaml_merge_keys_are_overridden_by_the_mappings_own(tmp_path: Path) -> None:
+    path = tmp_path / "merged.yaml"
+    path.write_text(MERGED)
+    disk = load_file(path).disk_layout
+    assert disk is not None and disk.num_blocks == 16 and disk.allocator == DiskAllocator(directory="/var/tmp")
+    path.write_text(MERGED + "  allocator: {kind: disk}\n")
+    assert "duplicate key 'allocator'" in load_error(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ("huge_pages: yes", "$.host_layout.allocator.huge_pages", "must be true or false, got 'yes' (str)"),
+        ("numa: On", "$.host_layout.allocator.numa", "must be true or false, got 'On' (str)"),
+        ("mode: 1:30", "$.host_layout.allocator.mode", "must be 'register' or 'host_alloc', got '1:30' (str)"),
+        ("threads: 0o17", None, None),
+        ("threads: 010", None, None),
+        ("threads: 1_0", "$.host_layout.allocator.threads", "must be an integer, got '1_0' (str)"),
+    ],
+)
+def test_yaml_scalars_are_read_by_yaml_1_2s_core_schema(
+    tmp_path: Path, text: str, path: str | None, message: str | None
+) -> None:
+    file = tmp_path / "core.yaml"
+    file.write_text(
+        "runtime: {worker_id: 0}\nmodel: {num_layers: 2, outer_dim: 2, page_size: 4, inner_dim: 8}\n"
+        f"host_layout: {{num_blocks: 1, allocator: {{kind: pinned, {text}}}}}\n"
+    )
+    if path is None:
+        host = load_file(file).host_layout
+        assert host is not None and host.allocator == PinnedAllocator(threads=15 if "0o" in text else 10)
+    else:
+        with pytest.raises(ConfigError) as caught:
+            load_file(file)
+        assert caught.value.errors == [(path, message)]

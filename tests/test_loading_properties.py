@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import ConfigError, KvBlockManagerConfig, KvManagerLayoutConfig, KvManagerModelConfig
@@ -62,7 +62,7 @@ def pinned_allocators(draw: st.DrawFn) -> PinnedAllocator:
     )
 
 
-directories = st.text(st.characters(codec="utf-8"), min_size=1, max_size=30)
+directories = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=30)
 ALLOCATORS: dict[str, st.SearchStrategy[Any]] = {
     "device_layout": st.builds(DeviceAllocator, device_id=st.integers(0, 15)),
     "host_layout": pinned_allocators() | st.just(SystemAllocator()),
@@ -73,12 +73,15 @@ ALLOCATORS: dict[str, st.SearchStrategy[Any]] = {
 
 
 @st.composite
-def layouts(draw: st.DrawFn, slot: str) -> KvManagerLayoutConfig[Any]:
+def layouts(draw: st.DrawFn, slot: str, model: KvManagerModelConfig) -> KvManagerLayoutConfig[Any]:
+    layout_type, alignment = draw(layout_types), draw(alignments)
+    one = LayoutSpec(num_blocks=1, **attrs.asdict(model), layout_type=layout_type, alignment=alignment).block_bytes
+    most = max(1, min(2**40, (2**62) // one))  # a tier spans at most 2**63 - 1 bytes
     builder = (
         KvManagerLayoutConfig.builder()
-        .num_blocks(draw(st.integers(1, 2**40)))
-        .layout_type(draw(layout_types))
-        .alignment(draw(alignments))
+        .num_blocks(draw(st.integers(1, most)))
+        .layout_type(layout_type)
+        .alignment(alignment)
     )
     if draw(st.booleans()):
         return builder.logical(BlockParallelismStrategy.LeaderWorkerSharded).build()
@@ -98,10 +101,11 @@ consolidators = st.builds(
 def configs(draw: st.DrawFn) -> KvBlockManagerConfig:
     runtime = KvManagerRuntimeConfig.builder().worker_id(draw(st.integers(0, 2**64 - 1)))
     runtime = runtime.disable_nixl() if draw(st.booleans()) else runtime.enable_nixl()
-    builder = KvBlockManagerConfig.builder().runtime(runtime.build()).model(draw(models))
+    model = draw(models)
+    builder = KvBlockManagerConfig.builder().runtime(runtime.build()).model(model)
     for slot in ("device_layout", "host_layout", "disk_layout"):
         if draw(st.booleans()):
-            builder = getattr(builder, slot)(draw(layouts(slot)))
+            builder = getattr(builder, slot)(draw(layouts(slot, model)))
     config = builder.build()
     consolidator = draw(st.none() | consolidators)
     return config if consolidator is None else attrs.evolve(config, consolidator_config=consolidator)
@@ -116,7 +120,23 @@ def test_every_config_survives_dump_load_json_and_toml(config: KvBlockManagerCon
     assert load(tomllib.loads(to_toml(data))) == config
 
 
+def fits(model: KvManagerModelConfig, num_blocks: int, layout_type: Any, alignment: int) -> bool:
+    """Whether a tier of ``num_blocks`` blocks spans at most 2**63 - 1 bytes (LayoutSpec's rule)."""
+    try:
+        LayoutSpec(num_blocks=num_blocks, **attrs.asdict(model), layout_type=layout_type, alignment=alignment)
+    except ConfigError:
+        return False
+    return True
+
+
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(
+    model=KvManagerModelConfig(num_layers=1, outer_dim=1, page_size=1, inner_dim=1, dtype_width_bytes=1),
+    layout_type=FullyContiguous(),
+    alignment=1,
+    number=2**33,
+    unit="GiB",
+)
 @given(models, layout_types, alignments, st.integers(0, 2**33), st.sampled_from(["", "B", "GB", "GiB", "MiB", "kb"]))
 def test_a_byte_budget_gives_floor_budget_over_padded_block_bytes(
     model: KvManagerModelConfig, layout_type: Any, alignment: int, number: int, unit: str
@@ -129,6 +149,11 @@ def test_a_byte_budget_gives_floor_budget_over_padded_block_bytes(
     block_bytes = LayoutSpec.from_config(model, probe.build()).block_bytes
     if budget < block_bytes:
         with pytest.raises(ConfigError, match=r"\$\.host_layout\.size: .* hold no whole block"):
+            load(doc)
+    elif not fits(model, budget // block_bytes, layout_type, alignment):
+        with pytest.raises(
+            ConfigError, match=r"\$\.host_layout\.size: \d+ blocks are too many: .*\(2\*\*63 - 1\).*; lower the size"
+        ):
             load(doc)
     else:
         host = load(doc).host_layout

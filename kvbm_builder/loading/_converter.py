@@ -32,16 +32,16 @@ from cattrs.gen.typeddicts import make_dict_structure_fn
 from ..config._rules import Validated, is_int, show
 from ..config.allocators import DeviceAllocator, DiskAllocator, PinnedAllocator, PinningMode, SystemAllocator
 from ..config.consolidator import ConsolidatorMode, EventSource, KvEventConsolidatorConfig
-from ..config.layout import BlockParallelismStrategy, FullyContiguous, KvManagerLayoutConfig, LayoutType
+from ..config.layout import _CHOICES, BlockParallelismStrategy, FullyContiguous, KvManagerLayoutConfig, LayoutType
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
 from ..config.runtime import U64_MAX, KvManagerRuntimeConfig, NixlMode, NixlOptions
 from ..config.sizes import parse_size
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, Problem, UninitializedFieldError
 from ._render import key_name, show_value, unknown_key
 
-__all__ = ["FORMS", "ByteSize", "Form", "Key", "converter", "dump", "load"]
+__all__ = ["FORMS", "ByteSize", "Form", "Key", "converter", "dump", "kind_of", "load"]
 
 C = TypeVar("C")
 
@@ -57,9 +57,11 @@ AnyAllocator = NewType("AnyAllocator", object)
 
 @attrs.frozen
 class Invalid:
-    """A document value that could not be structured; ``problems`` say why, with paths relative to the value."""
+    """A document value that could not be structured; ``problems`` say why, with paths relative to the value;
+    ``missing`` names the required fields it left out (they make the load an UninitializedFieldError)."""
 
     problems: tuple[Problem, ...]
+    missing: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -289,15 +291,11 @@ def _fail(message: str, *path: str | int) -> ConfigError:
 # ---- scalars: no coercion, messages worded as the builders' rules word them --------------------------------------
 
 
-_INT_BOUND = 1 << 64
-
-
 def _int(value: object, _: object) -> int:
+    # no bound of the loader's own: the builders' rules decide (a size is bounded by the layout's 2**63 - 1 bytes)
     if not is_int(value):
         raise _fail(f"must be an integer, got {show_value(value)}")
     assert isinstance(value, int)
-    if value.bit_length() > 64:
-        raise _fail(f"{show_value(value)} is out of range: integers here fit in 64 bits")
     return value
 
 
@@ -413,12 +411,12 @@ def _captured_hook(t: Any) -> Callable[[object, object], object]:
     plain = inner if inner in (str, bool, int) else None  # values of exactly these types pass as they are
 
     def capture(value: object, _: object) -> object:
-        if type(value) is plain and (plain is not int or -_INT_BOUND < value < _INT_BOUND):  # type: ignore[operator]
+        if type(value) is plain:
             return value
         try:
             return hook(value, inner)
         except ConfigError as err:
-            return Invalid(err.problems)
+            return Invalid(err.problems, getattr(err, "missing", ()))
 
     return capture
 
@@ -431,11 +429,19 @@ converter.register_structure_hook_factory(_is_captured, _captured_hook)
 @attrs.define
 class Table:
     """One table of a document, structured key by key: what to give the builder (a stand-in for each value that
-    failed), the problems found so far (paths from the table), and the keys whose values failed."""
+    failed), the problems found so far (paths from the table), the keys whose values failed, and the required
+    fields left out (here or in a table inside)."""
 
     values: dict[str, Any]
     problems: list[Problem]
     failed: set[str]
+    missing: list[str] = attrs.field(factory=list)
+
+    def error(self) -> ConfigError:
+        """The table's problems as one error: an UninitializedFieldError when a required field was left out."""
+        if self.missing:
+            return UninitializedFieldError(self.problems, "", self.missing)
+        return ConfigError(self.problems)
 
 
 class _StandIn:
@@ -473,6 +479,7 @@ def _table_hook(form: Form) -> Callable[[object, object], Table]:
             name = key_name(key)
             if key in keys:
                 table.problems.extend(p.under(name) for p in item.problems)
+                table.missing.extend(item.missing)
                 values[name] = STAND_IN
                 table.failed.add(name)
             else:
@@ -489,12 +496,14 @@ def _verdict(err: ConfigError, failed: Collection[str]) -> list[Problem]:
     return [p for p in err.problems if not (p.path and p.path[0] in failed)]
 
 
-def _built(builder: Any, problems: list[Problem], failed: Collection[str]) -> Any:
-    """``builder.build()``, or None with its problems (except those about stand-ins) added to ``problems``."""
+def _built(builder: Any, table: Table) -> Any:
+    """``builder.build()``, or None with its problems (except those about stand-ins) added to the table's."""
     try:
         return builder.build()
     except ConfigError as err:
-        problems.extend(_verdict(err, failed))
+        table.problems.extend(_verdict(err, table.failed))
+        if isinstance(err, UninitializedFieldError):
+            table.missing.extend(err.missing)
         return None
 
 
@@ -525,16 +534,16 @@ def _config_hook(form: Form) -> Callable[[object, object], object]:
 
     def hook(value: object, _: object) -> object:
         parsed = table(value, form.section)
-        values, problems, failed = parsed.values, parsed.problems, parsed.failed
+        values, problems = parsed.values, parsed.problems
         if new_builder is not None:
-            built = _built(_apply(new_builder(), values), problems, failed)
+            built = _built(_apply(new_builder(), values), parsed)
         else:  # the allocators are plain data without a builder: their constructor checks every field
             try:
                 built = target(**values)
             except ConfigError as err:
-                problems.extend(_verdict(err, failed))
+                problems.extend(_verdict(err, parsed.failed))
         if problems:
-            raise ConfigError(problems)
+            raise parsed.error()
         return built
 
     return hook
@@ -548,13 +557,51 @@ def _exactly(cls: object) -> Callable[[object], bool]:
 
 _CONFIG_HOOKS = {form: _config_hook(form) for form in (MODEL, RUNTIME, CONSOLIDATOR, *ALLOCATOR_FORMS)}
 for _form, _hook in _CONFIG_HOOKS.items():
-    converter.register_structure_hook_func(_exactly(_form.target), _hook)
+    if _form not in ALLOCATOR_FORMS:
+        converter.register_structure_hook_func(_exactly(_form.target), _hook)
 for _layout in LAYOUTS.values():
     converter.register_structure_hook(_layout.section, _TABLES[_layout])
 
 
+def kind_of(value: object) -> StorageKind | None:
+    """The storage kind a document's allocator ``kind`` names (:meth:`StorageKind.parse`: ``'pinned'``, ``'DISK'``,
+    ``' System '``), or None when it names none. Every reader of ``kind`` in loading uses this one rule."""
+    try:
+        return StorageKind.parse(value)
+    except ConfigError:
+        return None
+
+
+def _direct_allocator_hook(form: Form) -> Callable[[object, object], object]:
+    """An allocator class loaded by itself: its table may name its own ``kind`` (as :func:`dump` writes it)."""
+    hook = _CONFIG_HOOKS[form]
+    target = form.target
+
+    def direct(value: object, _: object) -> object:
+        if not isinstance(value, Mapping) or "kind" not in value:
+            return hook(value, target)
+        kind = value["kind"]
+        rest = {k: v for k, v in value.items() if k != "kind"}
+        if kind_of(kind) is getattr(target, "storage_kind", None):
+            return hook(rest, target)
+        problems = [
+            Problem(("kind",), f"must be '{form.kind}' for a {target.__name__}, or left out; got {show_value(kind)}")
+        ]
+        try:
+            hook(rest, target)
+        except ConfigError as err:
+            problems.extend(err.problems)
+        raise ConfigError(problems)
+
+    return direct
+
+
+for _form in ALLOCATOR_FORMS:
+    converter.register_structure_hook_func(_exactly(_form.target), _direct_allocator_hook(_form))
+
+
 def _allocator_hook(slot: AllocatorSlot) -> Callable[[object, object], object]:
-    kinds = {form.kind: form for form in ALLOCATOR_FORMS}
+    kinds = {cast(Any, form.target).storage_kind: form for form in ALLOCATOR_FORMS}
     accepted = " or ".join(str(form.kind) for form in slot.accepted)
 
     def hook(value: object, _: object) -> object:
@@ -563,18 +610,15 @@ def _allocator_hook(slot: AllocatorSlot) -> Callable[[object, object], object]:
             raise _fail(f"must be an allocator table such as {example}, got {show_value(value)}")
         if "kind" not in value:
             if slot.default is None:
-                raise _fail(f"must be given: {', '.join(map(str, kinds))}", "kind")
+                raise _fail(f"must be given: {', '.join(str(form.kind) for form in ALLOCATOR_FORMS)}", "kind")
             form = slot.default
         else:
             kind = value["kind"]
-            found = kinds.get(kind.strip().lower()) if isinstance(kind, str) else None
+            found = kinds.get(kind_of(kind))
             if found is None:
                 raise _fail(f"must be {accepted}, got {show_value(kind)}", "kind")
-            if found not in slot.accepted:
-                assert slot.tier is not None
-                raise _fail(
-                    f"a {found.kind} allocator cannot back the {slot.tier.words}; it needs {accepted} memory", "kind"
-                )
+            # a kind the tier does not take is the manager's rule (tier_problems): reported at `<tier>.allocator`,
+            # as for a builder chain
             form = found
         return _CONFIG_HOOKS[form]({k: v for k, v in value.items() if k != "kind"}, form.target)
 
@@ -592,7 +636,7 @@ _FULLY_CONTIGUOUS = FullyContiguous()  # the layout's default
 
 
 def build_layout(
-    table: Table, model: object, *, standalone: bool = False, seen: dict[object, int | None] | None = None
+    table: Table, model: object, *, standalone: bool = False, seen: dict[object, int | Problem | None] | None = None
 ) -> tuple[KvManagerLayoutConfig[Any] | None, list[Problem]]:
     """A tier's table through the layout builder. ``size`` becomes ``num_blocks`` with ``model``'s block bytes;
     when the model is missing or invalid, its own problems say why the tier could not be sized. ``seen`` keeps
@@ -620,7 +664,9 @@ def build_layout(
             block_bytes = seen[shape] if seen is not None and shape in seen else _block_bytes(model, *shape)
             if seen is not None:
                 seen[shape] = block_bytes
-            if block_bytes is not None and size < block_bytes:
+            if isinstance(block_bytes, Problem):
+                problems.append(block_bytes)
+            elif block_bytes is not None and size < block_bytes:
                 problems.append(
                     Problem(
                         ("size",),
@@ -628,20 +674,28 @@ def build_layout(
                     )
                 )
             elif block_bytes is not None:
-                values["num_blocks"] = size // block_bytes
-                failed.discard("num_blocks")
-    layout = _built(_apply(KvManagerLayoutConfig.builder(), values), problems, failed)
+                count = size // block_bytes
+                too_big = _spec_problem(model, count, *shape) if count * block_bytes > _LARGE else None
+                if isinstance(too_big, Problem):
+                    problems.append(too_big)
+                else:
+                    values["num_blocks"] = count
+                    failed.discard("num_blocks")
+    layout = _built(_apply(KvManagerLayoutConfig.builder(), values), table)
     return (None, problems) if problems else (layout, problems)
 
 
-def _block_bytes(model: KvManagerModelConfig, layout_type: object, alignment: object) -> int | None:
-    """Bytes per block of this tier, alignment padding included; None when its layout or alignment is invalid
-    (the builder says why)."""
+_LARGE = 1 << 62  # below this, padding before each allocation cannot take a tier past the layout's 2**63 - 1 bytes
+
+
+def _spec_problem(model: KvManagerModelConfig, num_blocks: int, layout_type: object, alignment: object) -> Any:
+    """The LayoutSpec of ``num_blocks`` blocks, or its problem: under ``size`` when it is too large (a problem of
+    its own), None when its layout or alignment is invalid (the builder says why)."""
     from ..layout import LayoutSpec
 
     try:
-        spec = LayoutSpec(
-            num_blocks=1,
+        return LayoutSpec(
+            num_blocks=num_blocks,
             num_layers=model.num_layers,
             outer_dim=model.outer_dim,
             page_size=model.page_size,
@@ -650,9 +704,19 @@ def _block_bytes(model: KvManagerModelConfig, layout_type: object, alignment: ob
             layout_type=cast(LayoutType, layout_type),
             alignment=cast(int, alignment),
         )
-    except ConfigError:
-        return None
-    return spec.block_bytes
+    except ConfigError as err:
+        whole = [p for p in err.problems if not p.path]  # field problems are the builder's to report
+        if not whole:
+            return None
+        what = "one block of this layout is too large" if num_blocks == 1 else f"{num_blocks} blocks are too many"
+        return Problem(("size",), f"{what}: {whole[0].message}" + ("" if num_blocks == 1 else "; lower the size"))
+
+
+def _block_bytes(model: KvManagerModelConfig, layout_type: object, alignment: object) -> int | Problem | None:
+    """Bytes per block of this tier, alignment padding included; a problem under ``size`` when one block is
+    already too large; None when its layout or alignment is invalid (the builder says why)."""
+    spec = _spec_problem(model, 1, layout_type, alignment)
+    return spec if spec is None or isinstance(spec, Problem) else cast(int, spec.block_bytes)
 
 
 _SLOTS = tuple(tier.slot for tier in Tier)
@@ -662,16 +726,17 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     table = _TABLES[MANAGER](value, MANAGER.section)
     values, problems, failed = table.values, table.problems, table.failed
     consolidator = values.pop("consolidator_config", None)
-    seen: dict[object, int | None] = {}
+    seen: dict[object, int | Problem | None] = {}
     for slot in _SLOTS:
         tier_table = values.get(slot)
         if isinstance(tier_table, Table):
             layout, tier_problems = build_layout(tier_table, values.get("model"), seen=seen)
             problems.extend(p.under(slot) for p in tier_problems)
+            table.missing.extend(tier_table.missing)
             values[slot] = STAND_IN if layout is None else layout
             if layout is None:
                 failed.add(slot)
-    config = _built(_apply(KvBlockManagerConfig.builder(), values), problems, failed)
+    config = _built(_apply(KvBlockManagerConfig.builder(), values), table)
     if isinstance(consolidator, KvEventConsolidatorConfig):
         # the manager's setter takes upstream's three arguments, a table may also set `mode`: check it the same way
         problems.extend(KvBlockManagerConfig.check_values({"consolidator_config": consolidator}))
@@ -681,15 +746,16 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
         # in the document's order (tiers are checked after the model they need); missing tables last
         order: dict[object, int] = {key_name(key): i for i, key in enumerate(cast(Mapping[Any, Any], value))}
         problems.sort(key=lambda p: order.get(p.path[0], len(order)) if p.path else -1)
-        raise ConfigError(problems)
+        raise table.error()
     return cast(KvBlockManagerConfig, config)
 
 
 def _standalone_layout_hook(value: object, _: object) -> KvManagerLayoutConfig[Any]:
     form = LAYOUTS[None]
-    layout, problems = build_layout(_TABLES[form](value, form.section), None, standalone=True)
+    table = _TABLES[form](value, form.section)
+    layout, _ = build_layout(table, None, standalone=True)
     if layout is None:
-        raise ConfigError(problems)
+        raise table.error()
     return layout
 
 
@@ -730,9 +796,18 @@ def load(mapping: Mapping[str, Any], cls: type[Any] = KvBlockManagerConfig) -> A
             ]
         )
     try:
-        return converter.structure(mapping, cls)
+        loaded = converter.structure(mapping, cls)
     except ConfigError as err:
-        raise ConfigError(err.problems, "$") from None
+        raise err.rerooted("$") from None  # keeps the class: UninitializedFieldError when a field was left out
+    if loaded is None:  # a safety net: every path that builds nothing records why
+        raise ConfigError([Problem((), NOTHING_BUILT)], "$")
+    return loaded
+
+
+NOTHING_BUILT = (
+    "the document could not be loaded, yet no problem was recorded; this is a bug in kvbm_builder.loading: "
+    "please report it with the document"
+)
 
 
 # ---- dump: the dict form of a config -----------------------------------------------------------------------------
@@ -767,7 +842,6 @@ def _unstructure_hook(form: Form) -> Callable[[Any], dict[str, Any]]:
     return hook
 
 
-_CHOICES = ("storage", "allocator", "logical")
 _WRITABLE = (
     int,
     bool,

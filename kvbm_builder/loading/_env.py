@@ -45,9 +45,9 @@ from ..config import env as names
 from ..config.env import read_positive
 from ..config.layout import KvManagerLayoutConfig
 from ..config.manager import KvBlockManagerConfig
-from ..config.protocols import Tier
-from ..errors import ConfigError, Problem
-from ._converter import LAYOUTS, Table, build_layout, converter, dump, load
+from ..config.protocols import StorageKind, Tier
+from ..errors import ConfigError, Problem, UninitializedFieldError
+from ._converter import LAYOUTS, NOTHING_BUILT, Table, build_layout, converter, dump, kind_of, load
 from ._render import show_value
 
 __all__ = ["KvbmSettings", "Resolved", "from_env", "resolve", "settings_from_env"]
@@ -113,12 +113,24 @@ def _present(environ: Mapping[str, str], name: str) -> bool | None:
     return True
 
 
-def _count(environ: Mapping[str, str], name: str, *, default: int, most: int) -> int:
-    value = read_positive(environ, name, integer=True)
+def _count(environ: Mapping[str, str], name: str, *, default: int, most: int, what: str = "a whole number") -> int:
+    """A whole number up to ``most``; unset, empty or zero gives ``default``."""
+    value = read_positive(environ, name, integer=True, what=what)
     if value is None:
         return default
     if value > most:
-        raise ConfigError([_env_problem(name, f"must be at most {most}, got {environ[name]!r}")])
+        raise ConfigError([_env_problem(name, f"must be {what} up to {most}, got {environ[name]!r}")])
+    return int(value)
+
+
+def _port(environ: Mapping[str, str], name: str, *, default: int) -> int:
+    """A TCP port, 1..65535; unset or empty gives ``default``, and zero is refused (no server listens on it)."""
+    what = "a port number 1..65535"
+    value = read_positive(environ, name, integer=True, what=what, zero_is_unset=False)
+    if value is None:
+        return default
+    if value > 65535:
+        raise ConfigError([_env_problem(name, f"must be {what}, got {environ[name]!r}")])
     return int(value)
 
 
@@ -145,13 +157,19 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
     values = {
         "metrics": seen.read(lambda: _flag(environ, names.DYN_KVBM_METRICS)),
         "metrics_port": seen.read(
-            lambda: _count(environ, names.DYN_KVBM_METRICS_PORT, default=names.DEFAULT_METRICS_PORT, most=65535)
+            lambda: _port(environ, names.DYN_KVBM_METRICS_PORT, default=names.DEFAULT_METRICS_PORT)
         ),
         "max_concurrent_transfers": seen.read(
             lambda: _count(environ, names.DYN_KVBM_MAX_CONCURRENT_TRANSFERS, default=4, most=4096)
         ),
         "max_transfer_batch_size": seen.read(
-            lambda: _count(environ, names.DYN_KVBM_MAX_TRANSFER_BATCH_SIZE, default=16, most=1 << 20)
+            lambda: _count(
+                environ,
+                names.DYN_KVBM_MAX_TRANSFER_BATCH_SIZE,
+                default=16,
+                most=1 << 20,
+                what="a whole number of blocks",
+            )
         ),
         "disk_offload_filter": seen.read(lambda: not _present(environ, names.DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER)),
     }
@@ -172,21 +190,26 @@ class Change:
     source: str
 
 
-_TIERS = {Tier.G2: (names.DYN_KVBM_CPU_CACHE_GB, names.DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS, "pinned")}
-_TIERS[Tier.G3] = (names.DYN_KVBM_DISK_CACHE_GB, names.DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS, "disk")
-_DEFAULT_KIND = {Tier.G1: "device", Tier.G2: "pinned", Tier.G3: "disk"}
+_TIERS = {Tier.G2: (names.DYN_KVBM_CPU_CACHE_GB, names.DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS, StorageKind.PINNED)}
+_TIERS[Tier.G3] = (names.DYN_KVBM_DISK_CACHE_GB, names.DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS, StorageKind.DISK)
+_DEFAULT_KIND = {Tier.G1: StorageKind.DEVICE, Tier.G2: StorageKind.PINNED, Tier.G3: StorageKind.DISK}
 _NO_TIER = object()
 
 
 def _allocator_kind(document: Mapping[str, Any], tier: Tier) -> object:
-    """The allocator kind of ``tier`` in ``document``: ``_NO_TIER``, None (no allocator table) or the kind."""
+    """The allocator kind of ``tier`` in ``document``: ``_NO_TIER``, None (no allocator table, or a tier that is not
+    a table: its own error is reported), the StorageKind (read as every ``kind`` is, :func:`kind_of`), or the
+    value itself when it names no kind (the load says why)."""
     table = document.get(tier.slot)
-    if not isinstance(table, Mapping):
+    if table is None:
         return _NO_TIER
+    if not isinstance(table, Mapping):
+        return None
     allocator = table.get("allocator")
     if not isinstance(allocator, Mapping):
         return None
-    return allocator.get("kind", _DEFAULT_KIND[tier])
+    kind = allocator.get("kind", _DEFAULT_KIND[tier])
+    return kind_of(kind) or kind
 
 
 def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[list[Change], list[Problem]]:
@@ -204,22 +227,22 @@ def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tupl
             changes.append(Change((tier.slot, "size"), math.floor(gb * 10**9), f"env {gb_var}"))
         sized_by = override_var if override is not None else gb_var if gb is not None else None
         if sized_by is not None and kinds[tier] is _NO_TIER:
-            changes.append(Change((tier.slot, "allocator", "kind"), kind, f"env {sized_by}"))
+            changes.append(Change((tier.slot, "allocator", "kind"), kind.value, f"env {sized_by}"))
             kinds[tier] = kind
     host = kinds[Tier.G2]
     for var, key in ((names.DYN_KVBM_USE_HUGE_PAGES, "huge_pages"), (names.DYN_KVBM_ENABLE_NUMA, "numa")):
         on = seen.read(partial(_flag, environ, var))
         if on is None or host is _NO_TIER or host is None:
             continue
-        if host == "pinned":
+        if host is StorageKind.PINNED:
             changes.append(Change((Tier.G2.slot, "allocator", key), on, f"env {var}"))
-        elif on:
-            why = f"asks for {key}, but host_layout's allocator is {show_value(host)}; use kind 'pinned'"
+        elif on and isinstance(host, StorageKind):
+            why = f"asks for {key}, but host_layout's allocator is {show_value(host.value)}; use kind 'pinned'"
             seen.problems.append(_env_problem(var, why))
     directory = environ.get(names.DYN_KVBM_DISK_CACHE_DIR) or None
     no_direct = seen.read(lambda: _present(environ, names.DYN_KVBM_DISK_DISABLE_O_DIRECT))
     zerofill = seen.read(lambda: _present(environ, names.DYN_KVBM_DISK_ZEROFILL_FALLBACK))
-    if kinds[Tier.G3] == "disk":
+    if kinds[Tier.G3] is StorageKind.DISK:
         for var, key, value in (
             (names.DYN_KVBM_DISK_CACHE_DIR, "directory", directory),
             (names.DYN_KVBM_DISK_DISABLE_O_DIRECT, "o_direct", False if no_direct else None),
@@ -248,29 +271,41 @@ _TIER_SLOTS = {tier.slot for tier in Tier}
 
 
 def apply_changes(document: Mapping[str, Any], changes: Iterable[Change], origins: dict[Path, str]) -> dict[str, Any]:
-    """``document`` with ``changes`` made, copying only the tables on their paths; ``origins`` records who set what."""
+    """``document`` with ``changes`` made, copying only the tables on their paths; ``origins`` records who set what.
+
+    A change goes through tables only: where its path meets a value that is not a table (``host_layout:
+    ["garbage"]``), that value is left in place, so that its own error is reported, and the change is dropped."""
     out = dict(document)
     for change in changes:
         table = out
-        for depth, key in enumerate(change.path[:-1]):
+        for key in change.path[:-1]:
             inner = table.get(key)
-            table[key] = dict(inner) if isinstance(inner, Mapping) else {}
+            if inner is not None and not isinstance(inner, Mapping):
+                break
+            table[key] = {} if inner is None else dict(inner)
             table = table[key]
-            origins.pop(change.path[: depth + 1], None)
-        last = change.path[-1]
-        cleared = [change.path]
-        if len(change.path) == 2 and change.path[0] in _TIER_SLOTS and last in _SIBLING:
-            table.pop(_SIBLING[last], None)
-            cleared.append((change.path[0], _SIBLING[last]))
-        for gone in cleared:
-            for path in [p for p in origins if p[: len(gone)] == gone]:
-                del origins[path]
-        if change.value is None:
-            table.pop(last, None)
         else:
-            table[last] = change.value
-            origins[change.path] = change.source
+            _change(table, change, origins)
     return out
+
+
+def _change(table: dict[str, Any], change: Change, origins: dict[Path, str]) -> None:
+    """Make ``change`` in ``table``, the innermost table on its path (copied for this change)."""
+    for depth in range(len(change.path) - 1):
+        origins.pop(change.path[: depth + 1], None)
+    last = change.path[-1]
+    cleared = [change.path]
+    if len(change.path) == 2 and change.path[0] in _TIER_SLOTS and last in _SIBLING:
+        table.pop(_SIBLING[last], None)
+        cleared.append((change.path[0], _SIBLING[last]))
+    for gone in cleared:
+        for path in [p for p in origins if p[: len(gone)] == gone]:
+            del origins[path]
+    if change.value is None:
+        table.pop(last, None)
+    else:
+        table[last] = change.value
+        origins[change.path] = change.source
 
 
 def leaf_paths(value: object, prefix: Path = (), depth: int = 6) -> Iterable[Path]:
@@ -331,12 +366,17 @@ def resolve(
     settings = seen.read(lambda: settings_from_env(environ))
     problems += seen.problems
     config = None
+    missing: tuple[str, ...] = ()
     try:
         config = load(base)
     except ConfigError as err:
         problems.extend(_attributed(p, origins) for p in err.problems)
-    if problems or config is None:
-        raise ConfigError(dict.fromkeys(problems), "")
+        missing = getattr(err, "missing", ())
+    if problems:
+        unique = dict.fromkeys(problems)
+        raise UninitializedFieldError(unique, "", missing) if missing else ConfigError(unique, "")
+    if config is None:  # a safety net: load() raises whenever it builds nothing
+        raise ConfigError([Problem(("$",), NOTHING_BUILT)], "")
     return Resolved(config, settings, _sources(dump(config), base, origins))
 
 

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, ClassVar, TypeVar, overload
 
 from ..config.manager import KvBlockManagerConfig
 from ..errors import ConfigError, LoadError, Problem
@@ -45,10 +45,12 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise _error(path, "no such file") from None
     except OSError as err:
         raise _error(path, f"cannot be read: {err.strerror or err}") from None
+    except ValueError:  # a NUL byte in the name
+        raise _error(path, "is not a file name: it contains a NUL byte") from None
     if not data.strip():
         raise _error(path, f"is empty; a configuration needs at least the `runtime` and `model` tables ({kind})")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark is allowed, and the same in every format
     except UnicodeDecodeError as err:
         raise _error(path, f"is not UTF-8 text (byte {err.start})") from None
     document = _PARSERS[kind](path, text)
@@ -90,6 +92,8 @@ def _parse_toml(path: str | os.PathLike[str], text: str) -> object:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise _error(path, f"is not valid TOML: {err}") from None
+    except ValueError as err:  # a value Python refuses, such as an integer of more than 4300 digits
+        raise _error(path, f"is not valid TOML: {err}") from None
     except RecursionError:
         raise _error(path, "is not valid TOML: nested too deeply") from None
 
@@ -99,12 +103,86 @@ def _parse_yaml(path: str | os.PathLike[str], text: str) -> object:
         import yaml
     except ImportError:
         raise _error(path, f"is YAML, which needs PyYAML: {_YAML_EXTRA}") from None
+    try:
+        documents = list(yaml.load_all(text, Loader=_strict_loader()))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise _error(path, f"is not valid YAML: {problem}{at}") from None
+    except ValueError as err:  # a value Python refuses, such as an integer of more than 4300 digits
+        raise _error(path, f"is not valid YAML: {err}") from None
+    except RecursionError:
+        raise _error(path, "is not valid YAML: nested too deeply") from None
+    if len(documents) != 1:
+        raise _error(path, f"holds {len(documents)} YAML documents; a configuration is exactly one")
+    return documents[0]
+
+
+_LOADER: list[Any] = []
+
+# YAML 1.2's core schema: what a plain (unquoted) scalar is. YAML 1.1's yes/no/on/off booleans, sexagesimal
+# numbers (1:30), leading-zero octals, underscores in numbers and timestamps stay text, which the loader then refuses
+# where a bool or a number is needed, instead of silently reading `huge_pages: yes` as true or `mode: 1:30` as 90.
+_CORE = (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    (
+        "float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+.0123456789",
+    ),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("merge", r"^(?:<<)$", "<"),
+)
+
+
+def _strict_loader() -> Any:
+    """PyYAML's safe loader, strictly: YAML 1.2 core scalars, a key given twice is an error (keys merged in by
+    ``<<`` are overridden by the mapping's own, as YAML says), and keys are plain values."""
+    if _LOADER:
+        return _LOADER[0]
+    import re as regex
+
+    import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        """safe_load, except that a key given twice is an error rather than silently the last value."""
+        yaml_implicit_resolvers: ClassVar[dict[Any, Any]] = {}  # only _CORE below, not YAML 1.1
+
+    for name, pattern, first in _CORE:
+        StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", regex.compile(pattern), list(first))
+
+    def boolean(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
+        text = str(loader.construct_scalar(node))
+        if text.lower() not in ("true", "false"):
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not true or false", node.start_mark)
+        return text.lower() == "true"
+
+    def integer(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+        text = str(loader.construct_scalar(node))
+        base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+        try:
+            return int(text[2:] if base != 10 else text, base)
+        except ValueError:
+            shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{shown!r} is not an integer Python reads (at most 4300 digits)", node.start_mark
+            ) from None
 
     def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        loader.flatten_mapping(node)
+        own: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
+                )
+            if key in own:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            own.add(key)
+        loader.flatten_mapping(node)  # merged pairs first, then the mapping's own: later wins
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
@@ -112,24 +190,14 @@ def _parse_yaml(path: str | os.PathLike[str], text: str) -> object:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
                 )
-            if key in out:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             out[key] = loader.construct_object(value_node, deep=True)
         return out
 
+    StrictLoader.add_constructor("tag:yaml.org,2002:bool", boolean)
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", integer)
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        documents = list(yaml.load_all(text, Loader=StrictLoader))
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise _error(path, f"is not valid YAML: {problem}{at}") from None
-    except RecursionError:
-        raise _error(path, "is not valid YAML: nested too deeply") from None
-    if len(documents) != 1:
-        raise _error(path, f"holds {len(documents)} YAML documents; a configuration is exactly one")
-    return documents[0]
+    _LOADER.append(StrictLoader)
+    return StrictLoader
 
 
 _PARSERS = {"JSON": _parse_json, "TOML": _parse_toml, "YAML": _parse_yaml}
