@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from ..config.manager import KvBlockManagerConfig
 from ..errors import ConfigError, LoadError, Problem
@@ -147,7 +147,7 @@ def _strict_loader() -> Any:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        yaml_implicit_resolvers: ClassVar[dict[Any, Any]] = {}  # only _CORE below, not YAML 1.1
+        yaml_implicit_resolvers = cast(dict[Any, Any], {})  # only _CORE below, not YAML 1.1
 
     for name, pattern, first in _CORE:
         StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", regex.compile(pattern), list(first))
