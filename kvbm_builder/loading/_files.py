@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, overload
 
 from ..config.manager import KvBlockManagerConfig
 from ..errors import ConfigError, LoadError, Problem
@@ -147,7 +147,9 @@ def _strict_loader() -> Any:
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        yaml_implicit_resolvers = cast(dict[Any, Any], {})  # only _CORE below, not YAML 1.1
+        """PyYAML's safe loader with YAML 1.2's core scalars only."""
+
+    StrictLoader.yaml_implicit_resolvers = {}  # only _CORE below, none of YAML 1.1's
 
     for name, pattern, first in _CORE:
         StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", regex.compile(pattern), list(first))
