@@ -253,7 +253,7 @@ class KvBlockManager:
             kind = getattr(storage, "kind", None)
             # hasattr, not isinstance(Storage): from Python 3.12 protocol checks ignore attributes a proxy's
             # __getattr__ provides
-            if not all(hasattr(storage, a) for a in ("addr", "size")) or kind not in tier.accepts:
+            if not all(hasattr(storage, a) for a in ("addr", "size")) or not any(kind is k for k in tier.accepts):
                 self._owned.pop()
                 close = getattr(storage, "close", None)
                 if callable(close):
