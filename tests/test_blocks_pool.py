@@ -25,12 +25,12 @@ from kvbm_builder.errors import (
     PoolClosedError,
     PoolExhaustedError,
 )
-from tests.callers import EventLog
+from kvbm_builder.testing import RecordingEventManager
 
 PROMPT = list(range(100, 116))  # 16 tokens: four blocks of 4
 
 
-def pool(num_blocks: int = 8, events: EventLog | None = None) -> BlockPool:
+def pool(num_blocks: int = 8, events: RecordingEventManager | None = None) -> BlockPool:
     return BlockPool(Tier.G2, num_blocks, block_size=4, event_manager=events)
 
 
@@ -114,7 +114,7 @@ def test_a_full_tier_refuses_an_allocation_and_changes_nothing() -> None:
 
 
 def test_events_say_what_a_tier_gained_and_lost() -> None:
-    events = EventLog()
+    events = RecordingEventManager()
     host = pool(1, events)
     first, second = token_blocks(PROMPT[:8], 4)
     host.allocate(1)[0].register(first).release()
@@ -136,7 +136,7 @@ def test_events_say_what_a_tier_gained_and_lost() -> None:
 
 
 def test_a_duplicate_registration_sends_no_second_store_event() -> None:
-    events = EventLog()
+    events = RecordingEventManager()
     host = pool(4, events)
     block = token_blocks(PROMPT[:4], 4)[0]
     held = [host.allocate(1)[0].register(block) for _ in range(3)]
@@ -146,7 +146,7 @@ def test_a_duplicate_registration_sends_no_second_store_event() -> None:
 
 
 def test_reset_and_close_remove_what_was_registered() -> None:
-    events = EventLog()
+    events = RecordingEventManager()
     host = pool(4, events)
     a, b = token_blocks(PROMPT[:8], 4)
     held_a, held_b = host.register(host.allocate(2), [a, b])
@@ -163,7 +163,7 @@ def test_reset_and_close_remove_what_was_registered() -> None:
 
 
 def test_a_block_registered_by_an_engine_hash_carries_it_in_events() -> None:
-    events = EventLog()
+    events = RecordingEventManager()
     host = pool(2, events)
     host.allocate(1)[0].register(TokenBlock.from_hash(-5, parent_hash=9)).release()
     stored = events.events[0][1]
