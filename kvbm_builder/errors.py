@@ -13,6 +13,8 @@ import attrs
 
 __all__ = [
     "AllocationError",
+    "BlockPoolError",
+    "BlockReleasedError",
     "BuilderConsumedError",
     "ConfigError",
     "DiskStorageError",
@@ -24,7 +26,10 @@ __all__ = [
     "MetricsRegistryError",
     "MetricsServerError",
     "NixlError",
+    "PoolClosedError",
+    "PoolExhaustedError",
     "Problem",
+    "SequenceHashError",
     "UninitializedFieldError",
 ]
 
@@ -131,6 +136,26 @@ class DiskStorageError(AllocationError):
 
 class NixlError(KvbmError, RuntimeError):
     """NIXL is missing, or an agent could not be created or could not register a storage."""
+
+
+class SequenceHashError(KvbmError, ValueError):
+    """Tokens or hashes that cannot be hashed as upstream does (a token id outside u32, a hash outside 64 bits)."""
+
+
+class BlockPoolError(KvbmError, RuntimeError):
+    """A block pool was used against its rules. Names the tier and the block."""
+
+
+class BlockReleasedError(BlockPoolError):
+    """A block handle was used after it was released (or registered, for a mutable block), or released twice."""
+
+
+class PoolExhaustedError(BlockPoolError):
+    """A tier has fewer free or evictable blocks than asked for: every other block is in use."""
+
+
+class PoolClosedError(BlockPoolError):
+    """A block pool was used after its manager closed it (its memory is gone)."""
 
 
 class MetricsError(KvbmError, ValueError):

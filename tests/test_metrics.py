@@ -481,6 +481,13 @@ def test_the_window_holds_at_least_one_request(size: object) -> None:
         KvbmMetrics(cache_stats_max_requests=size)  # type: ignore[arg-type]
 
 
+def test_the_window_takes_any_size_upstream_takes() -> None:
+    window = HitRateWindow(2**64 - 1)  # a usize, as KvbmSettings.cache_stats_max_requests allows
+    window.record(10, 5, 0)
+
+    assert (window.max_requests, len(window), window.host_hit_rate) == (2**64 - 1, 1, 0.5)
+
+
 @pytest.mark.parametrize("buckets", [[], [0.1, 0.01], [0.0, 1.0], [1.0, math.inf], [0.1, 0.1]])
 def test_duration_buckets_must_increase(buckets: list[float]) -> None:
     with pytest.raises(MetricsError, match="duration_buckets must be increasing"):

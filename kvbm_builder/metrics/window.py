@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections import deque
+
+from ..config.env import DYN_KVBM_CACHE_STATS_MAX_REQUESTS
 
 DEFAULT_CACHE_STATS_MAX_REQUESTS = 1000
 """Upstream's default window (``DYN_KVBM_CACHE_STATS_MAX_REQUESTS``)."""
@@ -18,26 +21,26 @@ class HitRateWindow:
     Not thread-safe on its own: :class:`~kvbm_builder.metrics.KvbmMetrics` uses it under its lock.
     """
 
-    __slots__ = ("_disk", "_entries", "_host", "_requested")
+    __slots__ = ("_disk", "_entries", "_host", "_max_requests", "_requested")
 
     def __init__(self, max_requests: int = DEFAULT_CACHE_STATS_MAX_REQUESTS) -> None:
         from ..errors import MetricsError
 
         if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 1:
             raise MetricsError(
-                f"cache_stats_max_requests (DYN_KVBM_CACHE_STATS_MAX_REQUESTS) must be a whole number of requests "
+                f"cache_stats_max_requests ({DYN_KVBM_CACHE_STATS_MAX_REQUESTS}) must be a whole number of requests "
                 f">= 1, got {max_requests!r}"
             )
-        self._entries: deque[tuple[int, int, int]] = deque(maxlen=max_requests)
+        self._max_requests = max_requests
+        # upstream takes any usize; a deque's bound must fit a C ssize_t, and no process lives to see 2**63 requests
+        self._entries: deque[tuple[int, int, int]] = deque(maxlen=min(max_requests, sys.maxsize))
         self._requested = 0
         self._host = 0
         self._disk = 0
 
     @property
     def max_requests(self) -> int:
-        maxlen = self._entries.maxlen
-        assert maxlen is not None
-        return maxlen
+        return self._max_requests
 
     def record(self, requested: int, host: int, disk: int) -> None:
         """One request: ``requested`` tokens asked for, ``host`` of them found in G2 and ``disk`` in G3."""
