@@ -12,6 +12,8 @@ import sys
 import threading
 import urllib.error
 from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -501,6 +503,23 @@ def test_numpy_integers_count_like_ints(metrics: KvbmMetrics) -> None:
 
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "kvbm_transfer_bytes_total", src_tier="G1", dst_tier="G2") == 2 * BLOCK
+
+
+# ---- the README ---------------------------------------------------------------------------------------------------
+
+
+def test_the_readme_example_runs_and_serves_what_it_recorded() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Metrics") :]
+    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    namespace: dict[str, Any] = {}
+
+    exec(compile(code, "README.md", "exec"), namespace)
+
+    metrics, server = namespace["metrics"], namespace["server"]
+    assert metrics.closed and server.closed
+    samples = parse(generate_latest(metrics.registry).decode())  # unregistered on close: nothing of ours is left
+    assert not [name for name, _ in samples if name.startswith("kvbm_")]
 
 
 # ---- switched off ------------------------------------------------------------------------------------------------
