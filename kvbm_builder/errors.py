@@ -22,6 +22,9 @@ __all__ = [
     "KvbmError",
     "LayoutError",
     "LoadError",
+    "MetricsError",
+    "MetricsRegistryError",
+    "MetricsServerError",
     "NixlError",
     "PoolClosedError",
     "PoolExhaustedError",
@@ -153,3 +156,27 @@ class PoolExhaustedError(BlockPoolError):
 
 class PoolClosedError(BlockPoolError):
     """A block pool was used after its manager closed it (its memory is gone)."""
+
+
+class MetricsError(KvbmError, ValueError):
+    """Metrics were given something they cannot count: a negative count, an unknown skip reason, a bad window."""
+
+
+class MetricsRegistryError(MetricsError):
+    """A Prometheus registry already holds KVBM's metric names (another manager's metrics, or the user's own)."""
+
+
+class MetricsServerError(KvbmError, RuntimeError):
+    """``/metrics`` could not be served: the port is in use or the address cannot be bound. Names both."""
+
+    def __init__(self, message: str, *, host: str, port: int) -> None:
+        super().__init__(message)
+        self.host = host
+        self.port = port
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_metrics_server_error, (str(self), self.host, self.port))
+
+
+def _metrics_server_error(message: str, host: str, port: int) -> MetricsServerError:
+    return MetricsServerError(message, host=host, port=port)
