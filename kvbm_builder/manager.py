@@ -21,7 +21,7 @@ from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import CancellationToken
 from .errors import AllocationError, ConfigError, KvbmError, LayoutError
 from .layout import Layout, LayoutSpec, MemoryRegion
-from .storage import StorageClosedError
+from .storage import StorageClosedError, allocate
 
 if TYPE_CHECKING:
     from .nixl import NixlRegistry
@@ -317,7 +317,7 @@ class KvBlockManager:
         for _ in range(spec.num_allocations):
             storage = None
             try:
-                storage = allocator.allocate(spec.allocation_bytes)
+                storage = allocate(allocator, spec.allocation_bytes)
                 self._owned.append(storage)
             except KvbmError:
                 raise

@@ -157,7 +157,8 @@ def test_plan_prints_a_table_per_tier_and_the_checks(tmp_path: Path) -> None:
     assert any(line.split()[:3] == ["OK", "host", "RAM"] for line in lines)
     assert any(line.split()[:2] == ["OK", "disk"] for line in lines)
     assert result.stdout.rstrip().endswith(
-        "max_concurrent_transfers=4, max_transfer_batch_size=16, disk_offload_filter=True"
+        "max_concurrent_transfers=4, max_transfer_batch_size=16, disk_offload_filter=True, "
+        "cache_stats_max_requests=1000"
     )
 
 

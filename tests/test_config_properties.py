@@ -319,8 +319,11 @@ def storage_ok(value: object) -> bool:
 
 
 def allocator_ok(value: object) -> bool:
-    return value is None or (
-        hasattr(value, "allocate") and isinstance(getattr(value, "storage_kind", None), StorageKind)
+    # a built-in description (storage makes its memory), or an allocator of the caller's own
+    return (
+        value is None
+        or type(value) in (DeviceAllocator, PinnedAllocator, SystemAllocator, DiskAllocator)
+        or (hasattr(value, "allocate") and isinstance(getattr(value, "storage_kind", None), StorageKind))
     )
 
 

@@ -51,3 +51,37 @@ def test_building_a_whole_config_with_allocators_imports_no_gpu_or_nixl_module()
     )
 
     assert out.strip() == "[]"
+
+
+def test_config_is_data_it_imports_nothing_above_it() -> None:
+    # config -> layout -> storage -> manager: importing the configuration (and building one, above) never imports
+    # a layer above it, so no import cycle can run through config
+    out = run_fresh(
+        """
+        import sys
+        import kvbm_builder.config
+        above = ("kvbm_builder.storage", "kvbm_builder.layout", "kvbm_builder.loading", "kvbm_builder.manager",
+                 "kvbm_builder.nixl", "kvbm_builder.cli", "kvbm_builder.plan")
+        print(sorted(name for name in sys.modules if name.startswith(above)))
+        """
+    )
+
+    assert out.strip() == "[]"
+
+
+def test_no_module_of_config_names_a_layer_above_it_even_inside_a_function() -> None:
+    # a lazy import inside a function is a cycle too: read the sources, not sys.modules
+    import ast
+    from pathlib import Path
+
+    import kvbm_builder.config
+
+    above = {"storage", "layout", "loading", "manager", "nixl", "cli", "plan", "testing"}
+    for path in Path(kvbm_builder.config.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:  # from ..x import y
+                assert (node.module or "").split(".")[0] not in above, (path.name, node.module)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    assert not any(name.startswith(f"kvbm_builder.{layer}") for layer in above), (path.name, name)

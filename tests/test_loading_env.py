@@ -225,6 +225,7 @@ def test_settings_default_as_upstream() -> None:
         max_concurrent_transfers=4,
         max_transfer_batch_size=16,
         disk_offload_filter=True,
+        cache_stats_max_requests=1000,
     )
 
 
@@ -235,6 +236,7 @@ def test_settings_from_the_environment() -> None:
         "DYN_KVBM_MAX_CONCURRENT_TRANSFERS": "8",
         "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE": "64",
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "1",
+        "DYN_KVBM_CACHE_STATS_MAX_REQUESTS": "500",
     }
     assert settings_from_env(environ) == KvbmSettings(
         metrics=True,
@@ -242,6 +244,7 @@ def test_settings_from_the_environment() -> None:
         max_concurrent_transfers=8,
         max_transfer_batch_size=64,
         disk_offload_filter=False,
+        cache_stats_max_requests=500,
     )
     assert resolve(doc(), environ=environ).settings == settings_from_env(environ)
 

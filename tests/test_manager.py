@@ -35,7 +35,7 @@ from kvbm_builder import (
     Tier,
 )
 from kvbm_builder.config.protocols import Storage
-from kvbm_builder.storage import SystemStorage, cuda_available
+from kvbm_builder.storage import SystemStorage, allocate, cuda_available
 
 MODEL = KvManagerModelConfig.builder().num_layers(3).outer_dim(2).page_size(4).inner_dim(8).build()
 
@@ -52,7 +52,7 @@ class Recording:
         return self.inner.storage_kind  # type: ignore[no-any-return]
 
     def allocate(self, size: int) -> Any:
-        storage = self.inner.allocate(size)
+        storage = allocate(self.inner, size)
         self.made.append(storage)
         return storage
 

@@ -24,6 +24,7 @@ from kvbm_builder.storage import (
     StorageBufferError,
     StorageClosedError,
     _libc,
+    allocate,
     allocate_disk,
 )
 from kvbm_builder.storage import disk as disk_module
@@ -58,7 +59,7 @@ def fcntl_flags(fd: int) -> int:
 
 
 def test_close_closes_and_removes_the_file_once(tmp_path: Path) -> None:
-    storage = DiskAllocator(directory=str(tmp_path)).allocate(8192)
+    storage = allocate(DiskAllocator(directory=str(tmp_path)), 8192)
     assert isinstance(storage, DiskStorage)
     storage.close()
     storage.close()

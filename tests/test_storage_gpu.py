@@ -26,6 +26,7 @@ from kvbm_builder.storage import (
     DeviceStorage,
     PinnedStorage,
     StorageClosedError,
+    allocate,
     allocate_device,
     allocate_pinned,
     allocate_system,
@@ -139,7 +140,7 @@ def test_a_gpu_that_does_not_exist_is_named() -> None:
 def test_the_fast_path_pins_the_whole_range_and_reports_progress(cupy: Any, device: DeviceStorage) -> None:
     calls: list[tuple[int, int]] = []
     size = 256 * MiB + 12345
-    storage = PinnedAllocator(threads=4, progress=lambda d, t: calls.append((d, t))).allocate(size)
+    storage = allocate(PinnedAllocator(threads=4, progress=lambda d, t: calls.append((d, t))), size)
     with storage:
         assert isinstance(storage, PinnedStorage)
         assert storage.kind is StorageKind.PINNED and storage.device_id == 0 and storage.gpu == 0

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbm_builder import AllocationError, ConfigError, GpuUnavailableError, KvbmError, PinnedAllocator
-from kvbm_builder.storage import PinTuning, _host, _libc, allocate_pinned, cuda_available
+from kvbm_builder.storage import PinTuning, _host, _libc, allocate, allocate_pinned, cuda_available
 
 MiB = 2**20
 
@@ -269,7 +269,7 @@ def test_numa_nodes_are_counted_from_sysfs(tmp_path: Path) -> None:
 @pytest.mark.skipif(cuda_available(), reason="this machine has CUDA: see test_storage_gpu.py")
 def test_without_cuda_a_pinned_tier_says_why_and_points_at_the_system_allocator() -> None:
     with pytest.raises(GpuUnavailableError) as caught:
-        PinnedAllocator().allocate(MiB)
+        allocate(PinnedAllocator(), MiB)
     message = str(caught.value)
     assert message.startswith("host tier (G2): CUDA cannot be used: ")
     assert "SystemAllocator()" in message and '{"kind": "system"}' in message

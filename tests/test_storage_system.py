@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kvbm_builder import AllocationError, KvbmError, StorageKind, SystemAllocator
 from kvbm_builder.config.protocols import Storage
-from kvbm_builder.storage import StorageClosedError, SystemStorage, _libc, allocate_system
+from kvbm_builder.storage import StorageClosedError, SystemStorage, _libc, allocate, allocate_system
 
 
 def is_mapped(addr: int) -> bool:
@@ -65,7 +65,7 @@ def test_a_closed_storage_refuses_new_views() -> None:
 
 
 def test_the_allocator_spec_allocates_through_this_module() -> None:
-    with SystemAllocator().allocate(1 << 20) as storage:
+    with allocate(SystemAllocator(), 1 << 20) as storage:
         assert isinstance(storage, SystemStorage)
         assert storage.size == 1 << 20
 

@@ -26,6 +26,7 @@ from .runtime import (
     NixlMode,
     NixlOptions,
 )
+from .settings import KvbmSettings
 from .sizes import GB, GiB, parse_size
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "KvManagerModelConfigBuilder",
     "KvManagerRuntimeConfig",
     "KvManagerRuntimeConfigBuilder",
+    "KvbmSettings",
     "LayerSeparate",
     "LayoutType",
     "NixlMode",

@@ -1,24 +1,22 @@
 """The built-in allocators, as plain data: *how* a tier's memory is made, not the memory itself.
 
-Each is a frozen attrs class that a config file can describe (``{"device_id": 0}``). Calling
-``allocate(size)`` imports the matching ``kvbm_builder.storage`` module on first use, so importing the
-configuration never imports cupy, nixl or touches a GPU.
+Each is a frozen attrs class that a config file can describe (``{"device_id": 0}``). Config is data: turning a
+description into real memory is the storage layer's job (:func:`kvbm_builder.storage.allocate`), so importing the
+configuration never imports the storage modules, cupy or nixl. A caller's own allocator (anything with
+``storage_kind`` and ``allocate(size)``) is used through its own ``allocate()``.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, TypeAlias
 
 import attrs
 
 from ..errors import Problem
 from ._rules import Validated, instance, integer, optional, rule, show
 from .protocols import StorageKind
-
-if TYPE_CHECKING:
-    from ..storage import DeviceStorage, DiskStorage, PinnedStorage, SystemStorage
 
 #: ``progress(done_bytes, total_bytes)``, called from the allocating thread during long bring-ups.
 ProgressCallback = Callable[[int, int], None]
@@ -36,11 +34,6 @@ class DeviceAllocator(Validated):
     storage_kind: ClassVar[StorageKind] = StorageKind.DEVICE
 
     device_id: int = attrs.field(default=0, metadata=rule(integer(min=0)))
-
-    def allocate(self, size: int) -> DeviceStorage:
-        from ..storage.device import allocate_device
-
-        return allocate_device(size, self.device_id)
 
 
 class PinningMode(enum.Enum):
@@ -81,11 +74,6 @@ class PinnedAllocator(Validated):
             return [Problem(("huge_pages",), "huge pages need mode 'register' (mmap + cudaHostRegister)")]
         return []
 
-    def allocate(self, size: int) -> PinnedStorage:
-        from ..storage.pinned import allocate_pinned
-
-        return allocate_pinned(size, self)
-
 
 @attrs.frozen(kw_only=True)
 class SystemAllocator(Validated):
@@ -93,11 +81,6 @@ class SystemAllocator(Validated):
 
     _kvbm_root: ClassVar[str] = "allocator"
     storage_kind: ClassVar[StorageKind] = StorageKind.SYSTEM
-
-    def allocate(self, size: int) -> SystemStorage:
-        from ..storage.system import allocate_system
-
-        return allocate_system(size)
 
 
 def _directory(value: object) -> str | None:
@@ -123,7 +106,7 @@ class DiskAllocator(Validated):
     o_direct: bool = attrs.field(default=True, metadata=true_or_false)
     zerofill_fallback: bool = attrs.field(default=False, metadata=true_or_false)
 
-    def allocate(self, size: int) -> DiskStorage:
-        from ..storage.disk import allocate_disk
 
-        return allocate_disk(size, self)
+BuiltinAllocator: TypeAlias = "DeviceAllocator | PinnedAllocator | SystemAllocator | DiskAllocator"
+#: The allocators a document can describe, in the order of their tiers.
+BUILTIN_ALLOCATORS: tuple[type, ...] = (DeviceAllocator, PinnedAllocator, SystemAllocator, DiskAllocator)

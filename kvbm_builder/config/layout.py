@@ -11,6 +11,7 @@ import attrs
 from ..errors import ConfigError, Problem
 from ._builder import Builder
 from ._rules import Validated, has_attributes, instance, integer, optional, power_of_two, rule, show
+from .allocators import BUILTIN_ALLOCATORS, BuiltinAllocator
 from .protocols import OffloadFilter, Storage, StorageAllocator, StorageKind
 
 S = TypeVar("S", bound=Storage)
@@ -126,7 +127,7 @@ _allocator_shape = has_attributes(
 
 
 def _allocator_check(value: object) -> str | None:
-    if value is None:
+    if value is None or type(value) in BUILTIN_ALLOCATORS:
         return None
     message = _allocator_shape(value)
     if message is None and not isinstance(value.storage_kind, StorageKind):  # type: ignore[attr-defined]
@@ -152,7 +153,7 @@ class KvManagerLayoutConfig(Validated, Generic[S]):
         default=None,
         metadata=rule(_storages_check),
     )
-    allocator: StorageAllocator | None = attrs.field(default=None, metadata=rule(_allocator_check))
+    allocator: BuiltinAllocator | StorageAllocator | None = attrs.field(default=None, metadata=rule(_allocator_check))
     logical: BlockParallelismStrategy | None = attrs.field(
         default=None,
         metadata=rule(optional(instance(BlockParallelismStrategy, what="a BlockParallelismStrategy or None"))),
@@ -214,7 +215,7 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
         """Memory allocated beforehand: one storage (FullyContiguous) or one per layer (LayerSeparate)."""
         return self._set("storage", tuple(value) if isinstance(value, list) else value)
 
-    def allocator(self, allocator: StorageAllocator) -> KvManagerLayoutConfigBuilder[S]:
+    def allocator(self, allocator: BuiltinAllocator | StorageAllocator) -> KvManagerLayoutConfigBuilder[S]:
         """Custom setter: the allocator that makes this tier's storages (e.g. ``DeviceAllocator(0)``)."""
         return self._set("allocator", allocator)
 

@@ -46,6 +46,7 @@ from ..config.env import read_positive
 from ..config.layout import KvManagerLayoutConfig
 from ..config.manager import KvBlockManagerConfig
 from ..config.protocols import StorageKind, Tier
+from ..config.settings import KvbmSettings
 from ..errors import ConfigError, Problem, UninitializedFieldError
 from ._converter import LAYOUTS, NOTHING_BUILT, Table, build_layout, converter, dump, kind_of, load
 from ._render import show_value
@@ -59,25 +60,6 @@ _FALSE = ("0", "false", "no", "off")
 
 
 # ---- settings without a config field -----------------------------------------------------------------------------
-
-
-@attrs.frozen(kw_only=True)
-class KvbmSettings:
-    """What a running KVBM reads from ``DYN_KVBM_*`` besides the configuration proper.
-
-    - ``metrics``: serve Prometheus metrics (``DYN_KVBM_METRICS``: 1/true/yes/on or 0/false/no/off);
-    - ``metrics_port``: where (``DYN_KVBM_METRICS_PORT``, default 6880);
-    - ``max_concurrent_transfers``: offload transfers in flight (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``, default 4);
-    - ``max_transfer_batch_size``: blocks per transfer batch (``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE``, default 16);
-    - ``disk_offload_filter``: a host block must be seen twice before it is written to disk, protecting SSDs
-      (off when ``DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER`` is present).
-    """
-
-    metrics: bool = False
-    metrics_port: int = names.DEFAULT_METRICS_PORT
-    max_concurrent_transfers: int = 4
-    max_transfer_batch_size: int = 16
-    disk_offload_filter: bool = True
 
 
 def _env_problem(name: str, message: str) -> Problem:
@@ -172,6 +154,9 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
             )
         ),
         "disk_offload_filter": seen.read(lambda: not _present(environ, names.DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER)),
+        "cache_stats_max_requests": seen.read(
+            lambda: _count(environ, names.DYN_KVBM_CACHE_STATS_MAX_REQUESTS, default=1000, most=2**64 - 1)
+        ),
     }
     if seen.problems:
         raise ConfigError(seen.problems, "")

@@ -9,6 +9,7 @@ from ._base import OwnedStorage, StorageBufferError, StorageClosedError
 from ._cuda import cuda_available, cuda_unavailable_reason
 from .device import DeviceStorage, allocate_device
 from .disk import DiskReservationWarning, DiskStorage, allocate_disk
+from .dispatch import allocate
 from .pinned import PinnedStorage, PinTuning, allocate_pinned
 from .system import SystemStorage, allocate_system
 
@@ -22,6 +23,7 @@ __all__ = [
     "StorageBufferError",
     "StorageClosedError",
     "SystemStorage",
+    "allocate",
     "allocate_device",
     "allocate_disk",
     "allocate_pinned",

@@ -127,8 +127,9 @@ class OwnedStorage:
         raise NotImplementedError
 
     @contextmanager
-    def _in_use(self, what: str) -> Iterator[None]:
-        """Hold the storage open for one operation: refused once closing, and close() waits until it is over."""
+    def in_use(self, what: str = "use it") -> Iterator[None]:
+        """Hold the storage open for one operation (a read, a write, a transfer through its address or descriptor):
+        StorageClosedError once closing has started, and close() waits until every such operation is over."""
         with self._state:
             self._check_open(what)
             self._busy += 1

@@ -92,7 +92,7 @@ class DiskStorage(OwnedStorage):
         offset = _offset(offset, "write")
         view = _bytes_of(data, "write()", writable=False)
         self._check_range(offset, len(view), "write")
-        with self._in_use("write"), self._io("write"):
+        with self.in_use("write"), self._io("write"):
             if not self._o_direct or _aligned(view, offset):
                 _pwrite_all(self._fd, view, offset)
             else:
@@ -104,7 +104,7 @@ class DiskStorage(OwnedStorage):
         offset = _offset(offset, "read")
         view = _bytes_of(buf, "read_into()", writable=True)
         self._check_range(offset, len(view), "read")
-        with self._in_use("read"), self._io("read"):
+        with self.in_use("read"), self._io("read"):
             if not self._o_direct or _aligned(view, offset):
                 _pread_all(self._fd, view, offset)
             else:
