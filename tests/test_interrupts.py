@@ -3,9 +3,9 @@ finished by calling ``close()`` again, without touching what was allocated meanw
 
 Each test first counts the system calls of one allocation (or release), then repeats it once per step, with a
 KeyboardInterrupt injected before that call, or just after it returned (its result dropped, as when Ctrl-C arrives
-during the call). After each try, /proc/self/fd and /proc/self/maps must show nothing left and the directory must be
-empty. ``tests/fuzz/test_storage_faults.py`` draws the same at random, with faults as well; the CUDA steps of the
-pinned and device tiers are interrupted in ``test_interrupts_gpu`` (GPU only).
+during the call). After each try /proc/self/fd must show no new descriptor, the kernel must map no page of any mapping
+made, and the directory must be empty. ``tests/fuzz/test_storage_interrupts.py`` draws the same at random; the CUDA
+steps of the pinned and device tiers are interrupted in ``test_interrupts_gpu.py`` (GPU only).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class PinnedCpuSteps:
 @pytest.fixture(scope="module")
 def agent() -> Any:
     nixl_api = pytest.importorskip("nixl._api")
-    return nixl_api.nixl_agent("interrupts", nixl_api.nixl_agent_config(backends=["UCX", "POSIX"]))
+    return nixl_api.nixl_agent(
+        "interrupts", nixl_api.nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"])
+    )
 
 
 def manager(directory: str, agent: Any = None) -> KvBlockManager:

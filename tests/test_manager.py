@@ -638,7 +638,9 @@ def test_a_failed_bring_up_whose_nixl_rollback_fails_keeps_the_memory_nixl_holds
     from kvbm_builder.manager import ReleaseError
     from kvbm_builder.nixl import NixlRegistry
 
-    agent = nixl_api.nixl_agent("bring-up", nixl_api.nixl_agent_config(backends=["UCX", "POSIX"]))
+    agent = nixl_api.nixl_agent(
+        "bring-up", nixl_api.nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"])
+    )
     real_register, real_deregister = agent.register_memory, agent.deregister_memory
 
     def refuse_files(descs: Any, *args: Any, **kwargs: Any) -> Any:

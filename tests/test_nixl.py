@@ -23,7 +23,9 @@ nixl_api = pytest.importorskip("nixl._api")
 @pytest.fixture(scope="module")
 def shared_agent() -> Any:
     """A caller's agent (ENABLED_WITH_AGENT), with UCX and POSIX; one for the module, agents take a while."""
-    return nixl_api.nixl_agent("caller", nixl_api.nixl_agent_config(backends=["UCX", "POSIX"]))
+    return nixl_api.nixl_agent(
+        "caller", nixl_api.nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"])
+    )
 
 
 @pytest.fixture
@@ -147,7 +149,7 @@ def test_a_failure_on_the_second_storage_deregisters_the_first(
 
 
 def test_an_agent_without_a_file_backend_is_told_what_to_add(host: SystemStorage, disk: DiskStorage) -> None:
-    agent = nixl_api.nixl_agent("ucx-only", nixl_api.nixl_agent_config(backends=["UCX"]))
+    agent = nixl_api.nixl_agent("ucx-only", nixl_api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
     with NixlRegistry(NixlOptions.enabled_with_agent(agent), 1) as registry:
         registry.register(host)
         with pytest.raises(NixlError, match=r"no backend .* handles FILE memory.*create_backend\('POSIX'\)"):

@@ -520,3 +520,23 @@ def test_close_waits_for_io_in_flight_and_never_lets_it_reach_a_reused_descripto
     closer.join(60)
     assert storage.closed and list(tmp_path.iterdir()) == []
     assert calls == 2
+
+
+def test_a_failed_zero_fill_or_bounced_write_leaves_no_scratch_buffer_to_the_error_it_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error's traceback must not hold a view of the 8 MiB scratch buffer: the caller may keep the error (a log
+    record, ``sys.last_value``) for as long as it likes, and the buffer would stay mapped all that time."""
+    from syscalls import Syscalls
+
+    monkeypatch.setattr(_libc, "fallocate", refuse_fallocate)
+    with Syscalls(refuse={"pwrite": errno.ENOSPC}) as calls:
+        with pytest.raises(DiskStorageError, match=r"step: zero-fill") as zero_fill:
+            allocate_disk(MiB, spec(tmp_path, zerofill_fallback=True))
+        assert calls.live_mappings() == [] and calls.problems == []
+    monkeypatch.undo()
+    with allocate_disk(3 * 4096, spec(tmp_path)) as storage, Syscalls(refuse={"pwrite": errno.EIO}) as calls:
+        with pytest.raises(DiskStorageError, match="write failed") as bounced:
+            storage.write(5, b"unaligned, so it goes through the scratch buffer")
+        assert calls.live_mappings() == [] and calls.problems == []
+    assert zero_fill.value.__traceback__ is not None and bounced.value.__traceback__ is not None  # kept till here

@@ -359,30 +359,28 @@ def _no_space(path: str, directory: str, needed: int, step: str) -> DiskStorageE
 
 def _zero_fill(fd: int, file_size: int) -> None:
     with _aligned_buffer(_BOUNCE) as zeros:  # zeroed by the kernel
-        view = memoryview(zeros)
-        try:
-            for offset in range(0, file_size, _BOUNCE):
-                _pwrite_all(fd, view[: min(_BOUNCE, file_size - offset)], offset)
-        finally:
-            view.release()
+        for offset in range(0, file_size, _BOUNCE):
+            with memoryview(zeros) as whole, whole[: min(_BOUNCE, file_size - offset)] as piece:
+                _pwrite_all(fd, piece, offset)
 
 
 @contextmanager
 def _aligned_buffer(size: int) -> Iterator[mmap.mmap]:
-    """A page-aligned scratch buffer (O_DIRECT accepts it), unmapped afterwards."""
+    """A page-aligned scratch buffer (O_DIRECT accepts it), unmapped afterwards. Views of it must be released before
+    an error leaves their frame: a traceback holding one would keep the buffer mapped as long as the error lives."""
     buffer = _libc.map_anonymous(size)
     try:
         yield buffer
     finally:
-        # a traceback that still holds a slice keeps it exported: the collector unmaps it later
-        with suppress(BufferError):
+        with suppress(BufferError):  # a view still held elsewhere: the collector unmaps it with the last one
             _libc.close_mapping(buffer)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
+        with view[done:] as rest:  # released before an error leaves: a traceback must not keep the buffer exported
+            n = os.pwrite(fd, rest, offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         done += n
@@ -391,7 +389,8 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 def _pread_all(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        with view[done:] as rest:
+            n = os.preadv(fd, [rest], offset + done)
         if n <= 0:
             raise OSError(errno.EIO, "unexpected end of file")
         done += n
