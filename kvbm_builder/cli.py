@@ -111,10 +111,8 @@ def _resolve(path: str, args: argparse.Namespace) -> Any:
 
 
 def _print_errors(err: ConfigError, prefix: str, stream: TextIO) -> None:
-    from .loading._render import lines
-
-    for line in lines(err, prefix):
-        print(line, file=stream)
+    for path, message in err.errors:
+        print(f"{prefix}: {path}: {message}" if path else f"{prefix}: {message}", file=stream)
 
 
 # ---- validate ----------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Configuration problems are data: a :class:`ConfigError` carries every :class:`Pr
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Sequence
 
 import attrs
@@ -22,10 +23,38 @@ __all__ = [
     "LoadError",
     "NixlError",
     "Problem",
+    "RuntimeObjectError",
+    "RuntimeObjectWarning",
     "UninitializedFieldError",
+    "UsageError",
+    "show",
 ]
 
 PathItem = str | int
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 2
+_repr.maxdict = _repr.maxlist = _repr.maxtuple = _repr.maxset = 4
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlong = 60
+
+
+def show(value: object, *, typed: bool = True) -> str:
+    """A value as every message shows it: ``3``, ``None``, ``'4' (str)``, ``True (bool)``, ``[[[...]]] (list)``;
+    ``typed=False`` leaves out the type (``'16 gigs'``, where the words already say what it is).
+
+    The one value renderer of the package. It never fails and never runs long, whatever the value (a 5000-digit
+    integer, a deeply nested list, a megabyte of text), so a message about hostile input stays one short line.
+    """
+    if type(value) is int and value.bit_length() > 192:  # str() of an int past 4300 digits raises ValueError
+        return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits (int)"
+    if type(value) in (int, float) or value is None:
+        return repr(value)
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a caller's object whose __repr__ fails
+        text = f"<{type(value).__name__} object>"
+    return f"{text} ({type(value).__name__})" if typed else text
 
 
 def render_path(root: str, path: Sequence[PathItem]) -> str:
@@ -83,9 +112,9 @@ class ConfigError(KvbmError, ValueError):
 class UninitializedFieldError(ConfigError):
     """A required builder field was never set.
 
-    ``str(err)`` is exactly upstream's message for the first missing field (declaration order),
-    e.g. `` `worker_id` must be initialized ``; ``missing`` names them all and ``errors`` also lists
-    any other problem found in the same ``build()``.
+    ``missing`` names every missing field; ``errors`` lists them and any other problem of the same ``build()``.
+    ``str(err)`` lists every problem; when the first is a missing field its first line is upstream's exact message,
+    e.g. `` `worker_id` must be initialized `` (and that is all of it when nothing else is wrong).
     """
 
     def __init__(self, problems: Iterable[Problem], root: str = "", missing: Sequence[str] = ()) -> None:
@@ -93,7 +122,11 @@ class UninitializedFieldError(ConfigError):
         super().__init__(problems, root)
 
     def _summary(self) -> str:
-        return f"`{self.missing[0]}` must be initialized" if self.missing else super()._summary()
+        first = self.problems[0] if self.problems else None
+        if first is None or first.message != "must be initialized" or not self.missing:
+            return super()._summary()
+        upstream = f"`{first.path[-1] if first.path else self.missing[0]}` must be initialized"
+        return upstream if len(self.problems) == 1 else f"{upstream}\n{super()._summary()}"
 
     def rerooted(self, root: str, *prefix: PathItem) -> ConfigError:
         return UninitializedFieldError([p.under(*prefix) for p in self.problems], root, self.missing)
@@ -108,6 +141,20 @@ class BuilderConsumedError(KvbmError, RuntimeError):
 
 class LoadError(ConfigError):
     """A configuration document could not be read (file missing, not JSON/TOML/YAML, ...)."""
+
+
+class RuntimeObjectError(ConfigError, TypeError):
+    """A runtime object (memory given as ``storage``, a caller's allocator or NIXL agent, a token, a registry...)
+    was asked to go where only data goes: a document (``dump``) or a pickle. Names the field and what to do."""
+
+
+class RuntimeObjectWarning(UserWarning):
+    """``dump()`` left out runtime objects a caller attached (an event manager, an offload filter, a callback):
+    a document cannot hold them, so a config loaded from it has none until they are set again in Python."""
+
+
+class UsageError(KvbmError, ValueError):
+    """The command line was used wrongly (e.g. ``--set`` without ``KEY=VALUE``); the CLI exits 2."""
 
 
 class LayoutError(KvbmError, ValueError):

@@ -49,7 +49,9 @@ def test_every_public_error_class_is_exported_from_the_package() -> None:
         "LayoutError",
         "LoadError",
         "NixlError",
+        "RuntimeObjectError",
         "UninitializedFieldError",
+        "UsageError",
     }
 
 
@@ -123,7 +125,8 @@ class TestUninitializedFieldError:
 
         assert type(again) is UninitializedFieldError
         assert again.missing == ("runtime", "model")
-        assert str(again) == "`runtime` must be initialized"
+        assert str(again) == str(caught.value)
+        assert str(again).splitlines()[0] == "`runtime` must be initialized"
 
 
 def test_a_problem_found_by_build_names_its_field() -> None:

@@ -147,7 +147,9 @@ def test_to_toml_writes_sections_and_upstreams_layout_inline() -> None:
     assert "[host_layout.allocator]\n" in text
     assert "num_blocks = 4096  # file\n" in text
     layered = to_toml({"t": {"layout_type": {"LayerSeparate": {"outer_contiguous": True}}}})
-    assert layered == "[t]\nlayout_type = { LayerSeparate = { outer_contiguous = true } }\n"
+    assert tomllib.loads(layered) == {"t": {"layout_type": {"LayerSeparate": {"outer_contiguous": True}}}}
+    quoted = to_toml({"a b": {"c.d": 1}}, {"a b.c.d": "file"})
+    assert quoted.splitlines()[-1] == '"c.d" = 1  # file'
 
 
 def test_toml_has_no_null() -> None:

@@ -329,16 +329,9 @@ def test_a_storage_of_the_wrong_kind_is_refused_by_the_config() -> None:
             builder.disk_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage([memory]).build()).build()
 
 
-def test_storage_none_passes_the_builder_but_the_manager_says_what_is_missing() -> None:
-    config = (
-        KvBlockManagerConfig.builder()
-        .runtime(runtime())
-        .model(MODEL)
-        .host_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build())
-        .build()
-    )
-    with pytest.raises(AllocationError, match=r"host tier \(G2\) has no memory.*\.allocator\("):
-        KvBlockManager(config)
+def test_storage_none_alone_is_refused_before_any_manager_starts() -> None:
+    with pytest.raises(ConfigError, match="must provide either `storage` or `allocator` or `logical`"):
+        KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build()
 
 
 def test_a_logical_tier_has_no_local_memory() -> None:

@@ -9,9 +9,8 @@ from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from ..config.protocols import StorageKind
-from ..config.sizes import format_bytes
+from ..config.sizes import MAX_BYTES, format_bytes
 from ..errors import AllocationError, KvbmError
-from ..layout._math import MAX_BYTES
 
 log = logging.getLogger("kvbm_builder.storage")
 _S = TypeVar("_S", bound="OwnedStorage")

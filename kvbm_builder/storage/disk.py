@@ -24,8 +24,8 @@ from typing import ClassVar
 
 from ..config.allocators import DiskAllocator
 from ..config.protocols import StorageKind
+from ..config.sizes import MAX_BYTES
 from ..errors import DiskStorageError, LayoutError
-from ..layout._math import MAX_BYTES
 from . import _libc
 from ._base import OwnedStorage, StorageBufferError, check_size, human, log
 from ._host import round_up

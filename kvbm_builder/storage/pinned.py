@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..config._rules import Validated, integer, rule
-from ..config.allocators import PinnedAllocator, PinningMode, true_or_false
+from ..config.allocators import PinnedAllocator, PinningMode
+from ..config.fields import Validated, field, integer, true_or_false
 from ..config.protocols import StorageKind
 from ..errors import AllocationError
 from . import _cuda, _host, _libc
@@ -63,9 +63,11 @@ class PinTuning(Validated):
 
     _kvbm_root: ClassVar[str] = "tuning"
 
-    populate_chunk_bytes: int = attrs.field(default=16 * MiB, metadata=rule(integer(min=4096)))
-    transparent_huge_pages: bool = attrs.field(default=True, metadata=true_or_false)
-    write_combined: bool = attrs.field(default=False, metadata=true_or_false)
+    populate_chunk_bytes: int = field(
+        default=16 * MiB, rule=integer(min=4096), doc="Bytes one thread populates at a time."
+    )
+    transparent_huge_pages: bool = field(default=True, rule=true_or_false, doc="madvise(MADV_HUGEPAGE) the mapping.")
+    write_combined: bool = field(default=False, rule=true_or_false, doc="cudaHostAllocWriteCombined (host_alloc).")
 
 
 class PinnedStorage(_host.HostStorage):
