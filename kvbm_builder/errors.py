@@ -14,6 +14,8 @@ import attrs
 
 __all__ = [
     "AllocationError",
+    "BlockPoolError",
+    "BlockReleasedError",
     "BuilderConsumedError",
     "ConfigError",
     "DiskStorageError",
@@ -21,10 +23,16 @@ __all__ = [
     "KvbmError",
     "LayoutError",
     "LoadError",
+    "MetricsError",
+    "MetricsRegistryError",
+    "MetricsServerError",
     "NixlError",
+    "PoolClosedError",
+    "PoolExhaustedError",
     "Problem",
     "RuntimeObjectError",
     "RuntimeObjectWarning",
+    "SequenceHashError",
     "UninitializedFieldError",
     "UsageError",
     "show",
@@ -175,3 +183,47 @@ class DiskStorageError(AllocationError):
 
 class NixlError(KvbmError, RuntimeError):
     """NIXL is missing, or an agent could not be created or could not register a storage."""
+
+
+class SequenceHashError(KvbmError, ValueError):
+    """Tokens or hashes that cannot be hashed as upstream does (a token id outside u32, a hash outside 64 bits)."""
+
+
+class BlockPoolError(KvbmError, RuntimeError):
+    """A block pool was used against its rules. Names the tier and the block."""
+
+
+class BlockReleasedError(BlockPoolError):
+    """A block handle was used after it was released (or registered, for a mutable block), or released twice."""
+
+
+class PoolExhaustedError(BlockPoolError):
+    """A tier has fewer free or evictable blocks than asked for: every other block is in use."""
+
+
+class PoolClosedError(BlockPoolError):
+    """A block pool was used after its manager closed it (its memory is gone)."""
+
+
+class MetricsError(KvbmError, ValueError):
+    """Metrics were given something they cannot count: a negative count, an unknown skip reason, a bad window."""
+
+
+class MetricsRegistryError(MetricsError):
+    """A Prometheus registry already holds KVBM's metric names (another manager's metrics, or the user's own)."""
+
+
+class MetricsServerError(KvbmError, RuntimeError):
+    """``/metrics`` could not be served: the port is in use or the address cannot be bound. Names both."""
+
+    def __init__(self, message: str, *, host: str, port: int) -> None:
+        super().__init__(message)
+        self.host = host
+        self.port = port
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_metrics_server_error, (str(self), self.host, self.port))
+
+
+def _metrics_server_error(message: str, host: str, port: int) -> MetricsServerError:
+    return MetricsServerError(message, host=host, port=port)

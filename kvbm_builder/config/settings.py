@@ -25,7 +25,7 @@ class KvbmSettings(Validated):
         doc="Serve Prometheus metrics on /metrics.",
     )
     metrics_port: int = field(
-        default=6880,
+        default=env.DEFAULT_METRICS_PORT,
         rule=integer(min=1, max=65535, what="a port number 1..65535"),
         env=EnvVar(env.DYN_KVBM_METRICS_PORT, "count", what="a port number 1..65535", zero_is_unset=False),
         doc="Where the metrics are served.",
