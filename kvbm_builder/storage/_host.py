@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import queue
 import re
@@ -12,6 +13,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -96,33 +98,37 @@ def pci_numa_node(pci_name: str, sysfs: Path = Path("/sys/bus/pci/devices")) -> 
 class HostMapping:
     """An anonymous private mapping: ``length`` bytes (a multiple of ``page_size``) at ``addr``.
 
-    ``pages`` says what backs it: ``"hugetlb"`` (MAP_HUGETLB), ``"thp"`` (MADV_HUGEPAGE accepted) or ``"4k"``.
+    An ``mmap.mmap`` owns it (``memory``; ``addr`` is ``offset`` bytes into it): whatever drops that object unmaps
+    the memory, so nothing can leak it, and a numpy view of it keeps it mapped. ``pages`` says what backs it:
+    ``"hugetlb"`` (MAP_HUGETLB), ``"thp"`` (MADV_HUGEPAGE accepted) or ``"4k"``.
     """
 
-    __slots__ = ("addr", "length", "page_size", "pages", "unmapped")
+    __slots__ = ("addr", "length", "memory", "offset", "page_size", "pages")
 
-    def __init__(self, addr: int, length: int, page_size: int, pages: str) -> None:
-        self.addr = addr
+    def __init__(self, memory: mmap.mmap, base: int, offset: int, length: int, page_size: int, pages: str) -> None:
+        self.memory: mmap.mmap | None = memory
+        self.offset = offset
+        self.addr = base + offset
         self.length = length
         self.page_size = page_size
         self.pages = pages
-        self.unmapped = False
+
+    @property
+    def unmapped(self) -> bool:
+        """True once :meth:`unmap` let go of the memory (it may live on in views until they go)."""
+        return self.memory is None
 
     def unmap(self) -> None:
-        """munmap the range, at most once: a second call never unmaps memory mapped there since.
-
-        An OSError leaves it mapped (the kernel refused; call again). When an interrupt lands around the call
-        (a signal during munmap is raised as soon as it returns), the kernel is asked whether the range is gone."""
-        if self.unmapped:
+        """munmap now, or, while views still export the memory, leave it to them: the last one unmaps it.
+        At most once: a second call never unmaps memory mapped at that address since."""
+        memory = self.memory
+        if memory is None:
             return
         try:
-            _libc.munmap(self.addr, self.length)
-            self.unmapped = True
-        except OSError:
-            raise
-        except BaseException:
-            self.unmapped = not _libc.is_mapped(self.addr)
-            raise
+            _libc.close_mapping(memory)
+        except BufferError:
+            log.debug("host memory at 0x%x is still used by views: it is unmapped when the last one goes", self.addr)
+        self.memory = None
 
 
 def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) -> HostMapping:
@@ -132,7 +138,7 @@ def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) 
         page = huge_page_size()
         length = round_up(size, page)
         try:
-            return HostMapping(_libc.mmap_anonymous(length, hugetlb=True), length, page, "hugetlb")
+            memory = _libc.map_anonymous(length, hugetlb=True)
         except OSError as exc:
             free = meminfo("HugePages_Free")
             log.warning(
@@ -148,37 +154,41 @@ def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) 
                 length // page,
             )
             thp = True
+        else:
+            return _owned(memory, lambda base: HostMapping(memory, base, 0, length, page, "hugetlb"))
     length = round_up(size, _libc.PAGE_SIZE)
+    # huge pages need 2 MiB aligned ranges: map a little more and use the aligned part (the rest is never touched)
+    align = _THP_ALIGN if thp and length >= _THP_ALIGN else _libc.PAGE_SIZE
     try:
-        addr = _map_aligned(length, _THP_ALIGN if thp and length >= _THP_ALIGN else _libc.PAGE_SIZE)
+        memory = _libc.map_anonymous(length + align - _libc.PAGE_SIZE)
     except OSError as exc:
         raise AllocationError(
             f"{tier}: cannot map {human(length)} of host memory ({exc.strerror}); MemAvailable is "
             f"{mem_available_words()}: make the tier smaller (num_blocks, DYN_KVBM_CPU_CACHE_GB) or free memory"
         ) from exc
-    pages = "4k"
-    if thp:
-        try:
-            _libc.madvise(addr, length, _libc.MADV_HUGEPAGE)
-            pages = "thp"
-        except OSError as exc:  # THP compiled out or disabled: ordinary pages still work
-            log.debug("%s: madvise(MADV_HUGEPAGE) refused (%s); using 4 KiB pages", tier, exc.strerror)
-    return HostMapping(addr, length, _libc.PAGE_SIZE, pages)
+
+    def aligned(base: int) -> HostMapping:
+        start = round_up(base, align)
+        pages = "4k"
+        if thp:
+            try:
+                _libc.madvise(start, length, _libc.MADV_HUGEPAGE)
+                pages = "thp"
+            except OSError as exc:  # THP compiled out or disabled: ordinary pages still work
+                log.debug("%s: madvise(MADV_HUGEPAGE) refused (%s); using 4 KiB pages", tier, exc.strerror)
+        return HostMapping(memory, base, start - base, length, _libc.PAGE_SIZE, pages)
+
+    return _owned(memory, aligned)
 
 
-def _map_aligned(length: int, align: int) -> int:
-    """mmap ``length`` bytes starting on an ``align`` boundary (huge pages need 2 MiB aligned ranges)."""
-    if align <= _libc.PAGE_SIZE:
-        return _libc.mmap_anonymous(length)
-    raw_len = length + align - _libc.PAGE_SIZE
-    raw = _libc.mmap_anonymous(raw_len)
-    start = round_up(raw, align)
-    if start > raw:
-        _libc.munmap(raw, start - raw)
-    tail = raw + raw_len - (start + length)
-    if tail:
-        _libc.munmap(start + length, tail)
-    return start
+def _owned(memory: mmap.mmap, make: Callable[[int], HostMapping]) -> HostMapping:
+    """``make(its address)`` for a fresh mapping; on any failure or interrupt the mapping is unmapped again."""
+    try:
+        return make(_libc.address_of(memory))
+    except BaseException:
+        with suppress(BufferError):  # a traceback may still hold an export: then the collector unmaps it
+            _libc.close_mapping(memory)
+        raise
 
 
 def place(mapping: HostMapping, node: int, tier: str, *, strict: bool) -> None:
@@ -371,13 +381,21 @@ class HostStorage(OwnedStorage):
         return self._mapping.pages if self._mapping is not None else "cuda"
 
     def as_numpy(self) -> Any:
-        """A zero-copy ``numpy.uint8`` array of ``size`` bytes. Do not use it after ``close()``."""
-        self._check_open("make a numpy view")
-        return numpy_view(self._addr, self._size, self)
+        """A zero-copy ``numpy.uint8`` array of ``size`` bytes. It keeps the memory alive: after ``close()`` it
+        still works, and the memory is released when the last such view is gone."""
+        with self._state:
+            self._check_open("make a numpy view")
+            memory, offset = self._exported()
+            return numpy_view(memory, offset, self._size, self)
 
     def as_torch(self) -> Any:
-        """A zero-copy CPU ``torch.uint8`` tensor of ``size`` bytes. Do not use it after ``close()``."""
+        """A zero-copy CPU ``torch.uint8`` tensor of ``size`` bytes; like :meth:`as_numpy`, it keeps the memory."""
         return torch_from_numpy(self.as_numpy())
+
+    def _exported(self) -> tuple[object, int]:
+        """An object that owns the memory and exports it as a buffer, and where ``addr`` is in it."""
+        assert self._mapping is not None and self._mapping.memory is not None
+        return self._mapping.memory, self._mapping.offset
 
     def _repr_extra(self) -> str:
         return f", {self.pages} pages"
