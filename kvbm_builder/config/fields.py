@@ -14,6 +14,7 @@ object is found in one pass), and the JSON Schema facets of what it accepts.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, cast
@@ -271,6 +272,9 @@ def _endpoint(value: object) -> str | None:
 endpoint = Rule(_endpoint, {"type": "string", "pattern": r"^[^\s:]+://\S+$"})
 
 
+_NONE_BAD: frozenset[str] = frozenset()
+
+
 def _converted(field: Any, value: object) -> object:
     convert = field.converter
     return value if convert is None else convert(value)
@@ -292,6 +296,11 @@ class Validated:
     _kvbm_root: ClassVar[str] = ""
     _kvbm_checks: ClassVar[tuple[tuple[str, Check], ...]] = ()
     _kvbm_runtime: ClassVar[tuple[str, ...]] = ()  # fields a document cannot hold
+    # what __attrs_post_init__ runs, worked out once per class: the checks, a getter of the values they check (one
+    # C call for all), and whether the class has rules between fields
+    _kvbm_rules: ClassVar[tuple[Check, ...]] = ()
+    _kvbm_values: ClassVar[Callable[[Any], tuple[Any, ...]]] = staticmethod(lambda obj: ())
+    _kvbm_related: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -299,13 +308,19 @@ class Validated:
             described = specs(cls)
             cls._kvbm_checks = tuple((n, s.rule.check) for n, s in described.items() if s.rule is not None)
             cls._kvbm_runtime = tuple(n for n, s in described.items() if not s.document)
+            cls._kvbm_rules = tuple(check for _, check in cls._kvbm_checks)
+            names = [name for name, _ in cls._kvbm_checks]
+            if len(names) == 1:
+                cls._kvbm_values = staticmethod(lambda obj, name=names[0]: (getattr(obj, name),))
+            elif names:
+                cls._kvbm_values = staticmethod(operator.attrgetter(*names))
+            cls._kvbm_related = cast(Any, cls)._relations.__func__ is not cast(Any, Validated)._relations.__func__
 
     def __attrs_post_init__(self) -> None:
-        for name, check in self._kvbm_checks:
-            if check(getattr(self, name)) is not None:
+        for check, value in zip(self._kvbm_rules, self._kvbm_values(self)):
+            if check(value) is not None:
                 return self._report()
-        get = self.__getattribute__
-        if self._relations(get, frozenset()):
+        if self._kvbm_related and self._relations(self.__getattribute__, _NONE_BAD):
             self._report()
         return None
 

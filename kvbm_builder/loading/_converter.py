@@ -35,7 +35,7 @@ from cattrs.gen.typeddicts import make_dict_structure_fn
 from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
 from ..config.consolidator import KvEventConsolidatorConfig
 from ..config.fields import KEY, Spec, Validated, specs
-from ..config.layout import BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType
+from ..config.layout import CHOICES, BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
@@ -96,11 +96,11 @@ class View:
         _VIEWS[typed] = self
 
     def table(self, value: object) -> Table:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             raise document_error(f"must be a table of keys and values, got {show(value)}")
         document = dict(value)
         try:
-            return Table(self.read(document, self.typed), [], frozenset())
+            return Table(self.read(document, self.typed), [], _NO_KEYS)
         except ClassValidationError as group:
             with_notes, _ = group.group_exceptions()
             failed = {note.name for _, note in with_notes}
@@ -122,6 +122,7 @@ class View:
 
 
 _VIEWS: dict[Any, View] = {}
+_NO_KEYS: frozenset[str] = frozenset()
 
 
 def _setter(target: type, name: str) -> str:
@@ -163,6 +164,11 @@ def _finish(target: type, table: Table, problems: list[Problem], make: Callable[
 def _built(target: type, table: Table, values: Mapping[str, Any], problems: Sequence[Problem] = ()) -> Any:
     """The config from ``values`` through its builder (or its constructor, for a class without one)."""
     new_builder = getattr(target, "builder", None)
+    if not table.errors and not problems and not table.failed and _direct(target, values):
+        try:  # the usual case: everything was read, nothing is missing; the builder would add nothing
+            return target(**values)
+        except ConfigError:
+            pass  # the builder, below, says every problem as it would for a chain of setters
 
     def make() -> Any:
         if new_builder is None:
@@ -179,6 +185,21 @@ def _built(target: type, table: Table, values: Mapping[str, Any], problems: Sequ
         return builder.build()
 
     return _finish(target, table, list(problems), make)
+
+
+def _direct(target: type, values: Mapping[str, Any]) -> bool:
+    """Whether constructing ``target`` from ``values`` means what the builder would: every required field is there,
+    and (a layout) exactly one memory choice was made."""
+    required = _REQUIRED.get(target)
+    if required is None:
+        fields = attrs.fields(cast(Any, target))
+        required = _REQUIRED[target] = tuple(f.name for f in fields if f.default is attrs.NOTHING)
+    if any(name not in values for name in required):
+        return False
+    return target is not KvManagerLayoutConfig or sum(name in values for name in CHOICES) == 1
+
+
+_REQUIRED: dict[type, tuple[str, ...]] = {}
 
 
 def _view(target: type, **special: Any) -> View:
@@ -251,6 +272,7 @@ def _own_allocator_hook(cls: type) -> Callable[[object, object], Any]:
 
 # ---- tiers: a byte budget needs the model ------------------------------------------------------------------------
 
+_FULLY_CONTIGUOUS = LayoutType.parse("FullyContiguous")
 TierAllocator = {tier: NewType(f"{tier.name}Allocator", object) for tier in Tier}
 AnyAllocator = NewType("AnyAllocator", object)
 for _tier, _slot_type in TierAllocator.items():
@@ -279,18 +301,28 @@ def _spec(model: KvManagerModelConfig, num_blocks: int, layout_type: object, ali
 
 
 def budget_blocks(
-    size: int, model: KvManagerModelConfig, layout_type: object = None, alignment: object = 1
+    size: int,
+    model: KvManagerModelConfig,
+    layout_type: object = None,
+    alignment: object = 1,
+    seen: dict[Any, Any] | None = None,
 ) -> int | Problem | None:
     """The one size rule: how many blocks of ``model`` a byte budget holds in a tier of this layout, alignment
     padding included (``floor(size / block bytes)``; at alignment 1 upstream's ``floor(GB * 1e9 / bytes per
     block)``). A problem under ``size`` when the budget holds no block or too many; None when the layout or the
     alignment is itself invalid (the layout's builder says why)."""
-    shape = (layout_type if layout_type is not None else LayoutType.parse("FullyContiguous"), alignment)
-    try:
-        block_bytes = _spec(model, 1, *shape).block_bytes
-    except ConfigError as err:
-        whole = [p for p in err.problems if not p.path]  # field problems are the builder's to report
-        return Problem(("size",), f"one block of this layout is too large: {whole[0].message}") if whole else None
+    shape = (layout_type if layout_type is not None else _FULLY_CONTIGUOUS, alignment)
+    key = (shape[0], alignment) if type(alignment) is int and isinstance(shape[0], LayoutType) else None
+    if seen is not None and key in seen:  # tiers of one document often share their shape
+        block_bytes = seen[key]
+    else:
+        try:
+            block_bytes = _spec(model, 1, *shape).block_bytes
+        except ConfigError as err:
+            whole = [p for p in err.problems if not p.path]  # field problems are the builder's to report
+            return Problem(("size",), f"one block of this layout is too large: {whole[0].message}") if whole else None
+        if seen is not None and key is not None:
+            seen[key] = block_bytes
     if size < block_bytes:
         return Problem(
             ("size",), f"{size} bytes hold no whole block of {block_bytes} bytes; raise it, or give num_blocks"
@@ -305,7 +337,9 @@ def budget_blocks(
     return count
 
 
-def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
+def tier_from_table(
+    table: Table, model: object, tier: Tier | None, seen: dict[Any, Any] | None = None
+) -> KvManagerLayoutConfig[Any]:
     """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
     missing or invalid, its own problems say why the tier could not be sized."""
     values = dict(table.values)
@@ -328,17 +362,17 @@ def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManager
                 )
             )
         elif size is not None and isinstance(model, KvManagerModelConfig):
-            layout_type = values.get("layout_type")
-            counted = budget_blocks(size, model, _parsed_layout(layout_type), values.get("alignment", 1))
+            if "layout_type" in values:  # read once: the layout's own converter takes it as it is
+                values["layout_type"] = _parsed_layout(values["layout_type"])
+            counted = budget_blocks(size, model, values.get("layout_type"), values.get("alignment", 1), seen)
             if isinstance(counted, Problem):
                 problems.append(counted)
             elif counted is not None:
                 values["num_blocks"] = counted
                 failed.discard("num_blocks")
-    return cast(
-        KvManagerLayoutConfig[Any],
-        _built(KvManagerLayoutConfig, attrs.evolve(table, failed=frozenset(failed)), values, problems),
-    )
+    if failed != table.failed:
+        table = attrs.evolve(table, failed=frozenset(failed))
+    return cast(KvManagerLayoutConfig[Any], _built(KvManagerLayoutConfig, table, values, problems))
 
 
 def _parsed_layout(value: object) -> object:
@@ -387,11 +421,12 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     table = MANAGER_VIEW.table(value)
     values, errors, failed = dict(table.values), list(table.errors), set(table.failed)
     model = values.get("model")
+    seen: dict[Any, Any] = {}
     for tier in Tier:
         tier_table = values.get(tier.slot)
         if isinstance(tier_table, Table):
             try:
-                values[tier.slot] = tier_from_table(tier_table, model, tier)
+                values[tier.slot] = tier_from_table(tier_table, model, tier, seen)
             except ClassValidationError as group:
                 errors.append(_noted(group, tier.slot))
                 del values[tier.slot]
