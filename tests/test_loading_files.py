@@ -31,7 +31,7 @@ def test_the_example_is_a_realistic_valid_config() -> None:
     assert [tier.name for tier, _ in config.tiers()] == ["G1", "G2", "G3"]
     assert config.model.bytes_per_block == 4 * 2**20
     assert config.host_layout is not None and config.host_layout.num_blocks == 4096  # 16 GiB
-    assert config.disk_layout is not None and config.disk_layout.num_blocks == 64 * 10**9 // 2**22  # 64 GB
+    assert config.disk_layout is not None and config.disk_layout.num_blocks == 32 * 10**9 // 2**22  # 32 GB
 
 
 def test_the_same_document_in_json_toml_and_yaml_gives_the_same_config(tmp_path: Path) -> None:

@@ -273,6 +273,13 @@ endpoint = Rule(_endpoint, {"type": "string", "pattern": r"^[^\s:]+://\S+$"})
 
 
 _NONE_BAD: frozenset[str] = frozenset()
+_NO_DEFAULT = object()
+
+
+def _plain_default(field: Any) -> object:
+    """A field's default when it is one shared value (``None``, ``1``, a frozen object), else a marker no value is."""
+    default = field.default
+    return _NO_DEFAULT if default is attrs.NOTHING or isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
 
 
 def _converted(field: Any, value: object) -> object:
@@ -298,7 +305,7 @@ class Validated:
     _kvbm_runtime: ClassVar[tuple[str, ...]] = ()  # fields a document cannot hold
     # what __attrs_post_init__ runs, worked out once per class: the checks, a getter of the values they check (one
     # C call for all), and whether the class has rules between fields
-    _kvbm_rules: ClassVar[tuple[Check, ...]] = ()
+    _kvbm_rules: ClassVar[tuple[tuple[Check, object], ...]] = ()
     _kvbm_values: ClassVar[Callable[[Any], tuple[Any, ...]]] = staticmethod(lambda obj: ())
     _kvbm_related: ClassVar[bool] = False
 
@@ -308,7 +315,9 @@ class Validated:
             described = specs(cls)
             cls._kvbm_checks = tuple((n, s.rule.check) for n, s in described.items() if s.rule is not None)
             cls._kvbm_runtime = tuple(n for n, s in described.items() if not s.document)
-            cls._kvbm_rules = tuple(check for _, check in cls._kvbm_checks)
+            fields = attrs.fields_dict(cast(Any, cls))
+            # a value that is its field's own default is known good: compared, not checked (most fields of a chain)
+            cls._kvbm_rules = tuple((check, _plain_default(fields[name])) for name, check in cls._kvbm_checks)
             names = [name for name, _ in cls._kvbm_checks]
             if len(names) == 1:
                 cls._kvbm_values = staticmethod(lambda obj, name=names[0]: (getattr(obj, name),))
@@ -317,8 +326,9 @@ class Validated:
             cls._kvbm_related = cast(Any, cls)._relations.__func__ is not cast(Any, Validated)._relations.__func__
 
     def __attrs_post_init__(self) -> None:
-        for check, value in zip(self._kvbm_rules, self._kvbm_values(self)):
-            if check(value) is not None:
+        values = self._kvbm_values(self)  # type: ignore[call-arg]  # a staticmethod: mypy takes it as bound
+        for (check, default), value in zip(self._kvbm_rules, values, strict=False):  # equal lengths, by construction
+            if value is not default and check(value) is not None:
                 return self._report()
         if self._kvbm_related and self._relations(self.__getattribute__, _NONE_BAD):
             self._report()
