@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:  # only for annotations: errors import nothing of the package
+    from .config.protocols import Storage, Tier
+    from .manager import KvBlockManager
+    from .nixl import NixlRegistration, NixlRegistry
 
 __all__ = [
     "AllocationError",
@@ -18,22 +24,32 @@ __all__ = [
     "BlockReleasedError",
     "BuilderConsumedError",
     "ConfigError",
+    "DiskReservationWarning",
     "DiskStorageError",
     "GpuUnavailableError",
     "KvbmError",
     "LayoutError",
+    "LayoutIndexError",
     "LoadError",
     "MetricsError",
     "MetricsRegistryError",
     "MetricsServerError",
+    "MissingDependencyError",
+    "NixlDeregistrationError",
     "NixlError",
     "PoolClosedError",
     "PoolExhaustedError",
     "Problem",
+    "ReleaseError",
     "RuntimeObjectError",
     "RuntimeObjectWarning",
     "SequenceHashError",
+    "StorageBufferError",
+    "StorageClosedError",
+    "StorageTooSmallError",
+    "TransferError",
     "UninitializedFieldError",
+    "UnknownTierError",
     "UsageError",
     "show",
 ]
@@ -161,6 +177,14 @@ class RuntimeObjectWarning(UserWarning):
     a document cannot hold them, so a config loaded from it has none until they are set again in Python."""
 
 
+class UnknownTierError(KvbmError, LookupError):
+    """A tier was asked for that does not exist, or that the configuration does not have; says which exist."""
+
+
+class MissingDependencyError(KvbmError, ImportError):
+    """An optional package a call needs (numpy, torch, cupy) is not installed; says what to install."""
+
+
 class UsageError(KvbmError, ValueError):
     """The command line was used wrongly (e.g. ``--set`` without ``KEY=VALUE``); the CLI exits 2."""
 
@@ -227,3 +251,117 @@ class MetricsServerError(KvbmError, RuntimeError):
 
 def _metrics_server_error(message: str, host: str, port: int) -> MetricsServerError:
     return MetricsServerError(message, host=host, port=port)
+
+
+class StorageClosedError(KvbmError, ValueError):
+    """A storage was used after ``close()``: its memory or file is gone."""
+
+
+class StorageBufferError(KvbmError, TypeError):
+    """A storage's read or write was given something that is not a contiguous (writable, to read into) buffer."""
+
+
+class DiskReservationWarning(UserWarning):
+    """The file system could not reserve the disk tier's space: the file was truncated to size instead."""
+
+
+class LayoutIndexError(LayoutError, IndexError):
+    """A block, layer or outer index outside ``0 .. bound - 1``; ``axis``, ``index`` and ``bound`` say which."""
+
+    def __init__(self, axis: str, index: int, bound: int) -> None:
+        self.axis, self.index, self.bound = axis, index, bound
+        if index < 0:
+            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
+        else:
+            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
+        super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.axis, self.index, self.bound))
+
+
+class StorageTooSmallError(LayoutError):
+    """A given storage cannot hold its part of the layout; ``storage_index``, ``size`` and ``required`` say how."""
+
+    def __init__(self, message: str, storage_index: int, size: int, required: int) -> None:
+        self.storage_index, self.size, self.required = storage_index, size, required
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.storage_index, self.size, self.required))
+
+
+class NixlDeregistrationError(NixlError):
+    """NIXL could not deregister some storages. They are still registered with the agent, so their memory must
+    not be freed (for a file, NIXL's devId is the descriptor, which the system would hand out again).
+
+    ``still_registered`` lists those storages, newest first; ``registrations`` what the registry still holds for
+    them. The registry keeps them and tries again on the next :meth:`NixlRegistry.close` (``registry.close()``).
+    """
+
+    def __init__(
+        self, message: str, registrations: Iterable[NixlRegistration] = (), registry: NixlRegistry | None = None
+    ) -> None:
+        super().__init__(message)
+        self.registrations: tuple[NixlRegistration, ...] = tuple(registrations)
+        self.still_registered: tuple[Storage, ...] = tuple(r.storage for r in self.registrations)
+        #: the registry that holds them: its close() retries
+        self.registry = registry
+
+
+class ReleaseError(AllocationError):
+    """``KvBlockManager.close()`` could not release everything.
+
+    ``unreleased`` lists the storages kept (newest first): memory NIXL still has registered (freeing it would pull
+    it from under NIXL) and storages whose own release failed (e.g. a disk file that could not be removed).
+    ``manager`` stays open; calling its ``close()`` again retries exactly those. ``errors`` holds every error met.
+    """
+
+    def __init__(
+        self, message: str, unreleased: Sequence[Storage], manager: KvBlockManager, errors: Sequence[BaseException]
+    ) -> None:
+        super().__init__(message)
+        self.unreleased: tuple[Storage, ...] = tuple(unreleased)
+        self.manager = manager
+        self.errors: tuple[BaseException, ...] = tuple(errors)
+
+
+class TransferError(KvbmError, RuntimeError):
+    """A transfer failed, or was refused: no block it names may be trusted on the target side.
+
+    ``src_tier`` / ``dst_tier`` and ``src_blocks`` / ``dst_blocks`` say what was being moved; ``step`` says what
+    failed (``validate``, ``check memory``, ``copy kernel``, ``cudaMemcpyAsync``, ``read disk``, ``write disk``,
+    ``cancelled``, ``closed``, ...). The cause, when there is one, is chained (``__cause__``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        src_tier: Tier | None,
+        dst_tier: Tier | None,
+        src_blocks: Sequence[int] = (),
+        dst_blocks: Sequence[int] = (),
+        step: str,
+    ) -> None:
+        self.src_tier, self.dst_tier = src_tier, dst_tier
+        self.src_blocks: tuple[int, ...] = tuple(src_blocks)
+        self.dst_blocks: tuple[int, ...] = tuple(dst_blocks)
+        self.step = step
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (str(self), self.src_tier, self.dst_tier, self.src_blocks, self.dst_blocks, self.step))
+
+
+def _rebuild(
+    message: str,
+    src_tier: Tier | None,
+    dst_tier: Tier | None,
+    src_blocks: tuple[int, ...],
+    dst_blocks: tuple[int, ...],
+    step: str,
+) -> TransferError:
+    return TransferError(
+        message, src_tier=src_tier, dst_tier=dst_tier, src_blocks=src_blocks, dst_blocks=dst_blocks, step=step
+    )

@@ -19,7 +19,7 @@ from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
 from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import CancellationToken
-from .errors import AllocationError, ConfigError, KvbmError, LayoutError
+from .errors import AllocationError, ConfigError, KvbmError, LayoutError, Problem, ReleaseError, UnknownTierError
 from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError, allocate
 
@@ -29,23 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["KvBlockManager", "KvBlockManagerBuilder", "ReleaseError", "TierStorage"]
-
-
-class ReleaseError(AllocationError):
-    """``KvBlockManager.close()`` could not release everything.
-
-    ``unreleased`` lists the storages kept (newest first): memory NIXL still has registered (freeing it would pull
-    it from under NIXL) and storages whose own release failed (e.g. a disk file that could not be removed).
-    ``manager`` stays open; calling its ``close()`` again retries exactly those. ``errors`` holds every error met.
-    """
-
-    def __init__(
-        self, message: str, unreleased: Sequence[Storage], manager: KvBlockManager, errors: Sequence[BaseException]
-    ) -> None:
-        super().__init__(message)
-        self.unreleased: tuple[Storage, ...] = tuple(unreleased)
-        self.manager = manager
-        self.errors: tuple[BaseException, ...] = tuple(errors)
 
 
 class TierStorage:
@@ -242,10 +225,11 @@ class KvBlockManager:
 
     def __init__(self, config: KvBlockManagerConfig) -> None:
         if not isinstance(config, KvBlockManagerConfig):
-            raise KvbmError(
+            message = (
                 f"KvBlockManager needs a KvBlockManagerConfig, got {type(config).__name__}; "
                 "build one with KvBlockManagerConfig.builder() or kvbm_builder.load()"
             )
+            raise ConfigError([Problem((), message)])
         self.config = config
         # cancelling the caller's token stops this manager; closing this manager leaves the caller's token alone
         self.cancellation_token: CancellationToken = config.runtime.cancellation_token.child_token()
@@ -360,7 +344,7 @@ class KvBlockManager:
         key = _tier_key(tier)
         found = self._tiers.get(key)
         if found is None:
-            raise KvbmError(
+            raise UnknownTierError(
                 f"the {key.words} is not configured; set `{key.slot}` on the builder "
                 f"(configured: {', '.join(t.name for t in self._tiers) or 'none'})"
             )
@@ -488,7 +472,7 @@ def _tier_key(tier: Tier | str) -> Tier:
     for t in Tier:
         if tier in (t.name, t.slot, t.name.lower()):
             return t
-    raise KvbmError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
+    raise UnknownTierError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
 
 
 def _example_allocator(tier: Tier) -> str:

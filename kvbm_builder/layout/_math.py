@@ -16,22 +16,7 @@ from ..config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparat
 from ..config.model import KvManagerModelConfig
 from ..config.sizes import MAX_BYTES as MAX_BYTES
 from ..config.sizes import align_up as align_up
-from ..errors import ConfigError, LayoutError, Problem
-
-
-class LayoutIndexError(LayoutError, IndexError):
-    """A block, layer or outer index outside ``0 .. bound - 1``; ``axis``, ``index`` and ``bound`` say which."""
-
-    def __init__(self, axis: str, index: int, bound: int) -> None:
-        self.axis, self.index, self.bound = axis, index, bound
-        if index < 0:
-            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
-        else:
-            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
-        super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.axis, self.index, self.bound))
+from ..errors import ConfigError, LayoutError, LayoutIndexError, Problem
 
 
 def _checked(axis: str, value: int, bound: int) -> int:

@@ -33,9 +33,10 @@ import attrs
 from ..config.allocators import PinnedAllocator, PinningMode
 from ..config.fields import Validated, field, integer, true_or_false
 from ..config.protocols import StorageKind
+from ..config.sizes import format_bytes
 from ..errors import AllocationError
 from . import _cuda, _host, _libc
-from ._base import check_size, human
+from ._base import check_size
 
 log = logging.getLogger("kvbm_builder.storage")
 
@@ -300,7 +301,7 @@ def _unregister(cupy: Any, gpu: int, ptrs: Sequence[int], *, maybe: bool = False
 
 def _pin_error(call: str, size: int, exc: Exception) -> AllocationError:
     return AllocationError(
-        f"{_TIER}: {call} of {human(size)} failed: {exc}. RLIMIT_MEMLOCK is "
+        f"{_TIER}: {call} of {format_bytes(size)} failed: {exc}. RLIMIT_MEMLOCK is "
         f"{_host.memlock_limit()}: raise it (`ulimit -l unlimited`; in a container `--ulimit memlock=-1`); "
         f"MemAvailable is {_host.mem_available_words()}: a smaller tier (num_blocks, DYN_KVBM_CPU_CACHE_GB) may fit"
     )
