@@ -22,6 +22,9 @@ __all__ = [
     "KvbmError",
     "LayoutError",
     "LoadError",
+    "MetricsError",
+    "MetricsRegistryError",
+    "MetricsServerError",
     "NixlError",
     "OffloadError",
     "PoolClosedError",
@@ -159,3 +162,27 @@ class PoolClosedError(BlockPoolError):
 class OffloadError(KvbmError, RuntimeError):
     """An offload or onboard could not start: the manager is closed or cancelled, a block belongs to another manager
     or was released, or a tier has no tier to move to. Names the tiers. (Failures while moving are TransferErrors.)"""
+
+
+class MetricsError(KvbmError, ValueError):
+    """Metrics were given something they cannot count: a negative count, an unknown skip reason, a bad window."""
+
+
+class MetricsRegistryError(MetricsError):
+    """A Prometheus registry already holds KVBM's metric names (another manager's metrics, or the user's own)."""
+
+
+class MetricsServerError(KvbmError, RuntimeError):
+    """``/metrics`` could not be served: the port is in use or the address cannot be bound. Names both."""
+
+    def __init__(self, message: str, *, host: str, port: int) -> None:
+        super().__init__(message)
+        self.host = host
+        self.port = port
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_metrics_server_error, (str(self), self.host, self.port))
+
+
+def _metrics_server_error(message: str, host: str, port: int) -> MetricsServerError:
+    return MetricsServerError(message, host=host, port=port)
