@@ -238,6 +238,11 @@ class KvBlockManager:
             self._tiers[tier] = TierStorage(tier, layout_config, layout, owned, elapsed)
             log.info("%s: %d blocks, %d bytes in %.3f s", tier.words, spec.num_blocks, spec.total_bytes, elapsed)
         self._blocks = self._offload_manager()
+        metrics = config.kvbm_metrics
+        if metrics is not None:  # the config's KvbmMetrics counts what this manager moves, skips and finds
+            self._blocks.report_to(metrics)
+            for tier, t in self._tiers.items():
+                metrics.set_allocated_bytes(tier, t.nbytes)
 
     def _offload_manager(self) -> OffloadManager:
         """Block pools for the tiers with local memory, and what moves blocks between them."""
@@ -363,6 +368,9 @@ class KvBlockManager:
         if self._blocks is not None and not self._blocks.closed:
             try:  # no transfer may touch the memory once it is released
                 self._blocks.close()
+                if self.config.kvbm_metrics is not None:
+                    for released in self._tiers:
+                        self.config.kvbm_metrics.set_allocated_bytes(released, 0)
             except Exception as err:
                 errors.append(err)
         if self._nixl is not None and not self._nixl.closed:

@@ -76,6 +76,9 @@ class SkipReason(enum.Enum):
     TARGET_FULL = "target_full"  # every block of the target tier is in use
 
 
+_METRICS_REASONS = {"target_full": "tier_full", "filtered": "filter"}  # the metrics' names for the skips they count
+
+
 @attrs.frozen
 class OffloadSkipped:
     """One block not offloaded, and why (for listeners; also counted in :class:`KvbmStats`)."""
@@ -265,6 +268,7 @@ class OffloadManager:
         self._pumping = False
         self._closed = False
         self._listeners: list[Listener] = []
+        self._reporting: list[Any] = []  # metrics fed by report_to()
         self._skipped: Counter[tuple[Tier, Tier, SkipReason]] = Counter()
         self._moved_blocks: Counter[tuple[Tier, Tier]] = Counter()
         self._moved_bytes: Counter[tuple[Tier, Tier]] = Counter()
@@ -372,6 +376,34 @@ class OffloadManager:
         """
         with self._lock:
             self._listeners.append(listener)
+
+    def report_to(self, metrics: Any) -> None:
+        """Feed a ``kvbm_builder.metrics.KvbmMetrics`` (or anything with its recording methods): completed and
+        failed transfers, offloads skipped because the target was full (``tier_full``) or filtered (``filter``),
+        lookups (as upstream counts them: host and disk hits among the tokens the device tier did not hold), and
+        the blocks of each tier by state at each scrape. Until :meth:`close`."""
+
+        def record(event: Event) -> None:
+            if isinstance(event, TransferRecord):
+                metrics.record_transfer(
+                    event.src_tier, event.dst_tier, event.num_blocks, event.nbytes, event.seconds, event.ok
+                )
+            elif isinstance(event, OffloadSkipped):
+                reason = _METRICS_REASONS.get(event.reason.value)
+                if reason is not None:
+                    metrics.record_skipped(event.dst_tier, reason)
+            else:  # upstream's meaning: host and disk hits among the tokens the device tier did not hold
+                on_device = event.matched_tokens.get(Tier.G1, 0)
+                lower = {t: n for t, n in event.matched_tokens.items() if t is not Tier.G1}
+                metrics.record_lookup(event.requested_tokens - on_device, lower)
+
+        def block_counts() -> dict[Tier, tuple[int, int, int]]:
+            counts = {tier: pool.counts() for tier, pool in self._pools.items() if not pool.closed}
+            return {tier: (c.free, c.active, c.inactive) for tier, c in counts.items()}
+
+        self.add_listener(record)
+        metrics.set_block_counts_source(block_counts)
+        self._reporting.append(metrics)
 
     def stats(self) -> KvbmStats:
         blocks = {tier: pool.counts() for tier, pool in self._pools.items() if not pool.closed}
@@ -809,6 +841,8 @@ class OffloadManager:
             with self._lock:
                 self._idle.wait_for(lambda: not self._callbacks_pending)
         finally:
+            for metrics in self._reporting:
+                metrics.set_block_counts_source(None)
             for pool in self._pools.values():
                 pool.close()
             for offload_filter in self._owned_filters:

@@ -52,6 +52,7 @@ def make_manager(
     event_manager: Any = None,
     host_filter: Any = None,
     runtime: KvManagerRuntimeConfig | None = None,
+    kvbm_metrics: Any = None,
 ) -> KvBlockManager:
     builder = (
         KvBlockManagerConfig.builder()
@@ -68,6 +69,8 @@ def make_manager(
         builder = builder.disk_layout(tier_config(disk, DiskAllocator(directory=str(directory)), disk_layout))
     if event_manager is not None:
         builder = builder.event_manager(event_manager)
+    if kvbm_metrics is not None:
+        builder = builder.kvbm_metrics(kvbm_metrics)
     return KvBlockManager(builder.build(), settings=settings or KvbmSettings(disk_offload_filter=False))
 
 

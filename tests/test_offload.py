@@ -212,6 +212,28 @@ def test_the_listener_sees_every_transfer_record(tmp_path: Path) -> None:
     assert sum(r.num_blocks for r in records) == 2 and all(r.ok for r in records)
 
 
+def test_the_configs_kvbm_metrics_count_what_the_manager_moves_skips_and_finds(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from kvbm_builder.metrics import KvbmMetrics
+
+    registry = CollectorRegistry()
+    with KvbmMetrics(registry) as metrics:
+        with make_manager(tmp_path, host=8, disk=2, kvbm_metrics=metrics) as manager:
+            held = fill_and_register(manager, Tier.G2, PROMPT[:12])
+            manager.offload_sync(held)  # two fit on the disk, the third finds it full
+            release(held)
+            manager.match(PROMPT[:16]).release()  # 12 of 16 tokens in the host tier
+            value = registry.get_sample_value
+            assert value("kvbm_offload_blocks_h2d_total") == 2
+            assert value("kvbm_offload_skipped_blocks_total", {"dst_tier": "G3", "reason": "tier_full"}) == 1
+            assert value("kvbm_requested_tokens_total") == 16
+            assert value("kvbm_tier_matched_tokens_total", {"tier": "G2"}) == 12
+            assert value("kvbm_tier_blocks", {"tier": "G3", "state": "inactive"}) == 2
+            assert value("kvbm_tier_allocated_bytes", {"tier": "G3"}) == manager.tier(Tier.G3).nbytes
+        assert value("kvbm_tier_allocated_bytes", {"tier": "G3"}) == 0
+
+
 def test_onboard_can_be_awaited(tmp_path: Path) -> None:
     with make_manager(tmp_path) as manager:
         held = fill_and_register(manager, Tier.G2, PROMPT[:8])
@@ -398,3 +420,19 @@ def test_no_sequence_of_moves_registers_a_block_with_wrong_data(
         release(busy)
         for tier in (Tier.G2, Tier.G3):
             assert manager.pool(tier).counts().active == 0
+
+
+def test_the_round_trip_example_verifies_every_byte(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    example = Path(__file__).parent.parent / "examples" / "offload_roundtrip.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--blocks", "4", "--disk-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verified 4 blocks (16 MiB) byte for byte" in done.stdout
+    assert not list(tmp_path.iterdir())  # neither the disk tier's file nor the ceiling's is left behind
