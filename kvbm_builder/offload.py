@@ -616,18 +616,9 @@ class OffloadManager:
     ) -> None:
         """A transfer of queued blocks ended: register the targets (or free them), release the sources, settle."""
         src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
-        record: TransferRecord | None = None
-        registered: list[ImmutableBlock] = []
-        try:
-            if error is None and future is not None:
-                error = future.exception()
-                record = future.result() if error is None else None
-            if error is None:
-                registered = self._pools[dst_tier].register(
-                    [item.dst for item in batch], [item.src.token_block for item in batch]
-                )
-        except BaseException as cause:  # e.g. the pool closed under the copy: never a block left half-registered
-            error = _unregistered(cause, src_tier, dst_tier, len(batch)) if error is None else error
+        record, registered, error = self._register_landed(
+            src_tier, dst_tier, [item.src for item in batch], [item.dst for item in batch], future, error
+        )
         self._drop(batch, sources_only=error is None)
         next_tier = self._targets.get(dst_tier)
         if registered and next_tier is not None and dst_tier is Tier.G2:
@@ -642,11 +633,7 @@ class OffloadManager:
             block.release()
         settled: list[tuple[_Offload, list[BaseException]]] = []
         with self._lock:
-            if error is None and record is not None:
-                self._moved_blocks[(src_tier, dst_tier)] += record.num_blocks
-                self._moved_bytes[(src_tier, dst_tier)] += record.nbytes
-            elif error is not None:
-                self._failed[(src_tier, dst_tier)] += 1
+            self._count_transfer(src_tier, dst_tier, record, error)
             for item in batch:
                 self._moving.discard((dst_tier, item.sequence_hash))
                 request = item.request
@@ -779,29 +766,19 @@ class OffloadManager:
         future: Future[TransferRecord] | None,
         error: BaseException | None = None,
     ) -> None:
-        record: TransferRecord | None = None
-        try:
-            if error is None and future is not None:
-                error = future.exception()
-                record = future.result() if error is None else None
-            if error is None:
-                registered = self._pools[dst_tier].register(
-                    [slot for _, _, slot in group], [source.token_block for _, source, _ in group]
-                )
-                for (k, _, _), block in zip(group, registered, strict=True):
-                    request.out[k] = block
-        except BaseException as cause:
-            error = _unregistered(cause, src_tier, dst_tier, len(group)) if error is None else error
+        record, registered, error = self._register_landed(
+            src_tier, dst_tier, [source for _, source, _ in group], [slot for _, _, slot in group], future, error
+        )
+        if registered:
+            for (k, _, _), block in zip(group, registered, strict=True):
+                request.out[k] = block
         for _, source, slot in group:
             if not slot.released:
                 slot.release()
             source.release()
         with self._lock:
-            if record is not None:
-                self._moved_blocks[(src_tier, dst_tier)] += record.num_blocks
-                self._moved_bytes[(src_tier, dst_tier)] += record.nbytes
+            self._count_transfer(src_tier, dst_tier, record, error)
             if error is not None:
-                self._failed[(src_tier, dst_tier)] += 1
                 request.errors.append(error)
             request.outstanding -= 1
             last = request.outstanding == 0
@@ -816,6 +793,40 @@ class OffloadManager:
             request.future.set_exception(request.errors[0])
         else:
             request.future.set_result([block for block in request.out if block is not None])
+
+    # -- what both do when a copy lands ---------------------------------------------------------------------
+
+    def _register_landed(
+        self,
+        src_tier: Tier,
+        dst_tier: Tier,
+        sources: list[ImmutableBlock],
+        targets: list[MutableBlock],
+        future: Future[TransferRecord] | None,
+        error: BaseException | None,
+    ) -> tuple[TransferRecord | None, list[ImmutableBlock], BaseException | None]:
+        """Register the targets of a finished copy under their sources' hashes, unless it (or that) failed."""
+        record: TransferRecord | None = None
+        registered: list[ImmutableBlock] = []
+        try:
+            if error is None and future is not None:
+                error = future.exception()
+                record = future.result() if error is None else None
+            if error is None:
+                registered = self._pools[dst_tier].register(targets, [source.token_block for source in sources])
+        except BaseException as cause:  # e.g. the pool closed under the copy: never a block left half-registered
+            error = _unregistered(cause, src_tier, dst_tier, len(targets)) if error is None else error
+        return record, registered, error
+
+    def _count_transfer(
+        self, src_tier: Tier, dst_tier: Tier, record: TransferRecord | None, error: BaseException | None
+    ) -> None:
+        """(With the lock held.) Count a copy on completion: moved when it succeeded, failed otherwise."""
+        if error is not None:
+            self._failed[(src_tier, dst_tier)] += 1
+        elif record is not None:
+            self._moved_blocks[(src_tier, dst_tier)] += record.num_blocks
+            self._moved_bytes[(src_tier, dst_tier)] += record.nbytes
 
     # -- lifetime -------------------------------------------------------------------------------------------
 

@@ -152,6 +152,18 @@ def fill_and_register(
     return manager.register(slots, token_blocks=token_blocks)
 
 
+def put_on_disk(manager: KvBlockManager, tier: Tier, tokens: list[int]) -> None:
+    """Blocks of ``tokens`` written in ``tier``, offloaded until they are on disk (G3), then gone from above it."""
+    held = fill_and_register(manager, tier, tokens)
+    manager.offload_sync(held)
+    manager.wait_idle()  # a copy that reached the host tier goes on to the disk
+    for block in held:
+        block.release()
+    for upper in (Tier.G1, Tier.G2):
+        if upper in manager.tiers:
+            manager.pool(upper).reset_inactive()
+
+
 def assert_tier_holds_right_data(manager: KvBlockManager, tier: Tier, hashes: list[int]) -> int:
     """Every one of ``hashes`` registered in ``tier`` holds its content; returns how many are registered."""
     pool = manager.pool(tier)

@@ -31,6 +31,7 @@ from tests.offload_helpers import (
     engine_threads,
     fill_and_register,
     make_manager,
+    put_on_disk,
     read_block,
 )
 
@@ -149,10 +150,7 @@ def test_a_full_target_skips_the_offload_and_says_so(tmp_path: Path) -> None:
 
 def test_a_full_target_refuses_an_onboard_and_changes_nothing(tmp_path: Path) -> None:
     with make_manager(tmp_path, host=4, disk=8) as manager:
-        held = fill_and_register(manager, Tier.G2, PROMPT[:16])
-        manager.offload_sync(held)
-        release(held)
-        manager.pool(Tier.G2).reset_inactive()
+        put_on_disk(manager, Tier.G2, PROMPT[:16])
         busy = manager.allocate(Tier.G2, 2)  # two of the four host blocks are in use
         with manager.match(PROMPT[:16]) as found:
             with pytest.raises(PoolExhaustedError, match=r"host tier \(G2\) has 2 free and 0 evictable"):
@@ -236,10 +234,7 @@ def test_the_configs_kvbm_metrics_count_what_the_manager_moves_skips_and_finds(t
 
 def test_onboard_can_be_awaited(tmp_path: Path) -> None:
     with make_manager(tmp_path) as manager:
-        held = fill_and_register(manager, Tier.G2, PROMPT[:8])
-        manager.offload_sync(held)
-        release(held)
-        manager.pool(Tier.G2).reset_inactive()
+        put_on_disk(manager, Tier.G2, PROMPT[:8])
 
         async def bring_back() -> list[Any]:
             with manager.match(PROMPT[:8]) as found:
@@ -315,10 +310,7 @@ def test_a_failed_disk_write_registers_nothing_and_frees_its_slots(tmp_path: Pat
 
 def test_a_failed_disk_read_registers_nothing_in_the_target(tmp_path: Path) -> None:
     with make_manager(tmp_path) as manager:
-        held = fill_and_register(manager, Tier.G2, PROMPT[:16])
-        manager.offload_sync(held)
-        release(held)
-        manager.pool(Tier.G2).reset_inactive()
+        put_on_disk(manager, Tier.G2, PROMPT[:16])
         disk = manager.tier(Tier.G3).storages[0]
         with manager.match(PROMPT[:16]) as found:
             with BrokenFd(disk, os.O_WRONLY), pytest.raises(TransferError) as caught:

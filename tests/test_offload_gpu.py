@@ -18,6 +18,7 @@ from tests.offload_helpers import (
     content,
     fill_and_register,
     make_manager,
+    put_on_disk,
     read_block,
 )
 from tests.test_offload import BrokenFd, hashes_of, release
@@ -108,10 +109,7 @@ def test_the_disk_filter_lets_a_host_block_through_on_its_second_arrival(tmp_pat
 
 def test_a_failed_disk_to_gpu_copy_registers_nothing_on_the_gpu(tmp_path: Path) -> None:
     with make_manager(tmp_path, device=8, host=0, disk=16) as manager:
-        held = fill_and_register(manager, Tier.G1, PROMPT[:16])
-        manager.offload_sync(held)
-        release(held)
-        manager.pool(Tier.G1).reset_inactive()
+        put_on_disk(manager, Tier.G1, PROMPT[:16])
         disk = manager.tier(Tier.G3).storages[0]
         with manager.match(PROMPT[:16]) as found:
             with BrokenFd(disk, os.O_WRONLY), pytest.raises(TransferError) as caught:
