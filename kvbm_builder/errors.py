@@ -37,6 +37,7 @@ __all__ = [
     "MissingDependencyError",
     "NixlDeregistrationError",
     "NixlError",
+    "OffloadError",
     "PoolClosedError",
     "PoolExhaustedError",
     "Problem",
@@ -227,6 +228,11 @@ class PoolExhaustedError(BlockPoolError):
 
 class PoolClosedError(BlockPoolError):
     """A block pool was used after its manager closed it (its memory is gone)."""
+
+
+class OffloadError(KvbmError, RuntimeError):
+    """An offload or onboard could not start: the manager is closed or cancelled, a block belongs to another manager
+    or was released, or a tier has no tier to move to. Names the tiers. (Failures while moving are TransferErrors.)"""
 
 
 class MetricsError(KvbmError, ValueError):

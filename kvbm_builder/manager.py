@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,10 @@ from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError, allocate
 
 if TYPE_CHECKING:
+    from .blocks import BlockPool, ImmutableBlock, MutableBlock, TokenBlock
+    from .config.settings import KvbmSettings
     from .nixl import NixlRegistry
+    from .offload import BlockFuture, KvbmStats, Listener, OffloadManager, OffloadResult, PrefixMatch
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ class KvBlockManager:
     ``release_error`` (a :class:`ReleaseError`) names it: ``release_error.manager.close()`` retries.
     """
 
-    def __init__(self, config: KvBlockManagerConfig) -> None:
+    def __init__(self, config: KvBlockManagerConfig, *, settings: KvbmSettings | None = None) -> None:
         if not isinstance(config, KvBlockManagerConfig):
             message = (
                 f"KvBlockManager needs a KvBlockManagerConfig, got {type(config).__name__}; "
@@ -231,6 +234,13 @@ class KvBlockManager:
             )
             raise ConfigError([Problem((), message)])
         self.config = config
+        if settings is None:
+            from .loading import settings_from_env
+
+            settings = settings_from_env()
+        self.settings: KvbmSettings = settings
+        """Transfer batch size and concurrency, the disk offload filter switch, metrics (default: the environment)."""
+        self._blocks: OffloadManager | None = None
         # cancelling the caller's token stops this manager; closing this manager leaves the caller's token alone
         self.cancellation_token: CancellationToken = config.runtime.cancellation_token.child_token()
         self._tiers: dict[Tier, TierStorage] = {}
@@ -286,6 +296,32 @@ class KvBlockManager:
             elapsed = time.perf_counter() - started
             self._tiers[tier] = TierStorage(tier, layout_config, layout, owned, elapsed)
             log.info("%s: %d blocks, %d bytes in %.3f s", tier.words, spec.num_blocks, spec.total_bytes, elapsed)
+        self._blocks = self._offload_manager()
+        metrics = config.kvbm_metrics
+        if metrics is not None:  # the config's KvbmMetrics counts what this manager moves, skips and finds
+            self._blocks.report_to(metrics)
+            for tier, t in self._tiers.items():
+                metrics.set_allocated_bytes(tier, t.nbytes)
+
+    def _offload_manager(self) -> OffloadManager:
+        """Block pools for the tiers with local memory, and what moves blocks between them."""
+        from .config.env import should_bypass_cpu_cache
+        from .offload import OffloadManager
+
+        layouts = {tier: t.layout for tier, t in self._tiers.items() if t.layout is not None}
+        device = self._tiers.get(Tier.G1)
+        return OffloadManager.for_tiers(
+            layouts,
+            block_size=self.config.model.page_size,
+            filters={tier: t.config.offload_filter for tier, t in self._tiers.items()},
+            event_manager=self.config.event_manager,
+            cancellation_token=self.cancellation_token,
+            max_batch_blocks=self.settings.max_transfer_batch_size,
+            max_concurrent=self.settings.max_concurrent_transfers,
+            bypass_cpu_cache=should_bypass_cpu_cache(),
+            disk_offload_filter=self.settings.disk_offload_filter,
+            device_id=getattr(device.storages[0], "device_id", None) if device and device.storages else None,
+        )
 
     def _storages_for(
         self, tier: Tier, layout_config: KvManagerLayoutConfig[Any], spec: LayoutSpec
@@ -392,6 +428,14 @@ class KvBlockManager:
         if self._closed:
             return
         errors: list[BaseException] = []
+        if self._blocks is not None and not self._blocks.closed:
+            try:  # no transfer may touch the memory once it is released
+                self._blocks.close()
+                if self.config.kvbm_metrics is not None:
+                    for released in self._tiers:
+                        self.config.kvbm_metrics.set_allocated_bytes(released, 0)
+            except Exception as err:
+                errors.append(err)
         registry = self._nixl
         if registry is not None and not registry.closed:
             try:
@@ -433,6 +477,149 @@ class KvBlockManager:
                 self,
                 errors,
             ) from errors[0]
+
+    # -- blocks: allocate, register, match, offload, onboard -------------------------------------------------
+
+    @property
+    def offload_manager(self) -> OffloadManager:
+        """The pools, filters and transfer engine that move this manager's blocks."""
+        if self._blocks is None:
+            raise KvbmError("this KvBlockManager did not come up; it has no blocks to move")
+        return self._blocks
+
+    def pool(self, tier: Tier | str) -> BlockPool:
+        """The block pool of a tier with local memory (``"G1"``, ``Tier.G2``, ``"disk_layout"``...)."""
+        return self.offload_manager.pool(_tier_key(tier))
+
+    def allocate(self, tier: Tier | str, count: int = 1) -> list[MutableBlock]:
+        """``count`` blocks of a tier to write into (free ones first, then evicted inactive ones); all or none."""
+        return self.pool(tier).allocate(count)
+
+    def token_blocks(
+        self,
+        tokens: Sequence[int],
+        *,
+        parent: TokenBlock | int | None = None,
+        external_hashes: Sequence[int] | None = None,
+    ) -> list[TokenBlock]:
+        """``tokens`` cut into full blocks of the model's ``page_size`` and hashed as Dynamo's router does."""
+        from .blocks import token_blocks
+
+        return token_blocks(tokens, self.config.model.page_size, parent=parent, external_hashes=external_hashes)
+
+    def register(
+        self,
+        blocks: Sequence[MutableBlock],
+        *,
+        tokens: Sequence[int] | None = None,
+        hashes: Sequence[int] | None = None,
+        token_blocks: Sequence[TokenBlock] | None = None,
+        parent: TokenBlock | int | None = None,
+        priority: int = 0,
+    ) -> list[ImmutableBlock]:
+        """Register written blocks (one tier) by exactly one of:
+
+        - ``tokens``: their token ids, hashed here (one full ``page_size`` block per block; a partial tail is
+          ignored), chained from ``parent``;
+        - ``hashes``: an engine's own hash per block (chained from ``parent`` for the events);
+        - ``token_blocks``: made beforehand (:meth:`token_blocks`, ``TokenBlock.from_hash``).
+
+        Returns registered blocks, in order; a hash the tier already holds returns that block (see ``BlockPool``).
+        """
+        from .blocks import TokenBlock
+        from .errors import BlockPoolError
+
+        blocks = list(blocks)
+        if sum(x is not None for x in (tokens, hashes, token_blocks)) != 1:
+            raise BlockPoolError("register takes exactly one of tokens=, hashes= or token_blocks=")
+        if tokens is not None:
+            made = self.token_blocks(tokens, parent=parent)
+            if len(made) != len(blocks):
+                raise BlockPoolError(
+                    f"{len(tokens)} tokens make {len(made)} full blocks of {self.config.model.page_size}, but "
+                    f"{len(blocks)} blocks were given; only full blocks are registered"
+                )
+        elif hashes is not None:
+            made = []
+            previous = parent.sequence_hash if isinstance(parent, TokenBlock) else parent
+            for sequence_hash in hashes:
+                made.append(TokenBlock.from_hash(sequence_hash, parent_hash=previous))
+                previous = made[-1].sequence_hash
+        else:
+            made = list(token_blocks or ())
+        if not blocks:
+            return []
+        return blocks[0].pool.register(blocks, made, priority=priority)
+
+    def match(
+        self,
+        tokens: Sequence[int] | None = None,
+        *,
+        hashes: Sequence[int] | None = None,
+        parent: TokenBlock | int | None = None,
+    ) -> PrefixMatch:
+        """The longest prefix of ``tokens`` (or of sequence ``hashes``) held across the tiers: G1's blocks, then
+        G2's from where G1 stopped, then G3's. The blocks are held until the match is released."""
+        from .errors import SequenceHashError
+
+        if (tokens is None) == (hashes is None):
+            raise SequenceHashError("match takes tokens or hashes (one of them)")
+        page = self.config.model.page_size
+        if tokens is not None:
+            wanted = [b.sequence_hash for b in self.token_blocks(tokens, parent=parent)]
+            requested = len(tokens)
+        else:
+            wanted = list(hashes or ())
+            requested = len(wanted) * page
+        return self.offload_manager.match(wanted, requested_tokens=requested, block_size=page)
+
+    def offload(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str | None = None, priority: int | None = None
+    ) -> BlockFuture[OffloadResult]:
+        """Copy registered blocks of one tier to the next tier down (G1 -> G2, or G3 when the CPU cache is bypassed
+        or absent; G2 -> G3), or to ``to``. Returns a future (also awaitable) of the :class:`OffloadResult`.
+
+        Per block: skipped when the target holds it, filtered by the tier's ``offload_filter``, skipped and counted
+        when the target is full; the rest are queued by ``priority`` (higher first). A block that reaches the host
+        tier is then offered to the disk tier. Keep or release your handles as you like: a copy holds its own.
+        """
+        return self.offload_manager.offload(blocks, to=None if to is None else _tier_key(to), priority=priority)
+
+    def offload_sync(
+        self,
+        blocks: Iterable[ImmutableBlock],
+        *,
+        to: Tier | str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> OffloadResult:
+        """:meth:`offload` and wait for it (raises the TransferError of a failed copy)."""
+        return self.offload(blocks, to=to, priority=priority).result(timeout)
+
+    def onboard(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str = Tier.G1
+    ) -> BlockFuture[list[ImmutableBlock]]:
+        """Copy registered blocks of lower tiers into ``to`` (default G1); the future (also awaitable) gives one
+        registered block of ``to`` per block, in order. A failed copy registers nothing and raises TransferError."""
+        return self.offload_manager.onboard(blocks, to=_tier_key(to))
+
+    def onboard_sync(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str = Tier.G1, timeout: float | None = None
+    ) -> list[ImmutableBlock]:
+        """:meth:`onboard` and wait for it."""
+        return self.onboard(blocks, to=to).result(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no offload is queued or copying (offloads to disk that follow host offloads included)."""
+        return self.offload_manager.wait_idle(timeout)
+
+    def stats(self) -> KvbmStats:
+        """Blocks per tier by state, offloads skipped by reason, blocks and bytes moved, lookups: plain data."""
+        return self.offload_manager.stats()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with each ``OffloadSkipped``, ``Lookup`` and ``TransferRecord`` as they happen."""
+        self.offload_manager.add_listener(listener)
 
     def __enter__(self) -> KvBlockManager:
         return self
