@@ -178,6 +178,20 @@ def assert_tier_holds_right_data(manager: KvBlockManager, tier: Tier, hashes: li
     return found
 
 
+def assert_events_alternate(events: Any, *, all_removed: bool = True) -> None:
+    """Per (tier, hash): store, remove, store, ... (never two stores or a remove of what is not held); after the
+    manager closed, everything stored was removed."""
+    held: set[tuple[Tier, int]] = set()
+    for kind, event in events.events:
+        key = (event.tier, event.sequence_hash)
+        assert (key in held) == (kind == "remove"), (kind, key)
+        if kind == "remove":
+            held.remove(key)
+        else:
+            held.add(key)
+    assert not (all_removed and held), held
+
+
 def engine_threads() -> list[str]:
     return [
         t.name for t in threading.enumerate() if t.name.startswith(("kvbm-transfer", "kvbm-frequency", "kvbm-close"))

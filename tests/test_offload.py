@@ -25,6 +25,7 @@ from kvbm_builder.offload import Lookup, OffloadSkipped, SkipReason
 from kvbm_builder.testing import RecordingEventManager
 from kvbm_builder.transfer import TransferError, TransferRecord
 from tests.offload_helpers import (
+    assert_events_alternate,
     assert_tier_holds_right_data,
     block_nbytes,
     content,
@@ -358,9 +359,7 @@ def test_closing_with_transfers_in_flight_settles_everything(tmp_path: Path) -> 
     assert pending.done()
     if pending.exception() is not None:
         assert isinstance(pending.exception(), TransferError)
-    stored = {(e.tier, e.sequence_hash) for e in events.stored()}
-    removed = {(e.tier, e.sequence_hash) for e in events.removed()}
-    assert stored == removed  # every block a tier gained, it gave up when the manager closed
+    assert_events_alternate(events)  # every block a tier gained, it gave up when the manager closed
     with pytest.raises(PoolClosedError):
         manager.pool(Tier.G2).allocate(1)
     release(held)  # handles can still be released after close
@@ -384,7 +383,8 @@ def test_no_sequence_of_moves_registers_a_block_with_wrong_data(
 ) -> None:
     directory = tmp_path_factory.mktemp("moves")
     prompts = [list(range(100 * p, 100 * p + 8)) for p in range(6)]  # six prompts of two blocks
-    with make_manager(directory, host=4, disk=6) as manager:
+    events = RecordingEventManager()
+    with make_manager(directory, host=4, disk=6, event_manager=events) as manager:
         busy: list[Any] = []
         for action, which in steps:
             tokens = prompts[which]
@@ -412,6 +412,7 @@ def test_no_sequence_of_moves_registers_a_block_with_wrong_data(
         release(busy)
         for tier in (Tier.G2, Tier.G3):
             assert manager.pool(tier).counts().active == 0
+    assert_events_alternate(events)
 
 
 def test_the_round_trip_example_verifies_every_byte(tmp_path: Path) -> None:

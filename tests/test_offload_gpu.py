@@ -13,6 +13,7 @@ from kvbm_builder.config.settings import KvbmSettings
 from kvbm_builder.testing import RecordingEventManager
 from kvbm_builder.transfer import TransferError
 from tests.offload_helpers import (
+    assert_events_alternate,
     assert_tier_holds_right_data,
     block_nbytes,
     content,
@@ -66,8 +67,7 @@ def test_device_blocks_reach_host_and_disk_and_come_back(tmp_path: Path, device_
             assert read_block(manager, Tier.G1, block.block_id) == content(block.sequence_hash, size)
         release(half)
         release(again)
-    stores = [(e.tier, e.sequence_hash) for e in events.stored()]
-    assert len(stores) == len(set(stores))  # one store per (tier, hash) at a time
+    assert_events_alternate(events)
 
 
 def test_without_a_host_tier_the_gpu_offloads_to_disk(tmp_path: Path) -> None:
@@ -130,6 +130,5 @@ def test_closing_with_device_transfers_in_flight_settles_everything(tmp_path: Pa
     pending = manager.offload(held)
     manager.close()
     assert pending.done()
-    stored = {(e.tier, e.sequence_hash) for e in events.stored()}
-    assert stored == {(e.tier, e.sequence_hash) for e in events.removed()}
+    assert_events_alternate(events)
     release(held)
