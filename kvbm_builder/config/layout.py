@@ -260,7 +260,8 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
         return self._set("alignment", value)
 
     def _validate(self) -> list[Problem]:
-        chosen = [name for name in CHOICES if self._chosen(name)]
+        values, rejected = self._values, self._rejected
+        chosen = [name for name in CHOICES if name in values or name in rejected]
         if not chosen:
             return [Problem((), "must provide either `storage` or `allocator` or `logical`")]
         if len(chosen) > 1:

@@ -108,8 +108,9 @@ def tier_problems(
         if too_big is not None:
             problems.append(too_big)
     accepts = _ACCEPTS[tier]
-    if layout.allocator is not None:
-        kind = layout.allocator.storage_kind
+    allocator = layout.allocator
+    if allocator is not None:
+        kind = allocator.storage_kind
         if kind not in accepts:
             accepted = " or ".join(sorted(k.value for k in accepts))
             problems.append(
