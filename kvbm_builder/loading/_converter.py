@@ -81,6 +81,7 @@ class View:
     typed: Any = attrs.field(init=False)
     read: Callable[[Mapping[str, Any], Any], dict[str, Any]] = attrs.field(init=False)
     allowed: frozenset[str] = attrs.field(init=False)
+    nested: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         nested = {key: t for key, t in self.keys.items() if t is not Raw}
@@ -88,6 +89,7 @@ class View:
         object.__setattr__(self, "typed", typed)
         object.__setattr__(self, "read", make_dict_structure_fn(typed, converter, _cattrs_forbid_extra_keys=False))
         object.__setattr__(self, "allowed", frozenset(self.keys))
+        object.__setattr__(self, "nested", bool(nested))
         _VIEWS[typed] = self
 
     def table(self, value: object) -> Table:
@@ -97,8 +99,8 @@ class View:
         unknown = document.keys() - self.allowed
         errors: list[Exception] = [ForbiddenExtraKeysError("", self.typed, unknown)] if unknown else []
         failed: frozenset[str] = _NO_KEYS
-        try:
-            values = self.read(document, self.typed)
+        try:  # a table of values only (a model, an allocator) has nothing for cattrs to structure
+            values = self.read(document, self.typed) if self.nested else dict(document)
         except ClassValidationError as group:
             failed = frozenset(note.name for _, note in group.group_exceptions()[0])
             values = self.read({k: v for k, v in document.items() if k not in failed}, self.typed)
@@ -205,6 +207,9 @@ _ALLOCATOR_VIEWS = {cls: _view(cls) for cls in BUILTIN_ALLOCATORS}
 CLASS_VIEWS: dict[type, View] = dict(_ALLOCATOR_VIEWS)
 
 
+_VIEW_OF_KIND = {kind.value: _ALLOCATOR_VIEWS[cls] for kind, cls in ALLOCATOR_OF_KIND.items()}
+
+
 def _kind_of(value: object) -> StorageKind | None:
     try:
         return StorageKind.parse(value)
@@ -220,13 +225,19 @@ def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
         if type(value) is not dict and not isinstance(value, Mapping):
             example = f"{{kind = '{tier.default_kind.value if tier else 'pinned'}'}}"
             raise document_error(f"must be an allocator table such as {example}, got {show(value)}")
-        if "kind" not in value and tier is None:
+        rest = dict(value)
+        given = rest.pop("kind", None if tier is None else tier.default_kind.value)
+        if given is None:
             raise document_error(f"must be given: {', '.join(accepted)}", "kind")
         # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator` as for a builder
-        kind = _kind_of(value["kind"]) if "kind" in value else cast(Tier, tier).default_kind
-        if kind is None:
-            raise document_error(f"must be {' or '.join(accepted)}, got {show(value['kind'])}", "kind")
-        return _load(_ALLOCATOR_VIEWS[ALLOCATOR_OF_KIND[kind]], {k: v for k, v in value.items() if k != "kind"})
+        view = _VIEW_OF_KIND.get(given) if type(given) is str else None  # the usual spelling, without parsing it
+        if view is None:
+            kind = _kind_of(given)
+            if kind is None:
+                raise document_error(f"must be {' or '.join(accepted)}, got {show(given)}", "kind")
+            view = _VIEW_OF_KIND[kind.value]
+        table = view.table(rest)
+        return _built(view.target, table, table.values)
 
     return hook
 
