@@ -35,7 +35,7 @@ _KERNEL_SOURCE = Path(__file__).with_name("copy_kernel.cu")
 class KernelConfig:
     """How the copy kernel is launched; the defaults are what ``benchmarks/bench_transfer.py`` found fastest."""
 
-    __slots__ = ("max_grid", "piece_bytes", "table_on_device", "threads", "unroll")
+    __slots__ = ("bounce_bytes", "max_grid", "piece_bytes", "table_on_device", "threads", "unroll")
 
     def __init__(
         self,
@@ -45,42 +45,62 @@ class KernelConfig:
         unroll: int = 4,
         max_grid: int = 0,
         table_on_device: bool = True,
+        bounce_bytes: int = 16 * 2**20,
     ) -> None:
         self.piece_bytes = piece_bytes  # runs are cut into pieces of at most this, one thread block each
         self.threads = threads
         self.unroll = unroll
         self.max_grid = max_grid  # 0: one thread block per piece; else a grid-stride loop over at most this many
         self.table_on_device = table_on_device  # copy the table to GPU memory first, or read it from pinned memory
+        self.bounce_bytes = bounce_bytes  # method "bounce": the chunk gathered in GPU memory per DMA round
 
     def __repr__(self) -> str:
         return (
             f"KernelConfig(piece_bytes={self.piece_bytes}, threads={self.threads}, unroll={self.unroll}, "
-            f"max_grid={self.max_grid}, table_on_device={self.table_on_device})"
+            f"max_grid={self.max_grid}, table_on_device={self.table_on_device}, bounce_bytes={self.bounce_bytes})"
         )
 
 
 class Lane:
-    """One copy in flight on a slot's stream: its table buffers, its staging buffer and its event."""
+    """One copy in flight on a slot: its table buffers, its staging (pinned) and scratch (GPU) buffers, its
+    completion event, and two events that order the GPU-side rounds of method ``bounce``."""
 
-    __slots__ = ("dev_table", "dev_table_bytes", "event", "host_table", "host_table_ptr", "staging")
+    __slots__ = (
+        "dev_table",
+        "dev_table_bytes",
+        "event",
+        "filled",
+        "host_table",
+        "host_table_ptr",
+        "scratch",
+        "scratch_bytes",
+        "staging",
+        "used",
+    )
 
     def __init__(self) -> None:
         self.event = cupy.cuda.Event(block=False, disable_timing=True)
+        self.filled = cupy.cuda.Event(block=False, disable_timing=True)  # bounce: scratch holds a chunk
+        self.used = cupy.cuda.Event(block=False, disable_timing=True)  # bounce: scratch may be refilled
         self.host_table: Any = None  # numpy uint64 view over pinned memory
         self.host_table_ptr = 0
         self.dev_table = 0
         self.dev_table_bytes = 0
+        self.scratch = 0
+        self.scratch_bytes = 0
         self.staging: Storage | None = None
 
 
 class Slot:
-    """One of ``max_concurrent`` places a batch runs in: a non-blocking stream and two lanes."""
+    """One of ``max_concurrent`` places a batch runs in: two non-blocking streams (kernels; DMA rounds of method
+    ``bounce``) and two lanes."""
 
-    __slots__ = ("index", "lanes", "stream")
+    __slots__ = ("dma", "index", "lanes", "stream")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.dma = cupy.cuda.Stream(non_blocking=True)
         self.lanes = (Lane(), Lane())
 
 
@@ -92,7 +112,7 @@ class CudaContext:
         self.config = config
         self.device = cupy.cuda.Device(device_id)
         self._lock = threading.Lock()
-        self._memory: dict[int, tuple[int, int, int]] = {}  # id(storage) -> (addr, size, device delta)
+        self._memory: dict[int, tuple[Any, ...]] = {}  # id(storage) -> (addr, size, kind, device delta)
         self._broken: BaseException | None = None
         with self.device:
             self.kernel = _compile(config.unroll)
@@ -106,8 +126,9 @@ class CudaContext:
         for mapped pinned memory (0 for device memory), or None when the GPU cannot address it directly."""
         key = id(storage)
         cached = self._memory.get(key)
-        if cached is not None and cached[:2] == (storage.addr, storage.size):
-            return cached[2]
+        if cached is not None and cached[:3] == (storage.addr, storage.size, storage.kind):
+            known: int | None = cached[3]
+            return known
         runtime = cupy.cuda.runtime
         with self.device:
             try:
@@ -137,7 +158,7 @@ class CudaContext:
         else:
             delta = None
         with self._lock:
-            self._memory[key] = (storage.addr, storage.size, delta if delta is not None else _NO_ALIAS)
+            self._memory[key] = (storage.addr, storage.size, storage.kind, delta)
         return delta
 
     def forget(self, storage: Storage) -> None:
@@ -146,53 +167,144 @@ class CudaContext:
 
     # --- copies --------------------------------------------------------------------------------------------
 
-    def enqueue(self, slot: Slot, lane: Lane, table: RegionTable, method: str, deltas: tuple[Any, Any]) -> None:
-        """Put the copies of ``table`` on the slot's stream (``kernel`` or ``memcpy``), then record the lane's
-        event. ``deltas`` are per-side arrays (or ints) added to addresses for the kernel (pinned host aliases)."""
-        runtime = cupy.cuda.runtime
-        stream = slot.stream
-        with self.device:
-            if method == "memcpy":
-                step = "cudaMemcpyAsync"
-                try:
-                    for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.size.tolist(), strict=True):
-                        runtime.memcpyAsync(d, s, n, _MEMCPY_DEFAULT, stream.ptr)
-                except runtime.CUDARuntimeError as exc:
-                    raise StepError(step, f"cudaMemcpyAsync failed: {exc}") from exc
-            else:
-                step = "copy kernel"
-                try:
-                    self._launch(stream, lane, table, deltas)
-                except runtime.CUDARuntimeError as exc:
-                    raise StepError(step, f"launching the copy kernel failed: {exc}") from exc
-            try:
-                lane.event.record(stream)
-            except runtime.CUDARuntimeError as exc:
-                raise StepError(step, f"recording the completion event failed: {exc}") from exc
+    def enqueue(
+        self,
+        slot: Slot,
+        lane: Lane,
+        table: RegionTable,
+        method: str,
+        deltas: tuple[Any, Any],
+        host_side: str | None = None,
+    ) -> None:
+        """Put the copies of ``table`` on the slot's streams, then record the lane's event after the last one.
 
-    def _launch(self, stream: Any, lane: Lane, table: RegionTable, deltas: tuple[Any, Any]) -> None:
-        config = self.config
-        src, dst, size = table.src, table.dst, table.size
-        if not isinstance(deltas[0], int) or deltas[0]:
-            src = src + (deltas[0] if isinstance(deltas[0], int) else deltas[0][table.src_storage])
-        if not isinstance(deltas[1], int) or deltas[1]:
-            dst = dst + (deltas[1] if isinstance(deltas[1], int) else deltas[1][table.dst_storage])
-        src, dst, size = split_pieces(src, dst, size, config.piece_bytes)
-        n = int(size.shape[0])
+        ``kernel``: one launch of the copy kernel over the table (addresses plus ``deltas``, the per-side
+        offsets of pinned host aliases). ``memcpy``: one ``cudaMemcpyAsync`` per run. ``bounce`` (``host_side``
+        ``"src"`` or ``"dst"`` names the pinned side): the GPU gathers the device side into its own scratch
+        memory in chunks and the copy engine moves each chunk to or from the host runs, the two overlapping."""
+        runtime = cupy.cuda.runtime
+        steps = {"memcpy": "cudaMemcpyAsync", "kernel": "copy kernel", "bounce": "bounce copy"}
+        step = steps[method]
+        with self.device:
+            try:
+                if method == "memcpy":
+                    for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.size.tolist(), strict=True):
+                        runtime.memcpyAsync(d, s, n, _MEMCPY_DEFAULT, slot.stream.ptr)
+                    lane.event.record(slot.stream)
+                elif method == "kernel":
+                    src, dst = _shifted(table, deltas)
+                    pieces = split_pieces(src, dst, table.size, self.config.piece_bytes)
+                    table_ptr = self._upload(slot.stream, lane, [pieces])
+                    self._run_kernel(slot.stream, table_ptr, int(pieces[2].shape[0]))
+                    lane.event.record(slot.stream)
+                else:
+                    assert host_side in ("src", "dst")
+                    self._bounce(slot, lane, table, host_side)
+            except runtime.CUDARuntimeError as exc:
+                raise StepError(step, f"queueing the copy ({method}) failed: {exc}") from exc
+
+    def _bounce(self, slot: Slot, lane: Lane, table: RegionTable, host_side: str) -> None:
+        """Method ``bounce``: chunks of the batch, each gathered (offload) or scattered (onboard) between the
+        device runs and a contiguous scratch buffer by the kernel on ``slot.stream``, and moved between scratch
+        and the host runs by DMA on ``slot.dma``; two scratch buffers, so that one chunk's kernel overlaps the
+        other's DMA. Events order the two streams on the GPU: the CPU queues everything and returns."""
+        runtime = cupy.cuda.runtime
+        if len(table) == 0:
+            lane.event.record(slot.stream)
+            return
+        offload = host_side == "dst"
+        host, device = (table.dst, table.src) if offload else (table.src, table.dst)
+        host_storage = table.dst_storage if offload else table.src_storage
+        order = np.argsort(host, kind="stable")
+        host, device, size, host_storage = host[order], device[order], table.size[order], host_storage[order]
+        start = np.cumsum(size) - size  # place of each run in the batch's packed bytes
+        chunk_bytes = self.config.bounce_bytes
+        chunk = start // chunk_bytes
+        bounds = np.flatnonzero(np.diff(chunk)) + 1
+        firsts = np.concatenate((np.zeros(1, dtype=np.int64), bounds))
+        lasts = np.concatenate((bounds, np.array([size.shape[0]], dtype=np.int64)))
+        chunk_start = start[firsts]
+        within = start - np.repeat(chunk_start, lasts - firsts)  # offset inside its chunk's scratch
+        need = int((start[lasts - 1] + size[lasts - 1] - chunk_start).max())
+        lanes = slot.lanes
+        for each in lanes[: len(firsts)]:
+            if each.scratch_bytes < need:
+                self._grow_scratch(each, need)
+        # one table for every chunk's kernel, uploaded once; the kernel of chunk c starts at its first piece
+        parts = []
+        scratch_of_run = np.asarray([lanes[c % 2].scratch for c in range(len(firsts))], dtype=np.int64)
+        scratch = np.repeat(scratch_of_run, lasts - firsts) + within
+        for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+            a, b = (device, scratch) if offload else (scratch, device)
+            parts.append(split_pieces(a[first:last], b[first:last], size[first:last], self.config.piece_bytes))
+        table_ptr = self._upload(slot.stream, lane, parts)
+        # host extents: neighbouring runs in one host storage and one chunk, back to back on the host side
+        joins = (
+            (host[1:] == host[:-1] + size[:-1]) & (host_storage[1:] == host_storage[:-1]) & (chunk[1:] == chunk[:-1])
+        )
+        ext_first = np.concatenate((np.zeros(1, dtype=np.int64), np.flatnonzero(~joins) + 1))
+        ext_last = np.concatenate((ext_first[1:], np.array([size.shape[0]], dtype=np.int64)))
+        ext_bytes = (start[ext_last - 1] + size[ext_last - 1] - start[ext_first]).tolist()
+        ext_host, ext_scratch = host[ext_first].tolist(), scratch[ext_first].tolist()
+        ext_chunk = chunk[ext_first].tolist()
+        kernel_stream, dma_stream = slot.stream, slot.dma
+        offset = 0
+        e = 0
+        for c, part in enumerate(parts):
+            used, filled = lanes[c % 2].used, lanes[c % 2].filled
+            n = int(part[2].shape[0])
+            extents = []
+            while e < len(ext_chunk) and ext_chunk[e] == int(chunk[firsts[c]]):
+                extents.append((ext_host[e], ext_scratch[e], ext_bytes[e]))
+                e += 1
+            if offload:
+                if c >= 2:
+                    kernel_stream.wait_event(used)  # the DMA of chunk c - 2 has emptied this scratch
+                self._run_kernel(kernel_stream, table_ptr + 24 * offset, n)
+                filled.record(kernel_stream)
+                dma_stream.wait_event(filled)
+                for h, sc, nbytes in extents:
+                    runtime.memcpyAsync(h, sc, nbytes, _MEMCPY_DEFAULT, dma_stream.ptr)
+                used.record(dma_stream)
+            else:
+                if c >= 2:
+                    dma_stream.wait_event(used)  # the kernel of chunk c - 2 has read this scratch
+                for h, sc, nbytes in extents:
+                    runtime.memcpyAsync(sc, h, nbytes, _MEMCPY_DEFAULT, dma_stream.ptr)
+                filled.record(dma_stream)
+                kernel_stream.wait_event(filled)
+                self._run_kernel(kernel_stream, table_ptr + 24 * offset, n)
+                used.record(kernel_stream)
+            offset += n
+        if offload:
+            lane.event.record(dma_stream)
+        else:
+            lane.event.record(kernel_stream)
+
+    def _upload(self, stream: Any, lane: Lane, parts: list[tuple[Any, Any, Any]]) -> int:
+        """Write the (src, dst, size) pieces of ``parts``, one after another, into the lane's pinned table and
+        (unless the kernel reads it from pinned memory) copy it to GPU memory on ``stream``; its device address."""
+        n = sum(int(part[2].shape[0]) for part in parts)
+        host = self._host_table(lane, max(n, 1))
+        at = 0
+        for src, dst, size in parts:
+            k = int(size.shape[0])
+            host[at : at + k, 0] = src
+            host[at : at + k, 1] = dst
+            host[at : at + k, 2] = size
+            at += k
+        if not self.config.table_on_device:
+            return lane.host_table_ptr  # mapped pinned memory: the GPU reads the table over PCIe
+        nbytes = max(n, 1) * 24
+        if lane.dev_table_bytes < nbytes:
+            self._grow_device_table(lane, nbytes)
+        cupy.cuda.runtime.memcpyAsync(lane.dev_table, lane.host_table_ptr, nbytes, _MEMCPY_DEFAULT, stream.ptr)
+        return lane.dev_table
+
+    def _run_kernel(self, stream: Any, table_ptr: int, n: int) -> None:
         if n == 0:
             return
-        host = self._host_table(lane, n)
-        host[:n, 0] = src
-        host[:n, 1] = dst
-        host[:n, 2] = size
-        nbytes = n * 24
-        if config.table_on_device:
-            if lane.dev_table_bytes < nbytes:
-                self._grow_device_table(lane, nbytes)
-            cupy.cuda.runtime.memcpyAsync(lane.dev_table, lane.host_table_ptr, nbytes, _MEMCPY_DEFAULT, stream.ptr)
-            table_ptr = lane.dev_table
-        else:
-            table_ptr = lane.host_table_ptr  # mapped pinned memory: the GPU reads the table over PCIe
+        config = self.config
         grid = n if config.max_grid <= 0 else min(n, config.max_grid)
         self.kernel((grid,), (config.threads,), (np.uint64(table_ptr), np.uint32(n)), stream=stream)
 
@@ -207,6 +319,13 @@ class CudaContext:
                 cupy.cuda.runtime.freeHost(old)
         return lane.host_table
 
+    def _grow_scratch(self, lane: Lane, nbytes: int) -> None:
+        if lane.scratch:
+            cupy.cuda.runtime.free(lane.scratch)
+            lane.scratch, lane.scratch_bytes = 0, 0
+        lane.scratch = int(cupy.cuda.runtime.malloc(nbytes))
+        lane.scratch_bytes = nbytes
+
     def _grow_device_table(self, lane: Lane, nbytes: int) -> None:
         capacity = max(nbytes, 4096 * 24)
         if lane.dev_table:
@@ -218,15 +337,17 @@ class CudaContext:
     def wait(self, lane: Lane, step: str) -> None:
         """Block (without the GIL) until the lane's last copy finished; a CUDA error is raised as a StepError."""
         try:
-            lane.event.synchronize()
+            with self.device:
+                lane.event.synchronize()
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             self._broken = exc
             raise StepError(step, f"the GPU reported an error while copying: {exc}") from exc
 
     def synchronize(self, slot: Slot) -> None:
         """Wait for everything on the slot's stream; errors are swallowed (the caller reports its own)."""
-        with contextlib.suppress(Exception):
+        with self.device, contextlib.suppress(Exception):
             slot.stream.synchronize()
+            slot.dma.synchronize()
 
     @property
     def broken(self) -> BaseException | None:
@@ -269,17 +390,29 @@ class CudaContext:
                     if lane.dev_table:
                         _quietly(runtime.free, lane.dev_table)
                         lane.dev_table, lane.dev_table_bytes = 0, 0
+                    if lane.scratch:
+                        _quietly(runtime.free, lane.scratch)
+                        lane.scratch, lane.scratch_bytes = 0, 0
             self.slots = []
         self._memory.clear()
 
 
-_NO_ALIAS: Any = None
 _U64 = ctypes.c_uint64
 
 
 def _quietly(call: Any, *args: Any) -> None:
     with contextlib.suppress(Exception):  # a context already torn down at exit: nothing left to free
         call(*args)
+
+
+def _shifted(table: RegionTable, deltas: tuple[Any, Any]) -> tuple[Any, Any]:
+    """The table's addresses as the GPU sees them: plus each side's delta (an int, or one per storage)."""
+    src, dst = table.src, table.dst
+    if not isinstance(deltas[0], int) or deltas[0]:
+        src = src + (deltas[0] if isinstance(deltas[0], int) else deltas[0][table.src_storage])
+    if not isinstance(deltas[1], int) or deltas[1]:
+        dst = dst + (deltas[1] if isinstance(deltas[1], int) else deltas[1][table.dst_storage])
+    return src, dst
 
 
 def split_pieces(src: Any, dst: Any, size: Any, piece: int) -> tuple[Any, Any, Any]:

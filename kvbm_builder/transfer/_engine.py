@@ -57,7 +57,11 @@ MEMCPY_MIN_RUN_BYTES = 2**20
 STAGING_BYTES = 16 * 2**20
 #: Threads that run the I/O operations of host and disk batches; disks want several requests in flight.
 IO_THREADS = 8
-_COPY_METHODS = ("auto", "kernel", "memcpy")
+#: How device batches with many small runs move (``kernel``: zero-copy through mapped pinned memory; ``bounce``:
+#: gathered in GPU memory, then DMA), chosen by benchmarks/bench_transfer.py.
+SCATTERED_METHOD = "kernel"
+_COPY_METHODS = ("auto", "kernel", "memcpy", "bounce")
+_STEPS = {"kernel": "copy kernel", "memcpy": "cudaMemcpyAsync", "bounce": "bounce copy"}
 _HOST_KINDS = (StorageKind.PINNED, StorageKind.SYSTEM)
 
 
@@ -124,8 +128,9 @@ class TransferEngine:
     ``close()`` is called, nothing new starts and transfers not finished fail. ``listeners`` receive a
     :class:`TransferRecord` for every finished submit, success or failure, on the engine's threads.
 
-    ``device_copy`` forces the copy method of device batches (``"kernel"`` or ``"memcpy"``; ``"auto"`` picks per
-    batch). ``staging_bytes`` sizes each of the two staging buffers of a slot; ``io_threads`` the I/O pool.
+    ``device_copy`` forces the copy method of device batches (``"kernel"``, ``"memcpy"`` or ``"bounce"``;
+    ``"auto"`` picks per batch). ``staging_bytes`` sizes each of the two staging buffers of a slot;
+    ``io_threads`` the I/O pool; ``kernel`` (a ``KernelConfig``) how the copy kernel is launched.
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class TransferEngine:
         self._closer: threading.Thread | None = None
         self._cuda: CudaContext | None = None
         self._host_staging: dict[int, Any] = {}  # slot -> SystemStorage (disk <-> disk)
+        self._layout_deltas: dict[int, tuple[Layout, Any]] = {}  # id(layout) -> (layout, its deltas)
         self._workers: ThreadPoolExecutor | None = None
         self._io: ThreadPoolExecutor | None = None
         self._completions: queue.SimpleQueue[tuple[_Batch, Slot, str] | None] = queue.SimpleQueue()
@@ -355,18 +361,29 @@ class TransferEngine:
                 raise self._refusal(job, exc.step, str(exc), exc.__cause__) from exc
 
     def _deltas(self, cuda: CudaContext, layout: Layout, side: str) -> Any:
-        """What to add to the layout's addresses for the kernel: 0, one int per storage, or None (no alias)."""
+        """What to add to the layout's addresses for the kernel: 0, one int per storage, or None (no alias).
+        Checked once per layout object (a tier's layout is submitted again and again)."""
         kind = layout.storages[0].kind
         if kind not in (StorageKind.DEVICE, StorageKind.PINNED):
             return None
+        cached = self._layout_deltas.get(id(layout))
+        if cached is not None and cached[0] is layout:
+            return cached[1]
         deltas = [cuda.device_delta(s, f"{side} storage {i} ({s!r})") for i, s in enumerate(layout.storages)]
+        result: Any
         if any(d is None for d in deltas):
-            return None
-        if all(d == deltas[0] for d in deltas):
-            return deltas[0]
-        import numpy as np
+            result = None
+        elif all(d == deltas[0] for d in deltas):
+            result = deltas[0]
+        else:
+            import numpy as np
 
-        return np.asarray(deltas, dtype=np.int64)
+            result = np.asarray(deltas, dtype=np.int64)
+        with self._lock:
+            if len(self._layout_deltas) >= 64:  # a few tiers' layouts, plus staging: never many
+                self._layout_deltas.clear()
+            self._layout_deltas[id(layout)] = (layout, result)
+        return result
 
     def _cuda_for(self, job: _Job) -> CudaContext:
         devices = {
@@ -517,24 +534,32 @@ class TransferEngine:
         slot = cuda.slots[batch.slot]
         lane = slot.lanes[0]
         table = table_of(job.src, batch.s_ids, job.dst, batch.d_ids)
-        method = self._method(table, job.deltas)
+        host_side = _pinned_side(job.src_kind, job.dst_kind)
+        method = self._method(table, job.deltas, host_side)
         try:
-            cuda.enqueue(slot, lane, table, method, job.deltas)
+            cuda.enqueue(slot, lane, table, method, job.deltas, host_side)
         except BaseException:
             cuda.synchronize(slot)  # what was queued before the failure has run: nothing moves after we report
             raise
         with self._lock:
             job.methods.add(method)
-        self._completion_queue().put((batch, slot, "copy kernel" if method == "kernel" else "cudaMemcpyAsync"))
+        self._completion_queue().put((batch, slot, _STEPS[method]))
 
-    def _method(self, table: Any, deltas: tuple[Any, Any]) -> str:
+    def _method(self, table: Any, deltas: tuple[Any, Any], host_side: str | None) -> str:
+        """How a device batch moves: the forced ``device_copy``, else by the shape of its runs (see the constants
+        above). ``host_side`` names the pinned side (``"src"``/``"dst"``) when ``bounce`` may be used."""
         can_kernel = deltas[0] is not None and deltas[1] is not None
-        if self.device_copy == "memcpy" or not can_kernel:
-            return "memcpy"
-        if self.device_copy == "kernel":
-            return "kernel"
-        runs = len(table)
-        return "memcpy" if runs and table.nbytes >= MEMCPY_MIN_RUN_BYTES * runs else "kernel"
+        choice = self.device_copy
+        if choice == "auto":
+            runs = len(table)
+            if runs and table.nbytes >= MEMCPY_MIN_RUN_BYTES * runs:
+                return "memcpy"
+            choice = SCATTERED_METHOD
+        if choice == "bounce" and host_side is None:
+            choice = "kernel"
+        if choice == "kernel" and not can_kernel:
+            choice = "bounce" if host_side is not None else "memcpy"
+        return choice
 
     def _completion_queue(self) -> queue.SimpleQueue[tuple[_Batch, Slot, str] | None]:
         with self._lock:
@@ -686,7 +711,7 @@ class TransferEngine:
         if d_ids is None:  # into staging: blocks 0..k-1
             d_ids = np.arange(s_ids.size, dtype=np.int64)
         table = table_of(src, s_ids, dst, d_ids)
-        method = self._method(table, (src_delta, dst_delta))
+        method = self._method(table, (src_delta, dst_delta), None)  # no bounce: it would take both lanes
         cuda.enqueue(slot, lane, table, method, (src_delta, dst_delta))
 
     def _host_buffer(self, slot: int, nbytes: int) -> Any:
@@ -719,6 +744,7 @@ class TransferEngine:
                     pool.shutdown(wait=True)
             if self._cuda is not None:
                 self._cuda.close()
+            self._layout_deltas.clear()
             for buffer in self._host_staging.values():
                 buffer.close()
             self._host_staging.clear()
@@ -752,6 +778,12 @@ def _route(src: StorageKind, dst: StorageKind) -> str:
     if StorageKind.DISK in (src, dst):
         return "io"
     return "host"
+
+
+def _pinned_side(src: StorageKind, dst: StorageKind) -> str | None:
+    if src is StorageKind.PINNED:
+        return "src"
+    return "dst" if dst is StorageKind.PINNED else None
 
 
 def _staging_spec(spec: LayoutSpec, budget: int) -> LayoutSpec:
