@@ -7,6 +7,7 @@ Skipped, with the reason, where no CUDA device is visible (tests/conftest.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -251,11 +252,17 @@ def test_a_cancelled_token_fails_device_batches_not_started(layouts: list[Layout
     pinned = new(layouts, PINNED, tmp_path, layout_type=FullyContiguous(), num_blocks=64)
     token = CancellationToken()
     engine = TransferEngine(max_batch_blocks=1, max_concurrent=1, cancellation_token=token)
-    engine.add_listener(lambda record: token.cancel())
+    submitted = threading.Event()
 
+    def cancel_after_first(record: TransferRecord) -> None:
+        submitted.wait(30)  # the second submit is queued before the token goes
+        token.cancel()
+
+    engine.add_listener(cancel_after_first)
     with no_leaks():
         first = engine.submit(device, [0], pinned, [0])
         second = engine.submit(device, range(1, 64), pinned, range(1, 64))
+        submitted.set()
         with pytest.raises(TransferError) as caught:
             second.result(timeout=60)
         engine.close()
