@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 echo "=== transfer tests"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -x tests/test_transfer_gpu.py tests/test_transfer_host.py \
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -rs -x tests/test_transfer_gpu.py tests/test_transfer_host.py \
   tests/test_transfer_table.py > "$OUT/transfer_tests.log" 2>&1
 echo "pytest exit $?"; tail -4 "$OUT/transfer_tests.log"
 echo "=== benchmark"
