@@ -124,7 +124,7 @@ class Bench:
 
     def end_to_end(self, device_ls: Layout, device_fc: Layout, host: Layout) -> None:
         ceiling = self.results["ceiling"]
-        methods = ["auto", "kernel", "memcpy", "bounce"]
+        methods = ["auto", "kernel", "table", "memcpy", "bounce"]
         engines = {m: TransferEngine(device_copy=m) for m in methods}
         try:
             for combo, device in (("LS(outer)<->FC", device_ls), ("FC<->FC", device_fc)):
@@ -166,17 +166,15 @@ class Bench:
     def variants(self, device_ls: Layout, host: Layout) -> None:
         ceiling = self.results["ceiling"]
         configs: list[tuple[str, str, KernelConfig]] = []
-        for threads in (128, 256, 512, 1024):
-            for unroll in (1, 4, 8):
-                configs.append((f"kernel t{threads} u{unroll}", "kernel", KernelConfig(threads=threads, unroll=unroll)))
-        for piece in (16, 32, 128, 256, 1024):
+        for threads, unroll in ((128, 4), (512, 4), (256, 8), (1024, 2)):
+            configs.append((f"kernel t{threads} u{unroll}", "kernel", KernelConfig(threads=threads, unroll=unroll)))
+        for piece in (32, 128, 256):
             configs.append((f"kernel piece {piece}K", "kernel", KernelConfig(piece_bytes=piece * 1024)))
-        for grid in (132, 264, 528, 1056):
-            configs.append((f"kernel grid {grid}", "kernel", KernelConfig(max_grid=grid)))
-        configs.append(("kernel table in pinned", "kernel", KernelConfig(table_on_device=False)))
+        configs.append(("kernel params on GPU", "kernel", KernelConfig(table_on_device=True)))
+        configs.append(("kernel grid 528", "kernel", KernelConfig(max_grid=528)))
         for chunk in (4, 8, 32, 64):
             configs.append((f"bounce {chunk} MiB", "bounce", KernelConfig(bounce_bytes=chunk * MiB)))
-        configs.append(("bounce 16 MiB, t512 u8", "bounce", KernelConfig(threads=512, unroll=8)))
+        configs.append(("bounce piece 256K", "bounce", KernelConfig(piece_bytes=256 * 1024)))
         self.raw(device_ls, host)
         for name, method, config in configs:
             with TransferEngine(device_copy=method, kernel=config) as engine:
@@ -199,8 +197,8 @@ class Bench:
                         self.say(f"variant {name:24} N={n:3} {direction:7} {gbps:6.1f} GB/s {fraction:5.3f}")
 
     def raw(self, device_ls: Layout, host: Layout) -> None:
-        """The GPU work alone: a prepared table queued and waited for on one stream, no engine around it (what
-        the engine's Python costs is the difference to the end-to-end rows)."""
+        """The GPU work alone: one batch's copy queued and waited for on one slot, no engine around it (what the
+        engine's Python costs is the difference to the end-to-end rows)."""
         ceiling = self.results["ceiling"]
         with TransferEngine() as engine:
             engine.copy(device_ls, [0], host, [0])  # makes the engine's CUDA context
@@ -208,22 +206,29 @@ class Bench:
             assert cuda is not None
             slot = cuda.slots[0]
             lane = slot.lanes[0]
-            for method in ("kernel", "bounce", "memcpy"):
+            dev_side = engine._gpu_side(cuda, device_ls, "device")[1]
+            host_side = engine._gpu_side(cuda, host, "host")[1]
+            spec_ = device_ls.spec
+            for method in ("kernel", "bounce"):
                 for n in (NS[0], NS[-1]):
                     d_ids, h_ids = self.ids(n)
                     for direction in ("offload", "onboard"):
-                        if direction == "offload":
-                            table, side = region_table(device_ls, d_ids, host, h_ids), "dst"
-                        else:
-                            table, side = region_table(host, h_ids, device_ls, d_ids), "src"
+                        offload = direction == "offload"
 
-                        def run(table: Any = table, side: str = side, method: str = method) -> None:
-                            cuda.enqueue(slot, lane, table, method, (0, 0), side)
+                        def run(
+                            method: str = method, d_ids: Any = d_ids, h_ids: Any = h_ids, offload: bool = offload
+                        ) -> None:
+                            if method == "bounce":
+                                cuda.enqueue_bounce(slot, dev_side, d_ids, host_side, h_ids, spec_, offload=offload)
+                            elif offload:
+                                cuda.enqueue_blocks(slot, lane, dev_side, d_ids, host_side, h_ids, spec_)
+                            else:
+                                cuda.enqueue_blocks(slot, lane, host_side, h_ids, dev_side, d_ids, spec_)
                             cuda.wait(lane, method)
 
                         seconds, _ = median_time(run, repeats=9 if n >= 256 else 21, warmup=2)
                         gbps = n * BLOCK / seconds / 1e9
-                        fraction = gbps / ceiling["d2h" if direction == "offload" else "h2d"]
+                        fraction = gbps / ceiling["d2h" if offload else "h2d"]
                         name = f"raw {method} (no engine)"
                         self.results["variants"].append(
                             {"variant": name, "n": n, "direction": direction, "gbps": gbps, "fraction": fraction}

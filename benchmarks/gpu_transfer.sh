@@ -24,4 +24,6 @@ timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/bench_transfer.py --out "$OUT" 
   > "$OUT/bench_stdout.log" 2>&1
 echo "bench exit $?"
 python3 benchmarks/plot_transfer.py "$OUT/transfer.json" "$OUT/transfer_gbps.svg" || echo "plot failed"
-grep -v "^variant\|^table\|^LS\|^FC" "$OUT/bench_stdout.log" | tail -40
+grep -E "^(ceiling|disk|pageable|table)" "$OUT/bench_stdout.log"
+grep -E "^variant raw" "$OUT/bench_stdout.log"
+sed -n '/=== transfer summary/,$p' "$OUT/bench_stdout.log"
