@@ -57,14 +57,17 @@ class KernelConfig:
         unroll: int = 4,
         max_grid: int = 0,
         table_on_device: bool = False,
-        bounce_bytes: int = 16 * 2**20,
+        bounce_bytes: int = 64 * 2**20,
     ) -> None:
         self.piece_bytes = piece_bytes  # a thread block copies at most this much at a time
         self.threads = threads
         self.unroll = unroll
         self.max_grid = max_grid  # 0: one thread block per piece; else a grid-stride loop over at most this many
         self.table_on_device = table_on_device  # copy parameters / table to GPU memory first, or read them mapped
-        self.bounce_bytes = bounce_bytes  # method "bounce": the chunk gathered in GPU memory per DMA round
+        # method "bounce": the most bytes gathered in GPU memory per DMA round. Smaller chunks overlap kernel and DMA
+        # inside a batch but cost two cross-stream event waits each; on an H200 one chunk per 16-block batch
+        # (batches overlap each other on the slots' streams) measured best
+        self.bounce_bytes = bounce_bytes
 
     def __repr__(self) -> str:
         return (
@@ -262,9 +265,10 @@ class CudaContext:
         starts = list(range(0, n, per_chunk))
         lanes, first = slot.lanes, slot.lanes[0]
         with self.device, _step("bounce copy"):
+            need = min(per_chunk, n) * block
             for lane in lanes[: len(starts)]:
-                if lane.scratch_bytes < per_chunk * block:
-                    self._grow_scratch(lane, per_chunk * block)
+                if lane.scratch_bytes < need:
+                    self._grow_scratch(lane, need)
             scratch = [
                 GpuSide.packed(lane.scratch, spec.region_bytes, spec.num_layers, spec.outer_dim) for lane in lanes
             ]
@@ -359,8 +363,7 @@ class CudaContext:
     def wait(self, lane: Lane, step: str) -> None:
         """Block (without the GIL) until the lane's last copy finished; a CUDA error is raised as a StepError."""
         try:
-            with self.device:
-                lane.event.synchronize()
+            lane.event.synchronize()  # an event belongs to its context: no need to make the device current
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             self._broken = exc
             raise StepError(step, f"the GPU reported an error while copying: {exc}") from exc

@@ -49,17 +49,20 @@ log = logging.getLogger("kvbm_builder.transfer")
 
 Listener = Callable[[TransferRecord], None]
 
-#: Runs at least this long (on average) go as one cudaMemcpyAsync each rather than through the kernel: the copy
-#: engine then runs at the PCIe ceiling and launches cost nothing next to the copies. Measured on an H200 by
-#: benchmarks/bench_transfer.py (see benchmarks/RESULTS.md).
+#: Layouts contiguous on both sides over at least this many bytes at a time (FullyContiguous to FullyContiguous)
+#: go as one cudaMemcpyAsync per run: the copy engine then beats the kernel (H200: 0.94 of the PCIe ceiling
+#: against 0.93 at 256 blocks of 4 MiB) and the launches cost nothing next to the copies. benchmarks/RESULTS.md.
 MEMCPY_MIN_RUN_BYTES = 2**20
 #: Bytes of one staging buffer (two per slot): the chunk the GPU copies while the CPU works on the other one.
 STAGING_BYTES = 16 * 2**20
 #: Threads that run the I/O operations of host and disk batches; disks want several requests in flight.
-IO_THREADS = 8
-#: How device batches with many small runs move (``kernel``: zero-copy through mapped pinned memory; ``bounce``:
-#: gathered in GPU memory, then DMA), chosen by benchmarks/bench_transfer.py.
-SCATTERED_METHOD = "kernel"
+IO_THREADS = 16
+#: How device batches with many small regions move, by direction, as benchmarks/bench_transfer.py measured them on
+#: an H200: out of the GPU the kernel writes pinned memory directly (0.93 of the ceiling at 256 blocks); into it the
+#: copy engine reads the host blocks into GPU scratch and the kernel scatters them (0.93, against 0.90 for the
+#: kernel reading pinned memory over PCIe). Any other pair (device to device) uses the kernel.
+SCATTERED_OFFLOAD = "kernel"
+SCATTERED_ONBOARD = "bounce"
 _COPY_METHODS = ("auto", "kernel", "table", "memcpy", "bounce")
 _STEPS = {"kernel": "copy kernel", "table": "copy kernel", "memcpy": "cudaMemcpyAsync", "bounce": "bounce copy"}
 _HOST_KINDS = (StorageKind.PINNED, StorageKind.SYSTEM)
@@ -435,7 +438,7 @@ class TransferEngine:
         self, src: Layout, dst: Layout, deltas: tuple[Any, Any], sides: tuple[Any, Any], *, bounce: bool
     ) -> str:
         """How device batches between these layouts move: the forced ``device_copy``, else ``memcpy`` when both
-        sides are contiguous over at least ``MEMCPY_MIN_RUN_BYTES`` at a time, else ``SCATTERED_METHOD``."""
+        sides are contiguous over at least ``MEMCPY_MIN_RUN_BYTES`` at a time, else by direction (see above)."""
         from ._cuda import chunk_shape
 
         kinds = (src.storages[0].kind, dst.storages[0].kind)
@@ -446,7 +449,7 @@ class TransferEngine:
         if choice == "auto":
             if chunk_shape(sides[0], sides[1], src.spec)[2] >= MEMCPY_MIN_RUN_BYTES:
                 return "memcpy"
-            choice = SCATTERED_METHOD
+            choice = SCATTERED_ONBOARD if kinds == (StorageKind.PINNED, StorageKind.DEVICE) else SCATTERED_OFFLOAD
         if choice == "bounce" and not can_bounce:
             choice = "kernel"
         if choice in ("kernel", "table") and not can_kernel:
