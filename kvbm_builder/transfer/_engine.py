@@ -57,12 +57,16 @@ MEMCPY_MIN_RUN_BYTES = 2**20
 STAGING_BYTES = 16 * 2**20
 #: Threads that run the I/O operations of host and disk batches; disks want several requests in flight.
 IO_THREADS = 16
-#: How device batches with many small regions move, by direction, as benchmarks/bench_transfer.py measured them on
-#: an H200: out of the GPU the kernel writes pinned memory directly (0.93 of the ceiling at 256 blocks); into it the
-#: copy engine reads the host blocks into GPU scratch and the kernel scatters them (0.93, against 0.90 for the
-#: kernel reading pinned memory over PCIe). Any other pair (device to device) uses the kernel.
+#: How device batches with many small regions move, as benchmarks/bench_transfer.py measured them on an H200 (4 MiB
+#: blocks of 64 KiB regions, benchmarks/RESULTS.md): out of the GPU the kernel writes pinned memory directly (0.93
+#: of the ceiling at 256 blocks, as good as any other way). Into it, a submit of several batches goes ``bounce``:
+#: the copy engine reads the host blocks into GPU scratch and the kernel scatters them, while the other slots' batches
+#: overlap (0.95-0.96 at 256 blocks against 0.93 for the kernel reading pinned memory over PCIe); a single batch
+#: cannot overlap its DMA with anything and goes faster through the kernel (0.85 against 0.80 at 16 blocks).
+#: Device to device uses the kernel.
 SCATTERED_OFFLOAD = "kernel"
 SCATTERED_ONBOARD = "bounce"
+SCATTERED_ONBOARD_ONE_BATCH = "kernel"
 _COPY_METHODS = ("auto", "kernel", "table", "memcpy", "bounce")
 _STEPS = {"kernel": "copy kernel", "table": "copy kernel", "memcpy": "cudaMemcpyAsync", "bounce": "bounce copy"}
 _HOST_KINDS = (StorageKind.PINNED, StorageKind.SYSTEM)
@@ -401,7 +405,10 @@ class TransferEngine:
                 )
                 job.deltas, job.sides = (d_src, d_dst), (side_src, side_dst)
                 if job.route == "device":
-                    job.method = self._device_method(job.src, job.dst, job.deltas, job.sides, bounce=True)
+                    several = int(job.src_blocks.size) > self.max_batch_blocks
+                    job.method = self._device_method(
+                        job.src, job.dst, job.deltas, job.sides, bounce=True, several_batches=several
+                    )
             except StepError as exc:
                 raise self._refusal(job, exc.step, str(exc), exc.__cause__) from exc
 
@@ -435,7 +442,14 @@ class TransferEngine:
         return delta, gpu
 
     def _device_method(
-        self, src: Layout, dst: Layout, deltas: tuple[Any, Any], sides: tuple[Any, Any], *, bounce: bool
+        self,
+        src: Layout,
+        dst: Layout,
+        deltas: tuple[Any, Any],
+        sides: tuple[Any, Any],
+        *,
+        bounce: bool,
+        several_batches: bool = False,
     ) -> str:
         """How device batches between these layouts move: the forced ``device_copy``, else ``memcpy`` when both
         sides are contiguous over at least ``MEMCPY_MIN_RUN_BYTES`` at a time, else by direction (see above)."""
@@ -449,7 +463,10 @@ class TransferEngine:
         if choice == "auto":
             if chunk_shape(sides[0], sides[1], src.spec)[2] >= MEMCPY_MIN_RUN_BYTES:
                 return "memcpy"
-            choice = SCATTERED_ONBOARD if kinds == (StorageKind.PINNED, StorageKind.DEVICE) else SCATTERED_OFFLOAD
+            if kinds == (StorageKind.PINNED, StorageKind.DEVICE):
+                choice = SCATTERED_ONBOARD if several_batches else SCATTERED_ONBOARD_ONE_BATCH
+            else:
+                choice = SCATTERED_OFFLOAD
         if choice == "bounce" and not can_bounce:
             choice = "kernel"
         if choice in ("kernel", "table") and not can_kernel:
