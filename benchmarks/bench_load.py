@@ -1,7 +1,7 @@
 """How long ``load()`` of the realistic example takes, against a ceiling measured in the same run.
 
 The *document* is ``examples/config.toml`` as a dict (what ``tomllib`` gives): runtime, a Llama-3-8B-like model,
-a device tier by blocks, a 16 GiB pinned host tier and a 64 GB disk tier, both sized by byte budgets.
+a device tier by blocks, a 16 GiB pinned host tier and a 32 GB disk tier, both sized by byte budgets.
 
 The *ceiling* builds the same configuration directly through the builders, the way a user writes it in Python:
 the same eleven objects, every rule checked, but no document to read, no sizes to parse, no blocks to count.
@@ -52,8 +52,8 @@ def build_chain() -> KvBlockManagerConfig:
         )
         .disk_layout(
             KvManagerLayoutConfig.builder()
-            .num_blocks(64 * 10**9 // 2**22)
-            .allocator(DiskAllocator(directory="/tmp/kvbm", o_direct=True))
+            .num_blocks(32 * 10**9 // 2**22)
+            .allocator(DiskAllocator(directory="/tmp", o_direct=True))
             .build()
         )
         .build()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -19,16 +19,19 @@ from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
 from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import CancellationToken
-from .errors import AllocationError, ConfigError, KvbmError, LayoutError
+from .errors import AllocationError, ConfigError, KvbmError, LayoutError, Problem, ReleaseError, UnknownTierError
 from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError, allocate
 
 if TYPE_CHECKING:
+    from .blocks import BlockPool, ImmutableBlock, MutableBlock, TokenBlock
+    from .config.settings import KvbmSettings
     from .nixl import NixlRegistry
+    from .offload import BlockFuture, KvbmStats, Listener, OffloadManager, OffloadResult, PrefixMatch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KvBlockManager", "KvBlockManagerBuilder", "TierStorage"]
+__all__ = ["KvBlockManager", "KvBlockManagerBuilder", "ReleaseError", "TierStorage"]
 
 
 class TierStorage:
@@ -92,7 +95,11 @@ class TierStorage:
         - LayerSeparate(outer_contiguous=False), per layer: ``[num_blocks, outer_dim, page_size, inner_dim]``
 
         cupy arrays for device memory, numpy arrays for host memory. ``dtype`` defaults to the unsigned integer of
-        the model's width; any dtype of that width works (e.g. ``float16``). Alignment padding shows in the strides.
+        the model's width; any plain numeric dtype of that width works (e.g. ``float16``); object, structured,
+        string, boolean and datetime dtypes are refused (LayoutError). Alignment padding shows in the strides.
+
+        The arrays keep the memory alive: after ``close()`` (or when the manager is collected unclosed) they still
+        work, and the memory is released when the last of them (and of the views made from them) is gone.
         """
         layout = self._layout()
         spec = layout.spec
@@ -107,12 +114,7 @@ class TierStorage:
         else:
             import numpy as xp
         width = spec.dtype_width_bytes
-        try:
-            dt = xp.dtype(dtype if dtype is not None else f"u{width}")
-        except TypeError as err:
-            raise LayoutError(f"{self.tier.words}: {dtype!r} is not a dtype ({err})") from None
-        if dt.itemsize != width:
-            raise LayoutError(f"dtype {dt} is {dt.itemsize} bytes wide but the model's dtype_width_bytes is {width}")
+        dt = _plain_dtype(xp, dtype, width, self.tier)
         token = spec.inner_dim * width
         if isinstance(spec.layout_type, FullyContiguous):
             shape: tuple[int, ...] = (spec.num_blocks, spec.num_layers, spec.outer_dim, spec.page_size, spec.inner_dim)
@@ -141,17 +143,67 @@ class TierStorage:
 
     def torch_views(self, dtype: Any = None) -> list[Any]:
         """The device tier's views as torch tensors through DLPack (no copy), e.g. ``dtype=torch.bfloat16``,
-        so an engine can use the tier as its KV cache."""
+        so an engine can use the tier as its KV cache. ``dtype`` is a floating, complex or integer torch dtype of
+        the model's width. The tensors keep the memory alive, as :meth:`views` do."""
         if self.kind is not StorageKind.DEVICE:
             raise LayoutError(f"torch views are for the device tier (G1); the {self.tier.words} gives numpy views")
+        import torch
         from torch.utils.dlpack import from_dlpack
 
+        width = self._layout().spec.dtype_width_bytes
+        if dtype is not None:
+            _check_torch_dtype(torch, dtype, width, self.tier)
         tensors = [from_dlpack(v) for v in self.views()]
         return [t.view(dtype) for t in tensors] if dtype is not None else tensors
 
     def __repr__(self) -> str:
         kind = self.kind.value if self.kind else "logical"
         return f"TierStorage({self.tier.name}, {kind}, blocks={self.num_blocks}, bytes={self.nbytes})"
+
+
+_NUMERIC = {1: "uint8, int8", 2: "uint16, int16, float16", 4: "uint32, int32, float32", 8: "uint64, int64, float64"}
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for a message, bounded, never raising (a 5,000-digit int, a broken __repr__)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plain_dtype(xp: Any, dtype: Any, width: int, tier: Tier) -> Any:
+    """``dtype`` as a numpy/cupy dtype when it is a plain number (integer, float, complex) ``width`` bytes wide."""
+    try:
+        dt = xp.dtype(dtype if dtype is not None else f"u{width}")
+    except Exception as err:  # numpy says TypeError, ValueError or OverflowError, depending on what it was given
+        raise LayoutError(f"{tier.words}: {_shown(dtype)} is not a dtype ({type(err).__name__}: {err})") from None
+    if dt.kind not in "iufc":  # object (pointers), structured, void, string, bool, datetime: not numbers
+        raise LayoutError(
+            f"{tier.words}: views need a plain numeric dtype {width} bytes wide (the model's dtype_width_bytes), "
+            f"e.g. numpy.{_NUMERIC[width].split(', ')[-1]} ({_NUMERIC[width]}; numpy.uint{8 * width} is the default), "
+            f"got {_shown(dt)}: object, structured, string, boolean and datetime dtypes cannot view raw cache memory"
+        )
+    if dt.itemsize != width:
+        raise LayoutError(f"dtype {dt} is {dt.itemsize} bytes wide but the model's dtype_width_bytes is {width}")
+    return dt
+
+
+def _check_torch_dtype(torch: Any, dtype: Any, width: int, tier: Tier) -> None:
+    """A torch dtype fit to view the cache: floating, complex or integer (not bool or quantized), ``width`` wide."""
+    numeric = isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)
+    if isinstance(dtype, torch.dtype) and not numeric:
+        try:
+            torch.iinfo(dtype)  # integers only: bool and quantized dtypes are refused
+            numeric = True
+        except TypeError:
+            numeric = False
+    if not numeric or dtype.itemsize != width:
+        raise LayoutError(
+            f"{tier.words}: torch views need a floating, complex or integer torch dtype {width} bytes wide (the "
+            f"model's dtype_width_bytes), e.g. torch.bfloat16 or torch.float16 for 2 bytes; got {_shown(dtype)}"
+        )
 
 
 def _raw_view(storage: Storage) -> Any:
@@ -165,16 +217,30 @@ def _raw_view(storage: Storage) -> Any:
 class KvBlockManager:
     """The tiers of a :class:`KvBlockManagerConfig`, allocated and registered.
 
-    Use as a context manager, or call :meth:`close`: registrations are removed before memory is freed.
+    Use as a context manager, or call :meth:`close`: registrations are removed before memory is freed. A manager
+    collected without ``close()`` is closed then. Views (``tier(...).views()``, ``torch_views()``) keep the memory
+    they show alive either way: it is released when the last of them is gone.
+
+    If the bring-up fails, everything made so far is released before the error is raised; what could not be
+    released (memory NIXL would not deregister, a file that could not be removed) is kept, and the error's
+    ``release_error`` (a :class:`ReleaseError`) names it: ``release_error.manager.close()`` retries.
     """
 
-    def __init__(self, config: KvBlockManagerConfig) -> None:
+    def __init__(self, config: KvBlockManagerConfig, *, settings: KvbmSettings | None = None) -> None:
         if not isinstance(config, KvBlockManagerConfig):
-            raise KvbmError(
+            message = (
                 f"KvBlockManager needs a KvBlockManagerConfig, got {type(config).__name__}; "
                 "build one with KvBlockManagerConfig.builder() or kvbm_builder.load()"
             )
+            raise ConfigError([Problem((), message)])
         self.config = config
+        if settings is None:
+            from .loading import settings_from_env
+
+            settings = settings_from_env()
+        self.settings: KvbmSettings = settings
+        """Transfer batch size and concurrency, the disk offload filter switch, metrics (default: the environment)."""
+        self._blocks: OffloadManager | None = None
         # cancelling the caller's token stops this manager; closing this manager leaves the caller's token alone
         self.cancellation_token: CancellationToken = config.runtime.cancellation_token.child_token()
         self._tiers: dict[Tier, TierStorage] = {}
@@ -188,6 +254,9 @@ class KvBlockManager:
                 self.close()
             except BaseException as cleanup:  # the bring-up failure is the news; say what cleanup hit too
                 _note(failure, f"while releasing what was already allocated: {type(cleanup).__name__}: {cleanup}")
+                if isinstance(cleanup, ReleaseError):
+                    # what is kept stays reachable from the error: release_error.manager.close() retries it
+                    failure.release_error = cleanup  # type: ignore[attr-defined]
             raise
 
     @staticmethod
@@ -227,6 +296,32 @@ class KvBlockManager:
             elapsed = time.perf_counter() - started
             self._tiers[tier] = TierStorage(tier, layout_config, layout, owned, elapsed)
             log.info("%s: %d blocks, %d bytes in %.3f s", tier.words, spec.num_blocks, spec.total_bytes, elapsed)
+        self._blocks = self._offload_manager()
+        metrics = config.kvbm_metrics
+        if metrics is not None:  # the config's KvbmMetrics counts what this manager moves, skips and finds
+            self._blocks.report_to(metrics)
+            for tier, t in self._tiers.items():
+                metrics.set_allocated_bytes(tier, t.nbytes)
+
+    def _offload_manager(self) -> OffloadManager:
+        """Block pools for the tiers with local memory, and what moves blocks between them."""
+        from .config.env import should_bypass_cpu_cache
+        from .offload import OffloadManager
+
+        layouts = {tier: t.layout for tier, t in self._tiers.items() if t.layout is not None}
+        device = self._tiers.get(Tier.G1)
+        return OffloadManager.for_tiers(
+            layouts,
+            block_size=self.config.model.page_size,
+            filters={tier: t.config.offload_filter for tier, t in self._tiers.items()},
+            event_manager=self.config.event_manager,
+            cancellation_token=self.cancellation_token,
+            max_batch_blocks=self.settings.max_transfer_batch_size,
+            max_concurrent=self.settings.max_concurrent_transfers,
+            bypass_cpu_cache=should_bypass_cpu_cache(),
+            disk_offload_filter=self.settings.disk_offload_filter,
+            device_id=getattr(device.storages[0], "device_id", None) if device and device.storages else None,
+        )
 
     def _storages_for(
         self, tier: Tier, layout_config: KvManagerLayoutConfig[Any], spec: LayoutSpec
@@ -240,8 +335,10 @@ class KvBlockManager:
                 f"set `{tier.slot}` with .allocator(...) (e.g. {_example_allocator(tier)}) or .storage([...])"
             )
         for _ in range(spec.num_allocations):
+            storage = None
             try:
                 storage = allocate(allocator, spec.allocation_bytes)
+                self._owned.append(storage)
             except KvbmError:
                 raise
             except Exception as err:  # a user's allocator: say which tier it failed for
@@ -249,7 +346,10 @@ class KvBlockManager:
                     f"the {tier.words}'s allocator {allocator!r} failed to allocate {spec.allocation_bytes} bytes: "
                     f"{type(err).__name__}: {err}"
                 ) from err
-            self._owned.append(storage)
+            except BaseException:  # an interrupt between the allocation and its record: nobody else will close it
+                if storage is not None and not any(s is storage for s in self._owned):
+                    _close_quietly(storage)
+                raise
             kind = getattr(storage, "kind", None)
             # hasattr, not isinstance(Storage): from Python 3.12 protocol checks ignore attributes a proxy's
             # __getattr__ provides
@@ -280,7 +380,7 @@ class KvBlockManager:
         key = _tier_key(tier)
         found = self._tiers.get(key)
         if found is None:
-            raise KvbmError(
+            raise UnknownTierError(
                 f"the {key.words} is not configured; set `{key.slot}` on the builder "
                 f"(configured: {', '.join(t.name for t in self._tiers) or 'none'})"
             )
@@ -319,50 +419,207 @@ class KvBlockManager:
     def close(self) -> None:
         """Deregister from NIXL, then free memory and remove files, newest first. Idempotent.
 
-        Memory that NIXL could not deregister stays allocated (never freed under a live registration) and the
-        manager stays open: the error names it, and calling close() again retries. An interrupted close() is
-        finished by calling it again.
+        Memory that a view still uses is left to the views and released with the last of them. What cannot be
+        released stays allocated and the manager stays open: memory NIXL could not deregister (never freed under a
+        live registration), and storages whose release failed (e.g. a file that could not be removed). The
+        :class:`ReleaseError` raised names them (``unreleased``); calling close() again retries exactly those. An
+        interrupted close() is finished by calling it again.
         """
         if self._closed:
             return
-        from .nixl import NixlDeregistrationError
-
         errors: list[BaseException] = []
-        kept: list[Storage] = []
-        if self._nixl is not None and not self._nixl.closed:
-            try:
-                self._nixl.close()
-            except NixlDeregistrationError as err:
+        if self._blocks is not None and not self._blocks.closed:
+            try:  # no transfer may touch the memory once it is released
+                self._blocks.close()
+                if self.config.kvbm_metrics is not None:
+                    for released in self._tiers:
+                        self.config.kvbm_metrics.set_allocated_bytes(released, 0)
+            except Exception as err:
                 errors.append(err)
-                kept = list(err.still_registered)
+        registry = self._nixl
+        if registry is not None and not registry.closed:
+            try:
+                registry.close()
             except Exception as err:  # keep freeing what is safe to free; report after
                 errors.append(err)
+        # what NIXL still holds, by the registry's own record (exact after any failure): never freed now
+        held = [r.storage for r in registry.registrations] if registry is not None and not registry.closed else []
         for tier in self._tiers.values():
             tier._released = True
-        still_owned: list[Storage] = []
+        kept: list[Storage] = []
         while self._owned:
             storage = self._owned[-1]
-            if any(storage is k for k in kept):
-                still_owned.append(storage)
-            else:
+            if not any(storage is h for h in held):
                 try:
                     close: Callable[[], None] | None = getattr(storage, "close", None)
                     if close is not None:
                         close()
                 except Exception as err:
                     errors.append(err)
+                    kept.append(storage)
+            else:
+                kept.append(storage)
             self._owned.pop()
-        self._owned = still_owned[::-1]
-        if not self._owned:
+        self._owned = kept[::-1]
+        if not self._owned and (registry is None or registry.closed):
             self._closed = True
             self.cancellation_token.cancel()
         if errors:
             retry = (
-                f"; kept {len(kept)} storage(s) NIXL still has registered: call close() again to retry" if kept else ""
+                f"; kept {len(kept)} storage(s) ({len(held)} still registered with NIXL): call close() again to retry"
+                if kept
+                else ""
             )
-            raise AllocationError(
-                f"releasing the tiers hit {len(errors)} error(s); first: {type(errors[0]).__name__}: {errors[0]}{retry}"
+            first = f"{type(errors[0]).__name__}: {errors[0]}"
+            raise ReleaseError(
+                f"releasing the tiers hit {len(errors)} error(s); first: {first}{retry}",
+                kept,
+                self,
+                errors,
             ) from errors[0]
+
+    # -- blocks: allocate, register, match, offload, onboard -------------------------------------------------
+
+    @property
+    def offload_manager(self) -> OffloadManager:
+        """The pools, filters and transfer engine that move this manager's blocks."""
+        if self._blocks is None:
+            raise KvbmError("this KvBlockManager did not come up; it has no blocks to move")
+        return self._blocks
+
+    def pool(self, tier: Tier | str) -> BlockPool:
+        """The block pool of a tier with local memory (``"G1"``, ``Tier.G2``, ``"disk_layout"``...)."""
+        return self.offload_manager.pool(_tier_key(tier))
+
+    def allocate(self, tier: Tier | str, count: int = 1) -> list[MutableBlock]:
+        """``count`` blocks of a tier to write into (free ones first, then evicted inactive ones); all or none."""
+        return self.pool(tier).allocate(count)
+
+    def token_blocks(
+        self,
+        tokens: Sequence[int],
+        *,
+        parent: TokenBlock | int | None = None,
+        external_hashes: Sequence[int] | None = None,
+    ) -> list[TokenBlock]:
+        """``tokens`` cut into full blocks of the model's ``page_size`` and hashed as Dynamo's router does."""
+        from .blocks import token_blocks
+
+        return token_blocks(tokens, self.config.model.page_size, parent=parent, external_hashes=external_hashes)
+
+    def register(
+        self,
+        blocks: Sequence[MutableBlock],
+        *,
+        tokens: Sequence[int] | None = None,
+        hashes: Sequence[int] | None = None,
+        token_blocks: Sequence[TokenBlock] | None = None,
+        parent: TokenBlock | int | None = None,
+        priority: int = 0,
+    ) -> list[ImmutableBlock]:
+        """Register written blocks (one tier) by exactly one of:
+
+        - ``tokens``: their token ids, hashed here (one full ``page_size`` block per block; a partial tail is
+          ignored), chained from ``parent``;
+        - ``hashes``: an engine's own hash per block (chained from ``parent`` for the events);
+        - ``token_blocks``: made beforehand (:meth:`token_blocks`, ``TokenBlock.from_hash``).
+
+        Returns registered blocks, in order; a hash the tier already holds returns that block (see ``BlockPool``).
+        """
+        from .blocks import TokenBlock
+        from .errors import BlockPoolError
+
+        blocks = list(blocks)
+        if sum(x is not None for x in (tokens, hashes, token_blocks)) != 1:
+            raise BlockPoolError("register takes exactly one of tokens=, hashes= or token_blocks=")
+        if tokens is not None:
+            made = self.token_blocks(tokens, parent=parent)
+            if len(made) != len(blocks):
+                raise BlockPoolError(
+                    f"{len(tokens)} tokens make {len(made)} full blocks of {self.config.model.page_size}, but "
+                    f"{len(blocks)} blocks were given; only full blocks are registered"
+                )
+        elif hashes is not None:
+            made = []
+            previous = parent.sequence_hash if isinstance(parent, TokenBlock) else parent
+            for sequence_hash in hashes:
+                made.append(TokenBlock.from_hash(sequence_hash, parent_hash=previous))
+                previous = made[-1].sequence_hash
+        else:
+            made = list(token_blocks or ())
+        if not blocks:
+            return []
+        return blocks[0].pool.register(blocks, made, priority=priority)
+
+    def match(
+        self,
+        tokens: Sequence[int] | None = None,
+        *,
+        hashes: Sequence[int] | None = None,
+        parent: TokenBlock | int | None = None,
+    ) -> PrefixMatch:
+        """The longest prefix of ``tokens`` (or of sequence ``hashes``) held across the tiers: G1's blocks, then
+        G2's from where G1 stopped, then G3's. The blocks are held until the match is released."""
+        from .errors import SequenceHashError
+
+        if (tokens is None) == (hashes is None):
+            raise SequenceHashError("match takes tokens or hashes (one of them)")
+        page = self.config.model.page_size
+        if tokens is not None:
+            wanted = [b.sequence_hash for b in self.token_blocks(tokens, parent=parent)]
+            requested = len(tokens)
+        else:
+            wanted = list(hashes or ())
+            requested = len(wanted) * page
+        return self.offload_manager.match(wanted, requested_tokens=requested, block_size=page)
+
+    def offload(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str | None = None, priority: int | None = None
+    ) -> BlockFuture[OffloadResult]:
+        """Copy registered blocks of one tier to the next tier down (G1 -> G2, or G3 when the CPU cache is bypassed
+        or absent; G2 -> G3), or to ``to``. Returns a future (also awaitable) of the :class:`OffloadResult`.
+
+        Per block: skipped when the target holds it, filtered by the tier's ``offload_filter``, skipped and counted
+        when the target is full; the rest are queued by ``priority`` (higher first). A block that reaches the host
+        tier is then offered to the disk tier. Keep or release your handles as you like: a copy holds its own.
+        """
+        return self.offload_manager.offload(blocks, to=None if to is None else _tier_key(to), priority=priority)
+
+    def offload_sync(
+        self,
+        blocks: Iterable[ImmutableBlock],
+        *,
+        to: Tier | str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> OffloadResult:
+        """:meth:`offload` and wait for it (raises the TransferError of a failed copy)."""
+        return self.offload(blocks, to=to, priority=priority).result(timeout)
+
+    def onboard(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str = Tier.G1
+    ) -> BlockFuture[list[ImmutableBlock]]:
+        """Copy registered blocks of lower tiers into ``to`` (default G1); the future (also awaitable) gives one
+        registered block of ``to`` per block, in order. A failed copy registers nothing and raises TransferError."""
+        return self.offload_manager.onboard(blocks, to=_tier_key(to))
+
+    def onboard_sync(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str = Tier.G1, timeout: float | None = None
+    ) -> list[ImmutableBlock]:
+        """:meth:`onboard` and wait for it."""
+        return self.onboard(blocks, to=to).result(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no offload is queued or copying (offloads to disk that follow host offloads included)."""
+        return self.offload_manager.wait_idle(timeout)
+
+    def stats(self) -> KvbmStats:
+        """Blocks per tier by state, offloads skipped by reason, blocks and bytes moved, lookups: plain data."""
+        return self.offload_manager.stats()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with each ``OffloadSkipped``, ``Lookup`` and ``TransferRecord`` as they happen."""
+        self.offload_manager.add_listener(listener)
 
     def __enter__(self) -> KvBlockManager:
         return self
@@ -382,6 +639,13 @@ class KvBlockManager:
         return f"KvBlockManager(worker_id={self.worker_id}, {state})"
 
 
+def _close_quietly(storage: object) -> None:
+    close = getattr(storage, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+
+
 def _note(error: BaseException, text: str) -> None:
     if hasattr(error, "add_note"):  # Python 3.11+
         error.add_note(text)
@@ -395,7 +659,7 @@ def _tier_key(tier: Tier | str) -> Tier:
     for t in Tier:
         if tier in (t.name, t.slot, t.name.lower()):
             return t
-    raise KvbmError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
+    raise UnknownTierError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
 
 
 def _example_allocator(tier: Tier) -> str:

@@ -11,14 +11,17 @@ Each storage is registered with every backend of the agent that handles its memo
 ``VRAM`` (devId: the GPU ordinal), pinned and system -> ``DRAM`` (devId 0), disk -> ``FILE`` (offset 0,
 the whole file, devId: the file descriptor). ``close()`` deregisters everything in reverse order; call it
 before the memory is freed. What NIXL refuses to deregister is named by :class:`NixlDeregistrationError`
-(``still_registered``): keep that memory, and call ``close()`` again later. The registry records a storage as
-soon as the agent holds it, so an interrupt (Ctrl-C) never leaves a registration it does not know of; an
-interrupted ``close()`` is finished by calling it again. nixl itself is imported on first use
+(``still_registered``): keep that memory, and call ``close()`` again later. Until then the registry keeps
+itself, and through its records those storages, alive (:meth:`NixlRegistry.unreleased` lists such registries), so
+the garbage collector never frees memory NIXL still holds; a registry collected unclosed deregisters first. The
+registry records a storage as soon as the agent holds it, so an interrupt (Ctrl-C) never leaves a registration it
+does not know of; an interrupted ``close()`` is finished by calling it again. nixl itself is imported on first use
 (``pip install 'kvbm-builder[nixl]'``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -29,7 +32,7 @@ import attrs
 
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import NixlMode, NixlOptions
-from .errors import NixlError
+from .errors import NixlDeregistrationError, NixlError
 
 __all__ = ["NixlDeregistrationError", "NixlRegistration", "NixlRegistry"]
 
@@ -42,6 +45,9 @@ _INSTALL = "pip install 'kvbm-builder[nixl]'"
 _PREFERRED = {"DRAM": ("UCX", "POSIX"), "VRAM": ("UCX", "GDS_MT"), "FILE": ("POSIX", "GDS_MT")}
 _OPTIONAL = frozenset({"GDS_MT"})
 _NVIDIA_FS = "/proc/driver/nvidia-fs/version"
+#: Registries that could not deregister everything, kept alive (with the storages their records hold) until a
+#: close() succeeds: collecting them would free memory NIXL still has registered.
+_UNRELEASED: set[NixlRegistry] = set()
 
 
 @attrs.frozen
@@ -56,20 +62,6 @@ class NixlRegistration:
     dev_id: int
     backends: tuple[str, ...]
     descs: Any = attrs.field(eq=False, repr=False)
-
-
-class NixlDeregistrationError(NixlError):
-    """NIXL could not deregister some storages. They are still registered with the agent, so their memory must
-    not be freed (for a file, NIXL's devId is the descriptor, which the system would hand out again).
-
-    ``still_registered`` lists those storages, newest first; ``registrations`` what the registry still holds for
-    them. The registry keeps them and tries again on the next :meth:`NixlRegistry.close`.
-    """
-
-    def __init__(self, message: str, registrations: Iterable[NixlRegistration] = ()) -> None:
-        super().__init__(message)
-        self.registrations: tuple[NixlRegistration, ...] = tuple(registrations)
-        self.still_registered: tuple[Storage, ...] = tuple(r.storage for r in self.registrations)
 
 
 def _describe(storage: Storage, tier: Tier | None = None) -> str:
@@ -166,7 +158,7 @@ class NixlRegistry:
         try:
             agent.create_backend("GDS_MT")
         except Exception as exc:
-            log.debug("NIXL GDS_MT backend unavailable (%s); disk transfers use POSIX", exc)
+            log.debug("NIXL GDS_MT backend unavailable (%s); disk transfers use POSIX", str(exc))
 
     # --- properties -----------------------------------------------------------------------------------
 
@@ -292,14 +284,16 @@ class NixlRegistry:
                     self._agent.deregister_memory(descs, backends=[backend])
                 except Exception as exc:
                     if not _not_found(exc):
-                        log.error("NIXL %s may still hold memory after an interrupted registration: %s", backend, exc)
+                        log.error(
+                            "NIXL %s may still hold memory after an interrupted registration: %s", backend, str(exc)
+                        )
             raise
 
     def _try_optional(self, descs: Any, backend: str) -> bool:
         try:
             self._register_with(descs, [backend])
         except Exception as exc:
-            log.debug("NIXL %s cannot register here (%s); not tried again", backend, exc)
+            log.debug("NIXL %s cannot register here (%s); not tried again", backend, str(exc))
             self._broken.add(backend)
             return False
         return True
@@ -308,7 +302,7 @@ class NixlRegistry:
         try:
             self._agent.create_backend("POSIX")
         except Exception as exc:
-            log.debug("NIXL POSIX backend could not be created: %s", exc)
+            log.debug("NIXL POSIX backend could not be created: %s", str(exc))
 
     def _name(self) -> str:
         return str(getattr(self._agent, "name", "?"))
@@ -318,10 +312,12 @@ class NixlRegistry:
         before = len(self._registrations)
         failed = self._rollback()
         if failed:
+            _UNRELEASED.add(self)
             raise NixlDeregistrationError(
                 f"{message}; of the {before} storage(s) registered before, {len(failed)} could not be deregistered "
                 f"and stay registered (do not free their memory; close() tries again): {_failures(failed)}",
                 (r for r, _ in failed),
+                self,
             ) from cause
         raise NixlError(
             f"{message}; the {before} storage(s) registered before were deregistered" if before else message
@@ -343,7 +339,11 @@ class NixlRegistry:
                 self._agent.deregister_memory(registration.descs, backends=[backend])
             except Exception as exc:
                 if not _not_found(exc):  # not found: that backend no longer holds it (an earlier try did it)
-                    log.warning("NIXL could not deregister %s from %s: %s", _describe(current.storage), backend, exc)
+                    # the message as text: a log record holding the exception would hold its frames, and the
+                    # storages in them, past their release
+                    log.warning(
+                        "NIXL could not deregister %s from %s: %s", _describe(current.storage), backend, str(exc)
+                    )
                     return current, exc
             rest = tuple(b for b in current.backends if b != backend)
             if rest:
@@ -372,15 +372,37 @@ class NixlRegistry:
         if self._closed:
             return
         self._closing = True
-        failed = self._rollback() if self._agent is not None else []
+        try:
+            failed = self._rollback() if self._agent is not None else []
+        except BaseException:  # interrupted: what is recorded is still registered, keep it reachable
+            if self._registrations:
+                _UNRELEASED.add(self)
+            raise
         if failed:
+            _UNRELEASED.add(self)
             raise NixlDeregistrationError(
                 f"NIXL agent {self._name()!r} could not deregister {len(failed)} storage(s); they stay registered, "
                 f"so their memory must not be freed (close() tries again): {_failures(failed)}",
                 (r for r, _ in failed),
+                self,
             )
         self._agent = None
         self._closed = True
+        _UNRELEASED.discard(self)
+
+    @staticmethod
+    def unreleased() -> tuple[NixlRegistry, ...]:
+        """Registries whose close() (or rollback) left storages registered: they are kept alive, with those storages,
+        until a close() succeeds."""
+        return tuple(_UNRELEASED)
+
+    def __del__(self) -> None:
+        # collected unclosed (not through a manager): deregister before the storages the records hold can be freed;
+        # if NIXL refuses, close() has put this registry back among the unreleased, alive
+        if getattr(self, "_closed", True) or not getattr(self, "_registrations", None):
+            return
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __enter__(self) -> NixlRegistry:
         return self

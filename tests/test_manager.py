@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -329,16 +330,9 @@ def test_a_storage_of_the_wrong_kind_is_refused_by_the_config() -> None:
             builder.disk_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage([memory]).build()).build()
 
 
-def test_storage_none_passes_the_builder_but_the_manager_says_what_is_missing() -> None:
-    config = (
-        KvBlockManagerConfig.builder()
-        .runtime(runtime())
-        .model(MODEL)
-        .host_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build())
-        .build()
-    )
-    with pytest.raises(AllocationError, match=r"host tier \(G2\) has no memory.*\.allocator\("):
-        KvBlockManager(config)
+def test_storage_none_alone_is_refused_before_any_manager_starts() -> None:
+    with pytest.raises(ConfigError, match="must provide either `storage` or `allocator` or `logical`"):
+        KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build()
 
 
 def test_a_logical_tier_has_no_local_memory() -> None:
@@ -551,3 +545,155 @@ def test_a_tier_too_large_to_address_is_named_before_anything_is_allocated() -> 
             KvBlockManager(config)
         assert all(path.startswith("host_layout") for path, _ in caught.value.errors)
     assert host.made == []
+
+
+# --- views only in plain numeric dtypes of the model's width ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "width"),
+    [
+        (object, 8),
+        ("O", 8),
+        ("M8[s]", 8),
+        ("m8[ms]", 8),
+        (np.dtype([("k", "<u1"), ("v", "<u1")]), 2),
+        ("V2", 2),
+        ("U1", 4),
+        ("S2", 2),
+        ("?", 1),
+        ("(2,)u1", 2),
+    ],
+)
+def test_views_refuse_every_dtype_that_is_not_a_plain_number(dtype: Any, width: int) -> None:
+    model = KvManagerModelConfig.builder().num_layers(1).outer_dim(1).page_size(2).inner_dim(4)
+    model = model.dtype_width_bytes(width).build()
+    with KvBlockManager.builder().runtime(runtime()).model(model).host_layout(tier(2, SystemAllocator())).build() as m:
+        with pytest.raises(LayoutError, match=r"host tier \(G2\): views need a plain numeric dtype") as caught:
+            m.tier("G2").views(dtype=dtype)
+        assert f"{width} bytes wide" in str(caught.value) and f"uint{8 * width}" in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int16, "<u2", ">f2", np.dtype("e")])
+def test_views_take_any_numeric_dtype_of_the_models_width(dtype: Any) -> None:
+    with KvBlockManager.builder().runtime(runtime()).model(MODEL).host_layout(tier(2, SystemAllocator())).build() as m:
+        (view,) = m.tier("G2").views(dtype=dtype)
+        view[...] = 3
+        assert (view == 3).all() and view.dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [("i4", -1), 2**100, 10**5000, "float17", [("a",)], "M8[xyz]", {"names": 1}],
+    ids=["negative-shape", "big-int", "5000-digit-int", "float17", "bad-field", "bad-unit", "bad-names"],
+)
+def test_a_dtype_numpy_cannot_make_is_a_layout_error(dtype: Any) -> None:
+    manager = KvBlockManager.builder().runtime(runtime()).model(MODEL).host_layout(tier(2, SystemAllocator())).build()
+    with manager, pytest.raises(LayoutError, match=r"host tier \(G2\): .* is not a dtype"):
+        manager.tier("G2").views(dtype=dtype)
+
+
+# --- what could not be released is kept, named, and released by a retry -------------------------------------
+
+
+def test_a_disk_file_that_cannot_be_removed_keeps_the_manager_open_until_a_retry_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvbm_builder.manager import ReleaseError
+
+    manager = (
+        KvBlockManager.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .host_layout(tier(2, SystemAllocator()))
+        .disk_layout(tier(2, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    (file,) = manager.tier("G3").storages
+
+    def busy(path: str) -> None:
+        raise OSError(16, "Device or resource busy", path)
+
+    monkeypatch.setattr(os, "unlink", busy)
+    with pytest.raises(ReleaseError, match=r"cannot remove .*call close\(\) again") as caught:
+        manager.close()
+    assert caught.value.unreleased == (file,) and caught.value.manager is manager
+    assert not manager.closed and files_in(tmp_path) != []  # not "closed" while the file stays
+    assert manager.tier("G2").storages[0].closed  # what could be released was
+    monkeypatch.undo()
+    manager.close()  # the retry finishes
+    assert manager.closed and files_in(tmp_path) == [] and file.closed
+
+
+def test_a_failed_bring_up_whose_nixl_rollback_fails_keeps_the_memory_nixl_holds(tmp_path: Path) -> None:
+    nixl_api = pytest.importorskip("nixl._api")
+    from kvbm_builder import NixlOptions
+    from kvbm_builder.manager import ReleaseError
+    from kvbm_builder.nixl import NixlRegistry
+
+    agent = nixl_api.nixl_agent("bring-up", nixl_api.nixl_agent_config(backends=["UCX", "POSIX"]))
+    real_register, real_deregister = agent.register_memory, agent.deregister_memory
+
+    def refuse_files(descs: Any, *args: Any, **kwargs: Any) -> Any:
+        if descs.getType() == nixl_api.nixlBind.FILE_SEG:
+            raise RuntimeError("injected: NIXL_ERR_BACKEND on FILE")
+        return real_register(descs, *args, **kwargs)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected: NIXL_ERR_BACKEND on deregister")
+
+    agent.register_memory, agent.deregister_memory = refuse_files, refuse
+    host = Recording(SystemAllocator())
+    config = (
+        KvBlockManagerConfig.builder()
+        .runtime(KvManagerRuntimeConfig.builder().worker_id(7).use_nixl_agent(agent).build())
+        .model(MODEL)
+        .host_layout(tier(2, host))
+        .disk_layout(tier(2, DiskAllocator(directory=str(tmp_path))))
+        .build()
+    )
+    with pytest.raises(KvbmError, match="could not register the disk tier") as caught:
+        KvBlockManager(config)
+    release = caught.value.release_error  # type: ignore[attr-defined]
+    assert isinstance(release, ReleaseError)
+    assert set(map(id, release.unreleased)) == set(map(id, host.made))  # NIXL still holds the host memory
+    assert files_in(tmp_path) == []  # the disk file was never registered: it went
+    addrs = [s.addr for s in host.made]
+    del caught, release, host, config
+    gc.collect()  # the half-built manager is garbage now: memory NIXL holds must stay mapped
+    assert all(is_mapped(addr) for addr in addrs)
+    [registry] = [r for r in NixlRegistry.unreleased() if r.agent is agent]
+    agent.register_memory, agent.deregister_memory = real_register, real_deregister
+    registry.close()  # NIXL lets go: now the memory may go too
+    assert registry not in NixlRegistry.unreleased()
+    gc.collect()
+    assert not any(is_mapped(addr) for addr in addrs)
+    assert NixlOptions  # imported for the agent option's type
+
+
+def is_mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(int(lo, 16) <= addr < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in f))
+
+
+def test_a_relative_disk_directory_is_resolved_when_the_file_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "elsewhere" / "cache").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    manager = (
+        KvBlockManager.builder()
+        .runtime(runtime())
+        .model(MODEL)
+        .disk_layout(tier(2, DiskAllocator(directory="cache")))
+        .build()
+    )
+    (file,) = manager.tier("G3").storages
+    assert os.path.isabs(file.path) and file.path.startswith(str(tmp_path / "cache"))
+    name = os.path.basename(file.path)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "cache" / name).write_bytes(b"someone else's")  # the same name, relative to here
+    manager.close()
+    assert files_in(tmp_path / "cache") == []  # our file went
+    assert files_in(tmp_path / "elsewhere" / "cache") == [name]  # theirs stayed

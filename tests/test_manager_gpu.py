@@ -105,3 +105,36 @@ def test_a_late_failure_frees_the_device_and_pinned_tiers(tmp_path: Path) -> Non
         KvBlockManager(config(tmp_path, nixl=False, disk_dir=tmp_path / "missing"))
     assert free_device_bytes() >= before - (2 << 20)  # what the driver keeps for itself aside
     assert os.listdir(tmp_path) == []
+
+
+def test_torch_views_take_numeric_dtypes_of_the_models_width_only(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from kvbm_builder import LayoutError
+
+    with KvBlockManager(config(tmp_path, nixl=False)) as manager:  # dtype_width_bytes 2
+        device = manager.tier("G1")
+        for good in (torch.bfloat16, torch.float16, torch.int16):
+            assert device.torch_views(dtype=good)[0].dtype == good
+        for bad in (torch.bool, torch.float32, torch.uint8, "float16", object, None.__class__):
+            with pytest.raises(LayoutError, match=r"device tier \(G1\): torch views need a floating, complex or int"):
+                device.torch_views(dtype=bad)
+
+
+def test_device_and_pinned_views_outlive_a_manager_collected_unclosed(tmp_path: Path) -> None:
+    import gc
+
+    import cupy
+    import numpy as np
+
+    manager = KvBlockManager(config(tmp_path, nixl=False))
+    device_views = manager.tier("G1").views(dtype=cupy.float16)
+    host_view = manager.tier("G2").views(dtype=np.float16)[0]
+    del manager
+    gc.collect()
+    assert os.listdir(tmp_path) == []  # the disk tier went with the manager: it has no views
+    for view in device_views:
+        view[...] = 2
+    host_view[...] = 3
+    cupy.cuda.runtime.deviceSynchronize()
+    assert all(float(v.astype(cupy.float32).mean()) == 2 for v in device_views)
+    assert float(host_view.astype(np.float32).mean()) == 3

@@ -174,15 +174,16 @@ def test_a_read_only_directory_names_the_step_and_the_variable(
 def test_a_file_system_without_o_direct_points_at_the_variable_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_open = os.open
+    import fcntl
 
-    def like_old_tmpfs(path: str, flags: int, mode: int = 0o777) -> int:
-        if flags & os.O_DIRECT:  # the file is created, then O_DIRECT is refused
-            os.close(real_open(path, flags & ~os.O_DIRECT, mode))
-            raise OSError(errno.EINVAL, "Invalid argument", path)
-        return real_open(path, flags, mode)
+    real_fcntl = fcntl.fcntl
 
-    monkeypatch.setattr(os, "open", like_old_tmpfs)
+    def like_old_tmpfs(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:  # the file is created, then O_DIRECT is refused
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", like_old_tmpfs)
     with pytest.raises(DiskStorageError, match=r"does not support O_DIRECT; set DYN_KVBM_DISK_DISABLE_O_DIRECT=1"):
         allocate_disk(4096, spec(tmp_path))
     assert list(tmp_path.iterdir()) == []
@@ -360,17 +361,10 @@ def test_a_file_that_cannot_be_removed_keeps_the_storage_open_until_a_retry_does
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = allocate_disk(8192, spec(tmp_path))
-    closes: list[int] = []
-    real_close = os.close
-
-    def counted_close(fd: int) -> None:
-        closes.append(fd)
-        real_close(fd)
 
     def busy(path: str) -> None:
         raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
 
-    monkeypatch.setattr(os, "close", counted_close)
     monkeypatch.setattr(os, "unlink", busy)
     with pytest.raises(DiskStorageError, match=r"cannot remove .*\(step: close\).*EBUSY.*call close\(\) again"):
         storage.close()
@@ -378,10 +372,16 @@ def test_a_file_that_cannot_be_removed_keeps_the_storage_open_until_a_retry_does
     with pytest.raises(StorageClosedError, match="being closed"):
         storage.write(0, b"x")
     monkeypatch.undo()
-    monkeypatch.setattr(os, "close", counted_close)
-    storage.close()
-    assert storage.closed and list(tmp_path.iterdir()) == []
-    assert closes == [storage.fd]  # the descriptor was closed once: its number may belong to another file now
+    # the descriptor was closed by the first try: its number now belongs to the next file opened
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        assert fd == storage.fd
+        storage.close()
+        assert storage.closed and sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+        os.fstat(fd)  # the retry closed nothing that was not its own
+    finally:
+        os.close(fd)
 
 
 # --- concurrent writers ----------------------------------------------------------------------------------
@@ -434,3 +434,89 @@ def test_unaligned_writers_of_disjoint_ranges_in_one_block_keep_each_others_byte
         out = bytearray(416)
         storage.read_into(0, out)
         assert out == b"A" * 208 + b"B" * 208
+
+
+# --- buffers of plain numbers only -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "buffer",
+    [
+        np.zeros(4, dtype=object),
+        np.zeros(4, dtype="M8[s]"),
+        np.zeros(4, dtype="m8[s]"),
+        np.zeros(4, dtype=[("k", "<u2"), ("v", "<u2")]),
+        np.zeros(4, dtype="U2"),
+        np.zeros(4, dtype=bool),
+        np.zeros(4, dtype="V4"),
+    ],
+    ids=["object", "datetime64", "timedelta64", "structured", "unicode", "bool", "void"],
+)
+def test_io_refuses_buffers_that_are_not_plain_numbers(tmp_path: Path, buffer: np.ndarray) -> None:
+    with allocate_disk(8192, spec(tmp_path)) as storage:
+        storage.write(0, np.arange(64, dtype=np.uint64))  # pointers' worth of bytes an object array would take
+        with pytest.raises(StorageBufferError, match=r"disk tier \(G3\): read_into\(\) needs a buffer of plain num"):
+            storage.read_into(0, buffer)
+        with pytest.raises(StorageBufferError, match=r"write\(\) needs a buffer of plain numbers"):
+            storage.write(0, buffer)
+    if buffer.dtype == object:
+        assert buffer.tolist() == [0, 0, 0, 0]  # untouched: still four real objects
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i2", ">f2", "<f4", "c16", "i8"])
+def test_io_takes_any_plain_numeric_array(tmp_path: Path, dtype: str) -> None:
+    data = (np.arange(40) % 7).astype(dtype)
+    with allocate_disk(8192, spec(tmp_path)) as storage:
+        storage.write(10, data)
+        back = np.empty_like(data)
+        storage.read_into(10, back)
+        assert back.tobytes() == data.tobytes()
+
+
+def test_io_on_a_closed_mmap_is_a_buffer_error(tmp_path: Path) -> None:
+    import mmap
+
+    gone = mmap.mmap(-1, 4096)
+    gone.close()
+    with allocate_disk(8192, spec(tmp_path)) as storage, pytest.raises(StorageBufferError, match="exports none"):
+        storage.write(0, gone)
+
+
+# --- close() while reads and writes run -------------------------------------------------------------------
+
+
+def test_close_waits_for_io_in_flight_and_never_lets_it_reach_a_reused_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write is parked between two pwrite() calls of one request; close() is called meanwhile. It must wait for the
+    write, not close the descriptor under it (the second pwrite would go to whatever file got the number next)."""
+    storage = allocate_disk(3 * 4096, spec(tmp_path, o_direct=False))
+    parked, resume = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+    calls = 0
+
+    def short_then_parked(fd: int, data: object, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # a short write: the rest comes in a second call, on the same descriptor
+            n = real_pwrite(fd, memoryview(data)[:100], offset)  # type: ignore[arg-type]
+            parked.set()
+            assert resume.wait(60)
+            return n
+        return real_pwrite(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", short_then_parked)
+    writer = threading.Thread(target=storage.write, args=(0, b"W" * 4096))
+    writer.start()
+    assert parked.wait(60)
+    closer = threading.Thread(target=storage.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close() returned while a write was in flight"
+    with pytest.raises(StorageClosedError, match="being closed"):
+        storage.write(0, b"late")  # new I/O is refused as soon as close() starts
+    resume.set()
+    writer.join(60)
+    closer.join(60)
+    assert storage.closed and list(tmp_path.iterdir()) == []
+    assert calls == 2

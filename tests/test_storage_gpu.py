@@ -6,6 +6,7 @@ that went through the GPU, or what CUDA itself says of a pointer, never only tha
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from kvbm_builder import (
 from kvbm_builder.storage import (
     DeviceStorage,
     PinnedStorage,
+    StorageClosedError,
     allocate,
     allocate_device,
     allocate_pinned,
@@ -228,16 +230,13 @@ def test_an_abort_after_pinning_unregisters_and_unmaps(cupy: Any, monkeypatch: p
 # --- releasing, exactly once ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("mode", "call"), [("device", "free"), ("host_alloc", "freeHost"), ("register", "hostUnregister")]
-)
-def test_an_interrupt_after_cuda_let_go_never_frees_twice(
-    cupy: Any, monkeypatch: pytest.MonkeyPatch, mode: str, call: str
+def test_an_interrupt_after_cuda_host_unregister_never_unregisters_twice(
+    cupy: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C during cudaFree (or cudaFreeHost, cudaHostUnregister) is raised once the call returns: close()
-    fails, and the retry must not hand the address to CUDA again (it may belong to a new allocation)."""
+    """Ctrl-C during cudaHostUnregister is raised once the call returns: close() fails, and the retry must not hand
+    the address to CUDA again (it may belong to a new registration by then)."""
     runtime = cupy.cuda.runtime
-    real = getattr(runtime, call)
+    real = runtime.hostUnregister
     calls: list[int] = []
 
     def interrupted_on_return(ptr: int) -> None:
@@ -245,21 +244,48 @@ def test_an_interrupt_after_cuda_let_go_never_frees_twice(
         real(ptr)
         raise KeyboardInterrupt
 
-    storage: DeviceStorage | PinnedStorage
-    if mode == "device":
-        storage = allocate_device(MiB, 0)
-    else:
-        storage = allocate_pinned(MiB, PinnedAllocator(mode=PinningMode(mode)))
-    monkeypatch.setattr(runtime, call, interrupted_on_return)
+    storage = allocate_pinned(MiB, PinnedAllocator())
+    monkeypatch.setattr(runtime, "hostUnregister", interrupted_on_return)
     with pytest.raises(KeyboardInterrupt):
         storage.close()
     assert not storage.closed
     storage.close()
     assert storage.closed and calls == [storage.addr]
-    if mode != "device":
-        assert memory_type(cupy, storage.addr) == 0  # no longer pinned
+    assert memory_type(cupy, storage.addr) == 0  # no longer pinned
+    assert not is_mapped(storage.addr)  # and the retry unmapped our mapping
+
+
+@pytest.mark.parametrize("mode", ["device", "host_alloc", "register"])
+def test_cuda_memory_goes_at_close_or_with_the_last_view_that_outlived_it(cupy: Any, mode: str) -> None:
+    def make() -> DeviceStorage | PinnedStorage:
+        if mode == "device":
+            return allocate_device(4 * MiB, 0)
+        return allocate_pinned(4 * MiB, PinnedAllocator(mode=PinningMode(mode)))
+
+    def view_of(storage: DeviceStorage | PinnedStorage) -> Any:
+        return storage.as_cupy() if isinstance(storage, DeviceStorage) else storage.as_numpy()
+
+    alone = make()
+    addr = alone.addr
+    alone.close()
+    assert memory_type(cupy, addr) == 0  # no view: gone at once
+
+    kept = make()
+    addr = kept.addr
+    view = view_of(kept)[MiB:]
+    kept.close()
+    assert kept.closed
+    with pytest.raises(StorageClosedError):
+        view_of(kept)
+    view[:16] = 5  # the memory outlived close(): writing is safe
+    assert int(view[:16].sum()) == 80
+    if mode != "register":  # device memory and cudaHostAlloc memory are freed by their last holder
+        assert memory_type(cupy, addr) != 0
+    del view
+    gc.collect()
+    assert memory_type(cupy, addr) == 0
     if mode == "register":
-        assert not is_mapped(storage.addr)  # and the retry unmapped our mapping
+        assert not is_mapped(addr)
 
 
 # --- NIXL -----------------------------------------------------------------------------------------------

@@ -5,40 +5,32 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from ..config.protocols import StorageKind
-from ..config.sizes import format_bytes
-from ..errors import AllocationError, KvbmError
-from ..layout._math import MAX_BYTES
+from ..config.sizes import MAX_BYTES, format_bytes
+from ..errors import AllocationError, MissingDependencyError, StorageClosedError
 
 log = logging.getLogger("kvbm_builder.storage")
 _S = TypeVar("_S", bound="OwnedStorage")
 
 
-class StorageClosedError(KvbmError, ValueError):
-    """A storage was used after ``close()``: its memory or file is gone."""
-
-
-class StorageBufferError(KvbmError, TypeError):
-    """A storage's read or write was given something that is not a contiguous (writable, to read into) buffer."""
-
-
-def human(nbytes: int) -> str:
-    """``4096`` -> ``4096 bytes``, ``3145728`` -> ``3.0 MiB``; large sizes in both GiB and GB."""
-    if nbytes >= 2**30:
-        return format_bytes(nbytes)
-    if nbytes >= 2**20:
-        return f"{nbytes / 2**20:.1f} MiB"
-    return f"{nbytes} bytes"
+def add_note(error: BaseException, text: str) -> None:
+    """``error.add_note(text)`` (Python 3.11+); logged on older Pythons."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    else:
+        log.error(text)
 
 
 def check_size(size: object, kind: StorageKind, *, limit: int = MAX_BYTES) -> int:
     """``size`` when it is a byte count one storage can hold: positive, and at most ``limit`` (2**63 - 1, what
     the C calls take: beyond it ctypes would wrap the number silently and map far less than asked)."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise KvbmError(f"{kind.tier.words}: size must be a positive number of bytes, got {size!r}")
+        raise AllocationError(f"{kind.tier.words}: size must be a positive number of bytes, got {size!r}")
     if size > limit:
         raise AllocationError(
             f"{kind.tier.words}: cannot allocate {size} bytes: one storage holds at most {limit} bytes; "
@@ -48,10 +40,14 @@ def check_size(size: object, kind: StorageKind, *, limit: int = MAX_BYTES) -> in
 
 
 class OwnedStorage:
-    """One allocation of a tier. ``close()`` releases it (idempotent); so does leaving a ``with`` block.
+    """One allocation of a tier. ``close()`` releases it (idempotent); so does leaving a ``with`` block, and so
+    does garbage collection of a storage nobody closed (with a ResourceWarning).
 
-    Views (``as_numpy()``, ``as_cupy()``, ...) keep the storage object alive, so garbage collection never
-    frees memory under a live view; an explicit ``close()`` does, and such views must not be used after it.
+    Memory is never freed under a live view. A view (``as_numpy()``, ``as_cupy()``, ``as_torch()``, a view of one
+    of those, a DLPack capsule or tensor made from one) holds the memory itself, and the storage object too.
+    ``close()`` while views exist gives up the storage's hold at once: the storage is closed (new views, reads and
+    writes are refused) and the memory is released when the last view is gone. Raw addresses (``addr``,
+    ``memory_region(...).addr``) hold nothing: do not use them after ``close()``.
     """
 
     kind: ClassVar[StorageKind]
@@ -62,7 +58,9 @@ class OwnedStorage:
         self._device_id = device_id
         self._closed = False
         self._closing = False  # close() started: the storage may be partly released, refuse new use
-        self._close_lock = threading.Lock()
+        self._close_lock = threading.Lock()  # one close() at a time
+        self._state = threading.Condition()  # guards _closing and _busy
+        self._busy = 0  # reads and writes in flight: close() waits for them, never pulls a descriptor from under one
 
     @property
     def addr(self) -> int:
@@ -86,13 +84,18 @@ class OwnedStorage:
     def close(self) -> None:
         """Release the memory or file now. Safe to call twice.
 
-        The storage counts as closed only once everything is released: if releasing fails (an AllocationError
-        naming the step) or is interrupted, it stays open, refuses new use, and calling close() again finishes
-        the job. Each step is done at most once, so a retry never frees memory that was handed out again."""
+        Memory that a view still uses is left to the views and released with the last of them (never under a
+        live view); the storage is closed either way. The storage counts as closed only once everything is
+        released: if releasing fails (an AllocationError naming the step) or is interrupted, it stays open,
+        refuses new use, and calling close() again finishes the job. Each step is done at most once, so a retry
+        never frees memory that was handed out again."""
         with self._close_lock:
             if self._closed:
                 return
-            self._closing = True
+            with self._state:
+                self._closing = True
+                while self._busy:
+                    self._state.wait()
             try:
                 self._release()
             except OSError as exc:
@@ -104,6 +107,21 @@ class OwnedStorage:
     def _release(self) -> None:
         """Free what the storage holds; called until it returns. Must not redo a step that succeeded."""
         raise NotImplementedError
+
+    @contextmanager
+    def in_use(self, what: str = "use it") -> Iterator[None]:
+        """Hold the storage open for one operation (a read, a write, a transfer through its address or descriptor):
+        StorageClosedError once closing has started, and close() waits until every such operation is over."""
+        with self._state:
+            self._check_open(what)
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._busy -= 1
+                if not self._busy:
+                    self._state.notify_all()
 
     def _check_open(self, what: str) -> None:
         if self._closing:
@@ -132,25 +150,28 @@ class OwnedStorage:
 
     def __repr__(self) -> str:
         state = "closed" if getattr(self, "_closed", True) else "open"
-        return f"{type(self).__name__}({human(self._size)} at 0x{self._addr:x}{self._repr_extra()}, {state})"
+        return f"{type(self).__name__}({format_bytes(self._size)} at 0x{self._addr:x}{self._repr_extra()}, {state})"
 
 
-def numpy_view(addr: int, size: int, owner: OwnedStorage) -> Any:
-    """A zero-copy numpy uint8 array over ``[addr, addr + size)`` that keeps ``owner`` alive."""
+def numpy_view(memory: object, offset: int, size: int, owner: OwnedStorage) -> Any:
+    """A zero-copy numpy uint8 array over ``size`` bytes at ``offset`` of ``memory`` (an object that owns the memory
+    and exports it as a writable buffer: an ``mmap.mmap``, cupy's ``PinnedMemoryPointer``). The array holds an export
+    of ``memory``, so the memory outlives ``owner.close()`` for as long as the array (or any view of it) lives, and
+    it holds ``owner``."""
     import ctypes
 
     try:
         import numpy as np
     except ImportError as exc:
-        raise KvbmError(f"as_numpy() needs numpy: pip install numpy ({exc})") from exc
-    raw = (ctypes.c_uint8 * size).from_address(addr)
-    raw._kvbm_owner = owner  # type: ignore[attr-defined]  # the view's base holds the storage
-    return np.frombuffer(memoryview(raw), dtype=np.uint8)
+        raise MissingDependencyError(f"as_numpy() needs numpy: pip install numpy ({exc})") from exc
+    raw = (ctypes.c_uint8 * size).from_buffer(memory, offset)  # type: ignore[arg-type]
+    raw._kvbm_owner = owner  # type: ignore[attr-defined]  # the view's base holds the storage too
+    return np.frombuffer(raw, dtype=np.uint8)  # type: ignore[call-overload]  # a ctypes array is a buffer
 
 
 def torch_from_numpy(array: Any) -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise KvbmError(f"as_torch() needs torch: pip install torch ({exc})") from exc
+        raise MissingDependencyError(f"as_torch() needs torch: pip install torch ({exc})") from exc
     return torch.from_numpy(array)

@@ -18,6 +18,8 @@ HOST_ALLOC_PORTABLE = 0x01
 HOST_ALLOC_WRITE_COMBINED = 0x04
 #: cudaErrorMemoryAllocation
 ERROR_MEMORY_ALLOCATION = 2
+#: cudaErrorHostMemoryNotRegistered: cudaHostUnregister of a range CUDA does not hold
+ERROR_HOST_MEMORY_NOT_REGISTERED = 713
 
 
 @lru_cache(maxsize=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import queue
 import re
@@ -12,21 +13,19 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from ..config.sizes import align_up, format_bytes
 from ..errors import AllocationError
 from . import _libc
-from ._base import OwnedStorage, human, numpy_view, torch_from_numpy
+from ._base import OwnedStorage, numpy_view, torch_from_numpy
 
 log = logging.getLogger("kvbm_builder.storage")
 
 _PCI_BUS_ID = re.compile(r"^([0-9a-fA-F]+):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 _THP_ALIGN = 2 * 2**20
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 # --- machine facts ------------------------------------------------------------------------------------
@@ -48,7 +47,7 @@ def meminfo(key: str) -> int | None:
 
 def mem_available_words() -> str:
     available = meminfo("MemAvailable")
-    return "unknown" if available is None else human(available)
+    return "unknown" if available is None else format_bytes(available)
 
 
 def huge_page_size() -> int:
@@ -96,33 +95,37 @@ def pci_numa_node(pci_name: str, sysfs: Path = Path("/sys/bus/pci/devices")) -> 
 class HostMapping:
     """An anonymous private mapping: ``length`` bytes (a multiple of ``page_size``) at ``addr``.
 
-    ``pages`` says what backs it: ``"hugetlb"`` (MAP_HUGETLB), ``"thp"`` (MADV_HUGEPAGE accepted) or ``"4k"``.
+    An ``mmap.mmap`` owns it (``memory``; ``addr`` is ``offset`` bytes into it): whatever drops that object unmaps
+    the memory, so nothing can leak it, and a numpy view of it keeps it mapped. ``pages`` says what backs it:
+    ``"hugetlb"`` (MAP_HUGETLB), ``"thp"`` (MADV_HUGEPAGE accepted) or ``"4k"``.
     """
 
-    __slots__ = ("addr", "length", "page_size", "pages", "unmapped")
+    __slots__ = ("addr", "length", "memory", "offset", "page_size", "pages")
 
-    def __init__(self, addr: int, length: int, page_size: int, pages: str) -> None:
-        self.addr = addr
+    def __init__(self, memory: mmap.mmap, base: int, offset: int, length: int, page_size: int, pages: str) -> None:
+        self.memory: mmap.mmap | None = memory
+        self.offset = offset
+        self.addr = base + offset
         self.length = length
         self.page_size = page_size
         self.pages = pages
-        self.unmapped = False
+
+    @property
+    def unmapped(self) -> bool:
+        """True once :meth:`unmap` let go of the memory (it may live on in views until they go)."""
+        return self.memory is None
 
     def unmap(self) -> None:
-        """munmap the range, at most once: a second call never unmaps memory mapped there since.
-
-        An OSError leaves it mapped (the kernel refused; call again). When an interrupt lands around the call
-        (a signal during munmap is raised as soon as it returns), the kernel is asked whether the range is gone."""
-        if self.unmapped:
+        """munmap now, or, while views still export the memory, leave it to them: the last one unmaps it.
+        At most once: a second call never unmaps memory mapped at that address since."""
+        memory = self.memory
+        if memory is None:
             return
         try:
-            _libc.munmap(self.addr, self.length)
-            self.unmapped = True
-        except OSError:
-            raise
-        except BaseException:
-            self.unmapped = not _libc.is_mapped(self.addr)
-            raise
+            _libc.close_mapping(memory)
+        except BufferError:
+            log.debug("host memory at 0x%x is still used by views: it is unmapped when the last one goes", self.addr)
+        self.memory = None
 
 
 def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) -> HostMapping:
@@ -130,9 +133,9 @@ def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) 
     falling back (with a warning saying how to reserve the pool) to transparent huge pages."""
     if hugetlb:
         page = huge_page_size()
-        length = round_up(size, page)
+        length = align_up(size, page)
         try:
-            return HostMapping(_libc.mmap_anonymous(length, hugetlb=True), length, page, "hugetlb")
+            memory = _libc.map_anonymous(length, hugetlb=True)
         except OSError as exc:
             free = meminfo("HugePages_Free")
             log.warning(
@@ -140,45 +143,49 @@ def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) 
                 "needed and HugePages_Free is %s; reserve them with `sysctl vm.nr_hugepages=%d` (or turn "
                 "huge_pages / DYN_KVBM_USE_HUGE_PAGES off). Using transparent huge pages (MADV_HUGEPAGE) instead.",
                 tier,
-                human(length),
+                format_bytes(length),
                 exc.strerror,
                 length // page,
-                human(page),
+                format_bytes(page),
                 "unknown" if free is None else free,
                 length // page,
             )
             thp = True
-    length = round_up(size, _libc.PAGE_SIZE)
+        else:
+            return _owned(memory, lambda base: HostMapping(memory, base, 0, length, page, "hugetlb"))
+    length = align_up(size, _libc.PAGE_SIZE)
+    # huge pages need 2 MiB aligned ranges: map a little more and use the aligned part (the rest is never touched)
+    align = _THP_ALIGN if thp and length >= _THP_ALIGN else _libc.PAGE_SIZE
     try:
-        addr = _map_aligned(length, _THP_ALIGN if thp and length >= _THP_ALIGN else _libc.PAGE_SIZE)
+        memory = _libc.map_anonymous(length + align - _libc.PAGE_SIZE)
     except OSError as exc:
         raise AllocationError(
-            f"{tier}: cannot map {human(length)} of host memory ({exc.strerror}); MemAvailable is "
+            f"{tier}: cannot map {format_bytes(length)} of host memory ({exc.strerror}); MemAvailable is "
             f"{mem_available_words()}: make the tier smaller (num_blocks, DYN_KVBM_CPU_CACHE_GB) or free memory"
         ) from exc
-    pages = "4k"
-    if thp:
-        try:
-            _libc.madvise(addr, length, _libc.MADV_HUGEPAGE)
-            pages = "thp"
-        except OSError as exc:  # THP compiled out or disabled: ordinary pages still work
-            log.debug("%s: madvise(MADV_HUGEPAGE) refused (%s); using 4 KiB pages", tier, exc.strerror)
-    return HostMapping(addr, length, _libc.PAGE_SIZE, pages)
+
+    def aligned(base: int) -> HostMapping:
+        start = align_up(base, align)
+        pages = "4k"
+        if thp:
+            try:
+                _libc.madvise(start, length, _libc.MADV_HUGEPAGE)
+                pages = "thp"
+            except OSError as exc:  # THP compiled out or disabled: ordinary pages still work
+                log.debug("%s: madvise(MADV_HUGEPAGE) refused (%s); using 4 KiB pages", tier, exc.strerror)
+        return HostMapping(memory, base, start - base, length, _libc.PAGE_SIZE, pages)
+
+    return _owned(memory, aligned)
 
 
-def _map_aligned(length: int, align: int) -> int:
-    """mmap ``length`` bytes starting on an ``align`` boundary (huge pages need 2 MiB aligned ranges)."""
-    if align <= _libc.PAGE_SIZE:
-        return _libc.mmap_anonymous(length)
-    raw_len = length + align - _libc.PAGE_SIZE
-    raw = _libc.mmap_anonymous(raw_len)
-    start = round_up(raw, align)
-    if start > raw:
-        _libc.munmap(raw, start - raw)
-    tail = raw + raw_len - (start + length)
-    if tail:
-        _libc.munmap(start + length, tail)
-    return start
+def _owned(memory: mmap.mmap, make: Callable[[int], HostMapping]) -> HostMapping:
+    """``make(its address)`` for a fresh mapping; on any failure or interrupt the mapping is unmapped again."""
+    try:
+        return make(_libc.address_of(memory))
+    except BaseException:
+        with suppress(BufferError):  # a traceback may still hold an export: then the collector unmaps it
+            _libc.close_mapping(memory)
+        raise
 
 
 def place(mapping: HostMapping, node: int, tier: str, *, strict: bool) -> None:
@@ -200,7 +207,7 @@ def place(mapping: HostMapping, node: int, tier: str, *, strict: bool) -> None:
 def chunks(length: int, chunk: int, align: int) -> list[tuple[int, int]]:
     """``(offset, length)`` pieces covering ``[0, length)``; every piece but the last is ``chunk`` bytes,
     rounded up to ``align``."""
-    step = max(align, round_up(chunk, align))
+    step = max(align, align_up(chunk, align))
     return [(off, min(step, length - off)) for off in range(0, length, step)]
 
 
@@ -350,7 +357,7 @@ def _populate_error(tier: str, mapping: HostMapping, exc: OSError) -> Allocation
         else f"MemAvailable is {mem_available_words()}; make the tier smaller or free memory"
     )
     return AllocationError(
-        f"{tier}: could not populate {human(mapping.length)} of host memory "
+        f"{tier}: could not populate {format_bytes(mapping.length)} of host memory "
         f"(madvise(MADV_POPULATE_WRITE): {exc.strerror}); {hint}"
     )
 
@@ -371,13 +378,21 @@ class HostStorage(OwnedStorage):
         return self._mapping.pages if self._mapping is not None else "cuda"
 
     def as_numpy(self) -> Any:
-        """A zero-copy ``numpy.uint8`` array of ``size`` bytes. Do not use it after ``close()``."""
-        self._check_open("make a numpy view")
-        return numpy_view(self._addr, self._size, self)
+        """A zero-copy ``numpy.uint8`` array of ``size`` bytes. It keeps the memory alive: after ``close()`` it
+        still works, and the memory is released when the last such view is gone."""
+        with self._state:
+            self._check_open("make a numpy view")
+            memory, offset = self._exported()
+            return numpy_view(memory, offset, self._size, self)
 
     def as_torch(self) -> Any:
-        """A zero-copy CPU ``torch.uint8`` tensor of ``size`` bytes. Do not use it after ``close()``."""
+        """A zero-copy CPU ``torch.uint8`` tensor of ``size`` bytes; like :meth:`as_numpy`, it keeps the memory."""
         return torch_from_numpy(self.as_numpy())
+
+    def _exported(self) -> tuple[object, int]:
+        """An object that owns the memory and exports it as a buffer, and where ``addr`` is in it."""
+        assert self._mapping is not None and self._mapping.memory is not None
+        return self._mapping.memory, self._mapping.offset
 
     def _repr_extra(self) -> str:
         return f", {self.pages} pages"

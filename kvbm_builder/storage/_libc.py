@@ -1,14 +1,22 @@
-"""The few libc calls the storages need, through ctypes.
+"""The few system calls the storages need: mappings and files as owning objects, the rest through ctypes.
 
-Every call goes through ``ctypes.CDLL``, which releases the GIL for its duration: page population and
-memset in worker threads really run in parallel. Failures raise ``OSError`` with the C ``errno``.
-Other modules call these as ``_libc.name(...)`` so that fault tests can replace one step.
+A resource is owned by an object from the moment it exists: :func:`map_anonymous` returns an ``mmap.mmap`` and
+:func:`open_new_file` an ``io.FileIO``, both made in C, so no interrupt (Ctrl-C is raised as soon as a call
+returns) can separate the mapping or descriptor from its owner; whatever drops the object releases it. An
+``mmap.mmap`` also refuses to unmap while a buffer of it is exported: a numpy view keeps its memory.
+
+The ctypes calls release the GIL: page population and memset in worker threads really run in parallel.
+Failures raise ``OSError`` with the C ``errno``. Other modules call these as ``_libc.name(...)`` so that fault
+and interrupt tests can wrap each step.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import functools
+import io
 import mmap
 import os
 import platform
@@ -18,7 +26,6 @@ from typing import NoReturn
 PROT_READ = mmap.PROT_READ
 PROT_WRITE = mmap.PROT_WRITE
 MAP_PRIVATE = mmap.MAP_PRIVATE
-MAP_ANONYMOUS = mmap.MAP_ANONYMOUS
 MAP_HUGETLB = 0x40000  # same value on x86_64 and aarch64
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; EINVAL before
@@ -28,24 +35,17 @@ MPOL_BIND = 2
 PAGE_SIZE = mmap.PAGESIZE
 # mbind(2) has no glibc wrapper (it lives in libnuma), so it is called through syscall(2).
 _MBIND_NR = {"x86_64": 237, "aarch64": 235}
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(None, use_errno=True)
-    lib.mmap.restype = ctypes.c_void_p
-    lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-    lib.munmap.restype = ctypes.c_int
-    lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.madvise.restype = ctypes.c_int
     lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     lib.memset.restype = ctypes.c_void_p
     lib.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     lib.fallocate.restype = ctypes.c_int
     lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    lib.mincore.restype = ctypes.c_int
-    lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.syscall.restype = ctypes.c_long
     return lib
 
@@ -62,31 +62,42 @@ def _fits(call: str, *values: int, bits: int = 63) -> None:
             raise OSError(errno.EOVERFLOW, f"{call}: {value} is outside the C argument's range 0..2**{bits} - 1")
 
 
-def mmap_anonymous(length: int, *, hugetlb: bool = False) -> int:
-    """A private anonymous read/write mapping of ``length`` bytes; its address (page aligned)."""
-    _fits("mmap", length, bits=64)
-    flags = MAP_PRIVATE | MAP_ANONYMOUS | (MAP_HUGETLB if hugetlb else 0)
-    addr = _lib().mmap(None, length, PROT_READ | PROT_WRITE, flags, -1, 0)
-    if addr is None or addr == _MAP_FAILED:
-        _raise_errno("mmap")
-    return int(addr)
+def map_anonymous(length: int, *, hugetlb: bool = False) -> mmap.mmap:
+    """A private anonymous read/write mapping of ``length`` bytes (MAP_HUGETLB when ``hugetlb``), owned by the
+    returned object: :func:`close_mapping` or collecting the object unmaps it, never while a view exports it."""
+    _fits("mmap", length)
+    return mmap.mmap(-1, length, flags=MAP_PRIVATE | (MAP_HUGETLB if hugetlb else 0), prot=PROT_READ | PROT_WRITE)
 
 
-def munmap(addr: int, length: int) -> None:
-    _fits("munmap", addr, length, bits=64)
-    if _lib().munmap(addr, length) != 0:
-        _raise_errno("munmap")
+def address_of(mapping: mmap.mmap) -> int:
+    """The start address of a mapping (page aligned). The buffer export it takes is released before returning."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
 
 
-def is_mapped(addr: int) -> bool:
-    """Whether the page holding ``addr`` is mapped in this process (mincore(2) says ENOMEM where it is not)."""
-    page = addr - addr % PAGE_SIZE
-    vec = ctypes.c_ubyte()
-    if _lib().mincore(page, PAGE_SIZE, ctypes.byref(vec)) == 0:
-        return True
-    if ctypes.get_errno() == errno.ENOMEM:
-        return False
-    _raise_errno("mincore")
+def close_mapping(mapping: mmap.mmap) -> None:
+    """munmap now (at most once: closing again does nothing). BufferError while a view still exports it."""
+    mapping.close()
+
+
+def open_new_file(path: str) -> io.FileIO:
+    """Create ``path`` (O_CREAT | O_EXCL, mode 0600) for reading and writing, close-on-exec. The descriptor is
+    owned by the returned object from the start (the opener is os.open itself: no Python frame in between)."""
+    return io.FileIO(path, "x+", opener=functools.partial(os.open, mode=0o600))
+
+
+def close_file(file: io.FileIO) -> None:
+    """Close the descriptor, at most once (FileIO forgets it before calling close(2), which frees it even when it
+    fails); closing again does nothing."""
+    file.close()
+
+
+def set_o_direct(fd: int) -> None:
+    """Turn O_DIRECT on for an open file: EINVAL where the file system does not support it."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
 
 
 def madvise(addr: int, length: int, advice: int) -> None:

@@ -1,10 +1,13 @@
 """G3: one file per storage, created in the disk allocator's directory (``DYN_KVBM_DISK_CACHE_DIR``).
 
-The file is ``kvbm-g3-<pid>-<random>.bin``, created with O_CREAT | O_EXCL and mode 0600, opened with O_DIRECT
-unless ``o_direct`` is off (``DYN_KVBM_DISK_DISABLE_O_DIRECT``), its space reserved with fallocate(2).
-When the file system refuses fallocate, the file is zero-filled (``DYN_KVBM_DISK_ZEROFILL_FALLBACK``) or
-truncated to size with a :class:`DiskReservationWarning`. ``close()`` closes and removes the file; so does
-any failure while it is being made. Every error says which step failed and which variable changes it.
+The file is ``kvbm-g3-<pid>-<random>.bin``, created with O_CREAT | O_EXCL and mode 0600 under the absolute form of the
+directory (resolved when the file is made, so a later ``os.chdir()`` cannot make ``close()`` remove another file),
+switched to O_DIRECT unless ``o_direct`` is off (``DYN_KVBM_DISK_DISABLE_O_DIRECT``), its space reserved with
+fallocate(2). When the file system refuses fallocate, the file is zero-filled (``DYN_KVBM_DISK_ZEROFILL_FALLBACK``) or
+truncated to size with a :class:`DiskReservationWarning`. ``close()`` closes and removes the file; so does any
+failure or interrupt while it is being made (its descriptor is owned by an ``io.FileIO`` from the moment it exists).
+``close()`` waits for reads and writes in flight, so none of them can reach a descriptor number reused by another
+file. Every error says which step failed and which variable changes it.
 
 A region's "address" is its offset in the file (``addr`` is 0) and NIXL's devId is the file descriptor.
 """
@@ -12,23 +15,24 @@ A region's "address" is its offset in the file (``addr`` is 0) and NIXL's devId 
 from __future__ import annotations
 
 import errno
+import io
 import mmap
 import operator
 import os
+import re
 import secrets
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import ClassVar
 
 from ..config.allocators import DiskAllocator
 from ..config.protocols import StorageKind
-from ..errors import DiskStorageError, LayoutError
-from ..layout._math import MAX_BYTES
+from ..config.sizes import MAX_BYTES, align_up, format_bytes
+from ..errors import DiskReservationWarning, DiskStorageError, LayoutError, StorageBufferError
 from . import _libc
-from ._base import OwnedStorage, StorageBufferError, check_size, human, log
-from ._host import round_up
+from ._base import OwnedStorage, add_note, check_size, log
 
 _TIER = StorageKind.DISK.tier.words
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical block size; 4096 covers all.
@@ -36,10 +40,8 @@ ALIGNMENT = 4096
 _BOUNCE = 8 * 2**20
 _DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
 _NO_O_DIRECT = "set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false)"
-
-
-class DiskReservationWarning(UserWarning):
-    """The file system could not reserve the disk tier's space: the file was truncated to size instead."""
+#: Buffer formats (PEP 3118) of plain numbers and bytes: what a file can hold and give back bit for bit.
+_PLAIN = re.compile(r"[@=<>!]?(?:[bBhHiIlLqQnNefdc]|Z[fdg])")
 
 
 class DiskStorage(OwnedStorage):
@@ -47,19 +49,20 @@ class DiskStorage(OwnedStorage):
 
     kind: ClassVar[StorageKind] = StorageKind.DISK
 
-    def __init__(self, path: str, fd: int, size: int, *, o_direct: bool, reserved: str) -> None:
-        super().__init__(0, size, fd)
+    def __init__(self, path: str, file: io.FileIO, size: int, *, o_direct: bool, reserved: str) -> None:
+        super().__init__(0, size, file.fileno())
         self._path = path
-        self._fd = fd
+        self._file = file  # owns the descriptor: closing it closes the descriptor exactly once
+        self._fd = file.fileno()
         self._o_direct = o_direct
         self._reserved = reserved
-        self._fd_closed = False
         # O_DIRECT read-modify-write of a partly covered 4096-byte block: two writers of disjoint ranges that
         # share the block would each write back the other's old bytes
         self._rmw_lock = threading.Lock()
 
     @property
     def path(self) -> str:
+        """The file's absolute path."""
         return self._path
 
     @property
@@ -79,24 +82,24 @@ class DiskStorage(OwnedStorage):
         """Write the bytes of ``data`` (any contiguous buffer) at file offset ``offset``.
 
         Works under O_DIRECT whatever the alignment: unaligned pieces go through an aligned bounce buffer
-        (read-modify-write of the partly covered 4096-byte blocks)."""
-        self._check_open("write")
+        (read-modify-write of the partly covered 4096-byte blocks). ``data`` holds plain numbers or bytes: object,
+        structured, string and datetime arrays are refused (StorageBufferError)."""
         offset = _offset(offset, "write")
         view = _bytes_of(data, "write()", writable=False)
         self._check_range(offset, len(view), "write")
-        with self._io("write"):
+        with self.in_use("write"), self._io("write"):
             if not self._o_direct or _aligned(view, offset):
                 _pwrite_all(self._fd, view, offset)
             else:
                 self._bounced(offset, view, write=True)
 
     def read_into(self, offset: int, buf: object) -> None:
-        """Fill the writable buffer ``buf`` with the bytes at file offset ``offset``."""
-        self._check_open("read")
+        """Fill the writable buffer ``buf`` (of plain numbers or bytes, like :meth:`write`'s) with the bytes at file
+        offset ``offset``."""
         offset = _offset(offset, "read")
         view = _bytes_of(buf, "read_into()", writable=True)
         self._check_range(offset, len(view), "read")
-        with self._io("read"):
+        with self.in_use("read"), self._io("read"):
             if not self._o_direct or _aligned(view, offset):
                 _pread_all(self._fd, view, offset)
             else:
@@ -108,7 +111,7 @@ class DiskStorage(OwnedStorage):
         with _aligned_buffer(_BOUNCE) as bounce:
             window = start
             while window < end:
-                span = min(_BOUNCE, round_up(end, ALIGNMENT) - window)
+                span = min(_BOUNCE, align_up(end, ALIGNMENT) - window)
                 lo, hi = max(offset, window), min(end, window + span)
                 part = memoryview(bounce)[:span]
                 try:
@@ -155,14 +158,12 @@ class DiskStorage(OwnedStorage):
             ) from exc
 
     def _release(self) -> None:
-        if not self._fd_closed:
-            # marked first: Linux frees the descriptor even when close() fails, and a retry must never close
-            # a descriptor number that was handed out again
-            self._fd_closed = True
-            try:
-                os.close(self._fd)
-            except OSError as exc:
-                log.warning("%s: closing %s failed (%s); removing it anyway", _TIER, self._path, exc.strerror)
+        try:
+            # at most once, even when it fails (Linux frees the descriptor anyway): a retry never closes a
+            # descriptor number that was handed out again
+            _libc.close_file(self._file)
+        except OSError as exc:
+            log.warning("%s: closing %s failed (%s); removing it anyway", _TIER, self._path, exc.strerror)
         try:
             _remove(self._path)
         except OSError as exc:
@@ -179,28 +180,60 @@ class DiskStorage(OwnedStorage):
 
 
 def allocate_disk(size: int, spec: DiskAllocator) -> DiskStorage:
-    """A new file of ``size`` bytes in ``spec.directory``; closed and removed again on any failure."""
+    """A new file of ``size`` bytes in ``spec.directory``; closed and removed again on any failure or interrupt."""
     # the file is a whole number of 4096-byte blocks, and its size must fit fallocate's signed 64-bit length
     check_size(size, StorageKind.DISK, limit=MAX_BYTES - ALIGNMENT + 1)
-    directory = spec.directory
+    directory = _absolute(spec.directory)
     _check_directory(directory)
     path = os.path.join(directory, f"kvbm-g3-{os.getpid()}-{secrets.token_hex(6)}.bin")
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if spec.o_direct else 0)
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:  # never remove a file that is not ours
-            # O_CREAT | O_DIRECT on a file system without O_DIRECT creates the file, then fails
-            _remove(path)
+        file = _libc.open_new_file(path)
+    except FileExistsError as exc:  # never remove a file that is not ours
         raise _open_error(path, directory, exc, spec.o_direct) from exc
-    try:
-        file_size = round_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
-        reserved = _reserve(fd, path, directory, file_size, spec)
-    except BaseException:
-        os.close(fd)
+    except OSError as exc:
+        _remove(path)
+        raise _open_error(path, directory, exc, spec.o_direct) from exc
+    except BaseException:  # an interrupt: the file may exist (its descriptor went with the dropped FileIO)
         _remove(path)
         raise
-    return DiskStorage(path, fd, size, o_direct=spec.o_direct, reserved=reserved)
+    storage: DiskStorage | None = None
+    try:
+        if spec.o_direct:
+            try:
+                _libc.set_o_direct(file.fileno())
+            except OSError as exc:
+                raise _open_error(path, directory, exc, o_direct=True) from exc
+        file_size = align_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
+        reserved = _reserve(file.fileno(), path, directory, file_size, spec)
+        storage = DiskStorage(path, file, size, o_direct=spec.o_direct, reserved=reserved)
+    except BaseException as failure:
+        if storage is not None:
+            _undo(failure, storage.close)
+        elif not file.closed:  # else a storage made and dropped at once has released everything itself
+            _undo(failure, lambda: _libc.close_file(file), lambda: _remove(path))
+        raise
+    return storage
+
+
+def _undo(failure: BaseException, *steps: Callable[[], None]) -> None:
+    """Run every cleanup step; what fails is added to ``failure`` as a note (the failure stays the news)."""
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            add_note(failure, f"while cleaning up: {type(exc).__name__}: {exc}")
+
+
+def _absolute(directory: str) -> str:
+    """``directory`` made absolute now, so that a later os.chdir() changes nothing."""
+    try:
+        return os.path.abspath(directory)
+    except OSError as exc:  # a relative directory, and the working directory was removed
+        raise DiskStorageError(
+            f"{_TIER}: cannot resolve the relative directory {directory!r} (step: open): the current working "
+            f"directory is gone ({exc.strerror}); point {_DIR_VAR} (the disk allocator's directory) at an "
+            "absolute path"
+        ) from exc
 
 
 def _check_directory(directory: str) -> None:
@@ -270,7 +303,7 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
                     "where the file system says fallocate is unsupported (EOPNOTSUPP), which this is not"
                 )
             raise DiskStorageError(
-                f"{_TIER}: cannot reserve {human(file_size)} for {path} (step: fallocate): {exc.strerror} "
+                f"{_TIER}: cannot reserve {format_bytes(file_size)} for {path} (step: fallocate): {exc.strerror} "
                 f"({_code(exc)}, {fs_type(directory)}); {what}"
             ) from exc
     if spec.zerofill_fallback:
@@ -298,7 +331,7 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
         raise DiskStorageError(f"{_TIER}: cannot size {path} (step: ftruncate): {exc.strerror}") from exc
     warnings.warn(
         f"{_TIER}: the file system of {directory!r} ({fs_type(directory)}) does not support fallocate, so the "
-        f"{human(file_size)} of {path} are not reserved and writes may fail later when the disk fills; "
+        f"{format_bytes(file_size)} of {path} are not reserved and writes may fail later when the disk fills; "
         "set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 (zerofill_fallback=true) to reserve them by writing zeros",
         DiskReservationWarning,
         stacklevel=3,
@@ -309,11 +342,11 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
 def _no_space(path: str, directory: str, needed: int, step: str) -> DiskStorageError:
     try:
         st = os.statvfs(directory)
-        free = human(st.f_bavail * st.f_frsize)
+        free = format_bytes(st.f_bavail * st.f_frsize)
     except OSError:
         free = "unknown"
     return DiskStorageError(
-        f"{_TIER}: not enough space for {path} (step: {step}): {human(needed)} needed, {free} free in "
+        f"{_TIER}: not enough space for {path} (step: {step}): {format_bytes(needed)} needed, {free} free in "
         f"{directory!r}; make the disk tier smaller (DYN_KVBM_DISK_CACHE_GB, num_blocks) or point {_DIR_VAR} "
         "at a larger file system"
     )
@@ -332,13 +365,13 @@ def _zero_fill(fd: int, file_size: int) -> None:
 @contextmanager
 def _aligned_buffer(size: int) -> Iterator[mmap.mmap]:
     """A page-aligned scratch buffer (O_DIRECT accepts it), unmapped afterwards."""
-    buffer = mmap.mmap(-1, size)
+    buffer = _libc.map_anonymous(size)
     try:
         yield buffer
     finally:
         # a traceback that still holds a slice keeps it exported: the collector unmaps it later
         with suppress(BufferError):
-            buffer.close()
+            _libc.close_mapping(buffer)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -381,13 +414,27 @@ def _offset(offset: object, what: str) -> int:
 
 
 def _bytes_of(data: object, call: str, *, writable: bool) -> memoryview:
-    """The bytes of a contiguous buffer (bytes, bytearray, numpy array, mmap, ...) as a flat view."""
+    """The bytes of a contiguous buffer of plain numbers (bytes, bytearray, a numeric numpy array, mmap, ...) as a
+    flat view. Anything else (object, structured, string or datetime arrays; pointers) is a StorageBufferError:
+    its bytes are not values a file can hold, and writing into an object array's pointers would crash."""
     try:
         view = memoryview(data)  # type: ignore[arg-type]
     except TypeError:
         raise StorageBufferError(
             f"{_TIER}: {call} needs a buffer (bytes, bytearray, a numpy array, ...), got {type(data).__name__}"
         ) from None
+    except (ValueError, BufferError) as exc:  # numpy's datetime64 arrays, a closed mmap, ...
+        raise StorageBufferError(
+            f"{_TIER}: {call} needs a buffer of plain numbers or bytes; the {type(data).__name__} given exports none "
+            f"({exc}): pass a numeric array (e.g. numpy.uint8, float16) or bytes"
+        ) from None
+    if not _PLAIN.fullmatch(view.format):
+        what = getattr(data, "dtype", None) or f"buffer format {view.format!r}"
+        raise StorageBufferError(
+            f"{_TIER}: {call} needs a buffer of plain numbers or bytes, got a {type(data).__name__} of {what}; "
+            "object, structured, string, boolean and datetime data are refused: pass a numeric array (e.g. "
+            "numpy.uint8, float16) or bytes"
+        )
     if writable and view.readonly:
         raise StorageBufferError(f"{_TIER}: {call} needs a writable buffer, got a read-only {type(data).__name__}")
     try:

@@ -14,6 +14,10 @@ Mode ``register`` (the default) is the fast path for large tiers:
 
 Mode ``host_alloc`` is upstream's ``cudaHostAlloc``: simple, but slow for tens of GiB. Neither mode uses
 a caching pinned pool (cupy's and torch's round sizes up to a power of two: 33 GiB would become 64 GiB).
+
+Every resource has an owner from the moment it exists (the mapping an ``mmap.mmap``, cudaHostAlloc memory cupy's
+``PinnedMemory``), and a registration is undone on any failure or interrupt, even one raised as
+``cudaHostRegister`` returns; numpy views keep the memory (not the registration) after ``close()``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..config._rules import Validated, integer, rule
-from ..config.allocators import PinnedAllocator, PinningMode, true_or_false
+from ..config.allocators import PinnedAllocator, PinningMode
+from ..config.fields import Validated, field, integer, true_or_false
 from ..config.protocols import StorageKind
+from ..config.sizes import format_bytes
 from ..errors import AllocationError
 from . import _cuda, _host, _libc
-from ._base import check_size, human
+from ._base import check_size
 
 log = logging.getLogger("kvbm_builder.storage")
 
@@ -63,9 +68,11 @@ class PinTuning(Validated):
 
     _kvbm_root: ClassVar[str] = "tuning"
 
-    populate_chunk_bytes: int = attrs.field(default=16 * MiB, metadata=rule(integer(min=4096)))
-    transparent_huge_pages: bool = attrs.field(default=True, metadata=true_or_false)
-    write_combined: bool = attrs.field(default=False, metadata=true_or_false)
+    populate_chunk_bytes: int = field(
+        default=16 * MiB, rule=integer(min=4096), doc="Bytes one thread populates at a time."
+    )
+    transparent_huge_pages: bool = field(default=True, rule=true_or_false, doc="madvise(MADV_HUGEPAGE) the mapping.")
+    write_combined: bool = field(default=False, rule=true_or_false, doc="cudaHostAllocWriteCombined (host_alloc).")
 
 
 class PinnedStorage(_host.HostStorage):
@@ -86,8 +93,10 @@ class PinnedStorage(_host.HostStorage):
         numa_node: int | None = None,
         populate_method: str | None = None,
         phase_seconds: Mapping[str, float] | None = None,
+        host_memory: Any = None,
     ) -> None:
         super().__init__(mapping, addr, size)
+        self._host_memory = host_memory  # host_alloc mode: cupy's PinnedMemory, which cudaFreeHosts when dropped
         self._gpu = gpu
         self._mode = mode
         self._registered = registered
@@ -127,19 +136,24 @@ class PinnedStorage(_host.HostStorage):
     def _release(self) -> None:
         import cupy
 
+        if self._mapping is None:
+            # cupy's PinnedMemory calls cudaFreeHost once the last reference goes: ours now, or the last view's
+            with cupy.cuda.Device(self._gpu):
+                self._host_memory = None
+            return
         if not self._freed:
-            # marked first: if close() is interrupted after the call, a retry must not free or unregister an
-            # address CUDA may have handed out again (a failure is logged: CUDA offers no way to retry it)
+            # marked first: if close() is interrupted after the call, a retry must not unregister an address
+            # CUDA may have handed out again (a failure is logged: CUDA offers no way to retry it)
             self._freed = True
-            if self._mapping is None:
-                try:
-                    cupy.cuda.runtime.freeHost(self._addr)
-                except Exception as exc:
-                    log.warning("%s: cudaFreeHost of %r failed: %s", _TIER, self, exc)
-            else:
-                _unregister(cupy, self._gpu, self._registered)
+            _unregister(cupy, self._gpu, self._registered)
+        self._mapping.unmap()
+
+    def _exported(self) -> tuple[object, int]:
         if self._mapping is not None:
-            self._mapping.unmap()
+            return super()._exported()
+        import cupy
+
+        return cupy.cuda.PinnedMemoryPointer(self._host_memory, 0), 0
 
     def _repr_extra(self) -> str:
         return f", {self.pages} pages, {self._mode.value}"
@@ -164,26 +178,40 @@ def _host_alloc(cupy: Any, size: int, spec: PinnedAllocator, tuning: PinTuning) 
     progress.start()
     flags = _cuda.HOST_ALLOC_PORTABLE | (_cuda.HOST_ALLOC_WRITE_COMBINED if tuning.write_combined else 0)
     start = time.perf_counter()
-    with cupy.cuda.Device(spec.device_id):
-        try:
-            ptr = int(cupy.cuda.runtime.hostAlloc(size, flags))
-        except cupy.cuda.runtime.CUDARuntimeError as exc:
-            raise _pin_error("cudaHostAlloc", size, exc) from exc
-    seconds = {"host_alloc": time.perf_counter() - start}
+    memory: Any = None
     try:
+        with cupy.cuda.Device(spec.device_id):
+            try:
+                # owned from the start: dropped on any failure or interrupt, it frees itself (cudaFreeHost)
+                memory = cupy.cuda.PinnedMemory(size, flags)
+            except cupy.cuda.runtime.CUDARuntimeError as exc:
+                raise _pin_error("cudaHostAlloc", size, exc) from exc
+        seconds = {"host_alloc": time.perf_counter() - start}
         progress.finish()
-    except BaseException:
-        cupy.cuda.runtime.freeHost(ptr)
-        raise
-    return PinnedStorage(None, ptr, size, gpu=spec.device_id, mode=spec.mode, phase_seconds=seconds)
+        return PinnedStorage(
+            None, int(memory.ptr), size, gpu=spec.device_id, mode=spec.mode, phase_seconds=seconds, host_memory=memory
+        )
+    finally:
+        with cupy.cuda.Device(spec.device_id):
+            memory = None  # the storage holds it now; after a failure nothing does, and it is freed here
 
 
-def _map_and_register(cupy: Any, size: int, spec: PinnedAllocator, tuning: PinTuning) -> PinnedStorage:
-    runtime = cupy.cuda.runtime
+@attrs.frozen
+class _Mapped:
+    """Host memory mapped, placed and populated: what register mode hands to cudaHostRegister."""
+
+    mapping: _host.HostMapping
+    node: int | None
+    method: str
+    progress: _host.Progress
+    seconds: dict[str, float]
+
+
+def _map_and_populate(size: int, spec: PinnedAllocator, tuning: PinTuning) -> _Mapped:
+    """Steps 1 to 3 of register mode (no CUDA involved); on any failure or interrupt the mapping is unmapped."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     mapping = _host.map_host(size, _TIER, hugetlb=spec.huge_pages, thp=tuning.transparent_huge_pages)
-    registered: list[int] = []
     try:
         node = _numa_node(spec)
         if node is not None:
@@ -198,32 +226,50 @@ def _map_and_register(cupy: Any, size: int, spec: PinnedAllocator, tuning: PinTu
             mapping, _TIER, threads=threads, chunk_bytes=tuning.populate_chunk_bytes, progress=progress
         )
         seconds["populate"] = time.perf_counter() - start
+        return _Mapped(mapping, node, method, progress, seconds)
+    except BaseException:
+        mapping.unmap()
+        raise
 
+
+def _map_and_register(cupy: Any, size: int, spec: PinnedAllocator, tuning: PinTuning) -> PinnedStorage:
+    runtime = cupy.cuda.runtime
+    mapped = _map_and_populate(size, spec, tuning)
+    mapping, seconds = mapped.mapping, mapped.seconds
+    pinned = False  # whether CUDA may hold the range
+    storage: PinnedStorage | None = None
+    try:
         start = time.perf_counter()
+        pinned = True  # set before the call: an interrupt raised as it returns must not leave the range pinned
         try:
             with cupy.cuda.Device(spec.device_id):
                 runtime.hostRegister(mapping.addr, mapping.length, _cuda.HOST_REGISTER_PORTABLE)
         except runtime.CUDARuntimeError as exc:
+            pinned = False  # CUDA said no: nothing to undo
             raise _pin_error("cudaHostRegister", mapping.length, exc) from exc
-        registered.append(mapping.addr)
-        progress.add(mapping.length)
+        mapped.progress.add(mapping.length)
         seconds["register"] = time.perf_counter() - start
-        progress.finish()
+        mapped.progress.finish()
+        storage = PinnedStorage(
+            mapping,
+            mapping.addr,
+            size,
+            gpu=spec.device_id,
+            mode=spec.mode,
+            registered=(mapping.addr,),
+            numa_node=mapped.node,
+            populate_method=mapped.method,
+            phase_seconds=seconds,
+        )
     except BaseException:
-        _unregister(cupy, spec.device_id, registered)
-        mapping.unmap()
+        if storage is not None:
+            storage.close()
+        elif not mapping.unmapped:  # else a storage made and dropped at once has released everything itself
+            if pinned:
+                _unregister(cupy, spec.device_id, [mapping.addr], maybe=True)
+            mapping.unmap()
         raise
-    return PinnedStorage(
-        mapping,
-        mapping.addr,
-        size,
-        gpu=spec.device_id,
-        mode=spec.mode,
-        registered=tuple(registered),
-        numa_node=node,
-        populate_method=method,
-        phase_seconds=seconds,
-    )
+    return storage
 
 
 def _numa_node(spec: PinnedAllocator) -> int | None:
@@ -240,18 +286,22 @@ def _numa_node(spec: PinnedAllocator) -> int | None:
     return node
 
 
-def _unregister(cupy: Any, gpu: int, ptrs: Sequence[int]) -> None:
+def _unregister(cupy: Any, gpu: int, ptrs: Sequence[int], *, maybe: bool = False) -> None:
+    """cudaHostUnregister each range (newest first). ``maybe``: the registration may never have happened (an
+    interrupt hit cudaHostRegister), so CUDA saying it is not registered is the expected answer, not a failure."""
     for ptr in reversed(ptrs):
         try:
             with cupy.cuda.Device(gpu):
                 cupy.cuda.runtime.hostUnregister(ptr)
         except Exception as exc:
-            log.warning("%s: cudaHostUnregister(0x%x) failed: %s", _TIER, ptr, exc)
+            if maybe and _cuda.cuda_error_code(exc) == _cuda.ERROR_HOST_MEMORY_NOT_REGISTERED:
+                continue
+            log.warning("%s: cudaHostUnregister(0x%x) failed: %s", _TIER, ptr, str(exc))
 
 
 def _pin_error(call: str, size: int, exc: Exception) -> AllocationError:
     return AllocationError(
-        f"{_TIER}: {call} of {human(size)} failed: {exc}. RLIMIT_MEMLOCK is "
+        f"{_TIER}: {call} of {format_bytes(size)} failed: {exc}. RLIMIT_MEMLOCK is "
         f"{_host.memlock_limit()}: raise it (`ulimit -l unlimited`; in a container `--ulimit memlock=-1`); "
         f"MemAvailable is {_host.mem_available_words()}: a smaller tier (num_blocks, DYN_KVBM_CPU_CACHE_GB) may fit"
     )

@@ -1,4 +1,5 @@
-"""G2 without CUDA: ordinary host memory from an anonymous mmap (page aligned), unmapped on close."""
+"""G2 without CUDA: ordinary host memory from an anonymous mmap (page aligned), unmapped on close (or, while numpy
+views of it live, when the last of them goes)."""
 
 from __future__ import annotations
 
@@ -24,4 +25,8 @@ def allocate_system(size: int) -> SystemStorage:
     """``size`` bytes of page-aligned host memory, zero-filled by the kernel on first touch."""
     check_size(size, StorageKind.SYSTEM)
     mapping = _host.map_host(size, StorageKind.SYSTEM.tier.words)
-    return SystemStorage(mapping, mapping.addr, size)
+    try:
+        return SystemStorage(mapping, mapping.addr, size)
+    except BaseException:  # an interrupt: the storage (if made) was dropped, so the mapping is still ours
+        mapping.unmap()
+        raise

@@ -1,0 +1,248 @@
+"""The system calls the storage layer makes, wrapped: counted, and the Nth one interrupted or failed; and what this
+process holds (descriptors and mappings), read from /proc, to show that nothing leaked.
+
+Every call the storages make to the system goes through ``kvbm_builder.storage._libc`` (mappings and files come back
+as owning objects made in C: ``mmap.mmap``, ``io.FileIO``) or through a few ``os`` functions; :class:`Syscalls`
+wraps all of them (and, on request, NIXL agent methods and cupy's allocations). An interrupt is injected the way
+Ctrl-C arrives: ``before`` the call, or ``after`` it returned, its result dropped (CPython raises a pending
+KeyboardInterrupt as soon as a call returns). Only calls on the thread that armed the plan count: Ctrl-C is raised
+in the main thread.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from kvbm_builder.storage import _libc
+
+#: every system call the storages make: the _libc functions and the os functions the disk tier calls
+LIBC_CALLS = (
+    "map_anonymous",
+    "address_of",
+    "close_mapping",
+    "open_new_file",
+    "close_file",
+    "set_o_direct",
+    "madvise",
+    "memset",
+    "fallocate",
+    "mbind",
+)
+OS_CALLS = ("pwrite", "preadv", "ftruncate", "unlink", "statvfs")
+
+
+class Injected(KeyboardInterrupt):
+    """The interrupt a test injected (a KeyboardInterrupt, as Ctrl-C raises)."""
+
+
+class Syscalls:
+    """Wraps the calls while active (a context manager). ``plan(at, when, error)`` makes call number ``at`` (1-based,
+    counted from the plan) raise ``error`` (default: :class:`Injected`) ``"before"`` or ``"after"`` it runs.
+    ``refuse`` maps call names to an errno that call always fails with (a file system without fallocate, say).
+
+    Every mapping made is tracked; the moment one is unmapped (closed, or collected) /proc/self/maps is read and any
+    page still mapped there is a finding in ``problems``."""
+
+    def __init__(
+        self,
+        extra: Sequence[tuple[object, str]] = (),
+        refuse: dict[str, int] | None = None,
+    ) -> None:
+        self._targets: list[tuple[object, str]] = [(_libc, n) for n in LIBC_CALLS] + [(os, n) for n in OS_CALLS]
+        self._targets += list(extra)
+        self._saved: list[tuple[object, str, Any]] = []
+        self._refuse = dict(refuse or {})
+        self._thread: threading.Thread | None = None
+        self._at: int | None = None
+        self._when = "after"
+        self._error: Callable[[], BaseException] = Injected
+        self.calls: list[str] = []  # names of the counted calls since the last plan
+        self.hit: str | None = None  # the call that was interrupted or failed
+        self.mappings: list[tuple[weakref.ref[Any], int, int, list[bool]]] = []
+        self.problems: list[str] = []
+        self.registered: list[tuple[Any, Any, list[str] | None]] = []  # NIXL: (agent, descs, backends) that succeeded
+
+    # -- wrapping --------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Syscalls:
+        for owner, name in self._targets:
+            real = getattr(owner, name)
+            self._saved.append((owner, name, real))
+            setattr(owner, name, self._wrap(owner, name, real))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, real in reversed(self._saved):
+            setattr(owner, name, real)
+        self._saved.clear()
+
+    def real(self, owner: object, name: str) -> Any:
+        return next(r for o, n, r in self._saved if o is owner and n == name)
+
+    def plan(self, at: int | None, when: str = "after", error: Callable[[], BaseException] = Injected) -> None:
+        """Count from here; call ``at`` fails (None: only count)."""
+        self._thread = threading.current_thread()
+        self._at, self._when, self._error = at, when, error
+        self.calls = []
+        self.hit = None
+
+    def _wrap(self, owner: object, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            mine = threading.current_thread() is self._thread
+            if mine:
+                self.calls.append(name)
+            hit = mine and self._at is not None and len(self.calls) == self._at and self.hit is None
+            if hit:
+                self.hit = name
+            if hit and (self._when == "before" or name in self._refuse):  # a refused call fails: the interrupt wins
+                raise self._error()
+            if name in self._refuse:
+                code = self._refuse[name]
+                raise OSError(code, f"{name}: {os.strerror(code)} (refused by the test)")
+            was_open = name == "close_mapping" and not args[0].closed
+            try:
+                result = real(*args, **kwargs)
+            except Exception:
+                if hit:  # the call failed on its own: the interrupt arrives instead of the error, as with EINTR
+                    raise self._error() from None
+                raise
+            if name == "map_anonymous":
+                self._track(result)
+            elif was_open:
+                self._check_gone(args[0])
+            elif name == "register_memory":
+                self.registered.append((owner, args[0], kwargs.get("backends")))
+            if hit:
+                del result  # as when Ctrl-C lands as the call returns: the caller never sees the result
+                raise self._error()
+            return result
+
+        return call
+
+    # -- mappings ------------------------------------------------------------------------------------------
+
+    def _track(self, memory: Any) -> None:
+        addr, length = self.real(_libc, "address_of")(memory), len(memory)
+        unmapped = [False]  # set once the mapping is seen unmapped: its object dying later unmaps nothing
+
+        def collected(_: object) -> None:
+            if not unmapped[0]:
+                self._check_unmapped(addr, length)
+
+        self.mappings.append((weakref.ref(memory, collected), addr, length, unmapped))
+
+    def _check_gone(self, memory: Any) -> None:
+        if memory.closed:
+            for ref, addr, length, unmapped in self.mappings:
+                if ref() is memory:
+                    unmapped[0] = True
+                    self._check_unmapped(addr, length)
+
+    def _check_unmapped(self, addr: int, length: int) -> None:
+        for lo, hi in mapped_ranges():
+            if lo < addr + length and addr < hi:
+                self.problems.append(f"[0x{addr:x}, +{length}) is still mapped after its owner let go")
+                return
+
+    def live_mappings(self) -> list[tuple[int, int]]:
+        """Mappings made (while wrapped) whose owner has neither unmapped them nor been collected."""
+        return [(a, n) for ref, a, n, _ in self.mappings if (m := ref()) is not None and not m.closed]
+
+
+# --- what the process holds --------------------------------------------------------------------------------------
+
+
+def mapped_ranges() -> list[tuple[int, int]]:
+    with open("/proc/self/maps") as f:
+        return [(int(lo, 16), int(hi, 16)) for lo, hi in (line.split()[0].split("-") for line in f)]
+
+
+def open_fds() -> dict[int, str]:
+    """Descriptor -> what it points at (/proc/self/fd)."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        with suppress(OSError):  # the one listdir itself used, closed by now
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return out
+
+
+class Holdings:
+    """What the process holds before an input, compared with what it holds after."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        gc.collect()
+        self.fds = open_fds()
+
+    def leaks(self, syscalls: Syscalls | None = None, keep: Sequence[int] = ()) -> list[str]:
+        """Descriptors, files and mappings left behind since construction (after a garbage collection). ``keep``:
+        descriptors that may stay (a storage the test still holds open)."""
+        gc.collect()
+        found = []
+        for fd, target in open_fds().items():
+            if fd in keep:
+                continue
+            if target.startswith(self.directory) or (fd not in self.fds or self.fds[fd] != target):
+                found.append(f"descriptor {fd} -> {target} was not open before")
+        names = sorted(os.listdir(self.directory))
+        if names:
+            found.append(f"files left in the directory: {names}")
+        if syscalls is not None:
+            found += [f"mapping [0x{a:x}, +{n}) not released" for a, n in syscalls.live_mappings()]
+            found += syscalls.problems
+        return found
+
+
+def nixl_still_holds(syscalls: Syscalls) -> list[str]:
+    """What NIXL agents still hold of the registrations seen: each is deregistered here, and must not be found."""
+    held = []
+    for agent, descs, backends in syscalls.registered:
+        deregister = getattr(type(agent), "deregister_memory", None) or agent.deregister_memory
+        try:
+            if backends is None:
+                deregister(agent, descs)
+            else:
+                deregister(agent, descs, backends=backends)
+        except Exception as exc:
+            if "NIXL_ERR_NOT_FOUND" not in str(exc) and type(exc).__name__ != "nixlNotFoundError":
+                held.append(f"NIXL deregistration check failed: {exc}")
+        else:
+            held.append(f"NIXL still held {descs!r} ({backends})")
+    syscalls.registered.clear()
+    return held
+
+
+@contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """No input may hang: past ``seconds`` every thread's stack is printed and the process exits (a finding that no
+    ``except`` can swallow)."""
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def os_error(code: int, call: str = "injected") -> Callable[[], OSError]:
+    return lambda: OSError(code, f"{call}: {os.strerror(code)} (injected)")
+
+
+__all__ = [
+    "LIBC_CALLS",
+    "OS_CALLS",
+    "Holdings",
+    "Injected",
+    "Syscalls",
+    "mapped_ranges",
+    "nixl_still_holds",
+    "open_fds",
+    "os_error",
+    "watchdog",
+]
