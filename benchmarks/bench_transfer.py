@@ -39,8 +39,7 @@ from kvbm_builder import DiskAllocator, FullyContiguous, LayerSeparate, PinnedAl
 from kvbm_builder.layout import Layout, LayoutSpec
 from kvbm_builder.storage import allocate_device, allocate_disk, allocate_pinned, allocate_system
 from kvbm_builder.storage.disk import fs_type
-from kvbm_builder.transfer import TransferEngine, region_table
-from kvbm_builder.transfer._cuda import KernelConfig
+from kvbm_builder.transfer import KernelConfig, TransferEngine, region_table
 
 SHAPE = {"num_layers": 32, "outer_dim": 2, "page_size": 32, "inner_dim": 1024, "dtype_width_bytes": 2}
 BLOCK = 32 * 2 * 32 * 1024 * 2  # 4 MiB

@@ -18,8 +18,7 @@ import pytest
 
 from kvbm_builder import CancellationToken, FullyContiguous, LayerSeparate, StorageKind, Tier
 from kvbm_builder.layout import Layout
-from kvbm_builder.transfer import TransferEngine, TransferError, TransferRecord
-from kvbm_builder.transfer._cuda import KernelConfig
+from kvbm_builder.transfer import KernelConfig, TransferEngine, TransferError, TransferRecord
 from tests.transfer_helpers import (
     LAYOUT_IDS,
     LAYOUT_TYPES,

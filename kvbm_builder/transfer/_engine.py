@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ..config.layout import FullyContiguous
 from ..config.protocols import StorageKind
 from ..config.runtime import CancellationToken
@@ -38,9 +40,10 @@ from ..errors import ConfigError, Problem
 from ..layout import Layout, LayoutSpec
 from ._errors import TransferError, TransferRecord
 from ._future import TransferFuture
+from ._kernel import KernelConfig
 
 if TYPE_CHECKING:
-    from ._cuda import CudaContext, KernelConfig, Lane, Slot
+    from ._cuda import CudaContext, Lane, Slot
     from ._hostio import IoOp, StepError
 
 __all__ = ["TransferEngine"]
@@ -512,7 +515,7 @@ class TransferEngine:
                     require_cuda(job.src_kind.tier.words, device, "Device transfers need a GPU")
                 except Exception as exc:
                     raise self._refusal(job, "cuda context", str(exc), exc) from exc
-                from ._cuda import CudaContext, KernelConfig
+                from ._cuda import CudaContext
 
                 self._cuda = CudaContext(device, self.max_concurrent, self._kernel_config or KernelConfig())
             return self._cuda
@@ -890,27 +893,8 @@ def _route(src: StorageKind, dst: StorageKind) -> str:
 
 def _staging_spec(spec: LayoutSpec, budget: int) -> LayoutSpec:
     """A FullyContiguous layout of the model's blocks, 4096-aligned (O_DIRECT), as many as fit in ``budget``."""
-    probe = LayoutSpec(
-        num_blocks=1,
-        num_layers=spec.num_layers,
-        outer_dim=spec.outer_dim,
-        page_size=spec.page_size,
-        inner_dim=spec.inner_dim,
-        dtype_width_bytes=spec.dtype_width_bytes,
-        layout_type=FullyContiguous(),
-        alignment=4096,
-    )
-    blocks = max(1, budget // probe.block_stride)
-    return LayoutSpec(
-        num_blocks=blocks,
-        num_layers=spec.num_layers,
-        outer_dim=spec.outer_dim,
-        page_size=spec.page_size,
-        inner_dim=spec.inner_dim,
-        dtype_width_bytes=spec.dtype_width_bytes,
-        layout_type=FullyContiguous(),
-        alignment=4096,
-    )
+    one = attrs.evolve(spec, num_blocks=1, layout_type=FullyContiguous(), alignment=4096)
+    return attrs.evolve(one, num_blocks=max(1, budget // one.block_stride))
 
 
 def _what(job: _Job) -> str:
