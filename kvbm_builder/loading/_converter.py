@@ -26,7 +26,7 @@ from cattrs.gen.typeddicts import make_dict_structure_fn
 
 from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
 from ..config.consolidator import KvEventConsolidatorConfig
-from ..config.fields import KEY, Spec, Validated, specs
+from ..config.fields import KEY, Validated, specs
 from ..config.layout import CHOICES, BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
@@ -483,27 +483,17 @@ def _dumped(value: object) -> Any:
         return value
     if isinstance(value, LayoutType):
         return value.to_upstream()
-    if isinstance(value, NixlOptions):
-        if value.mode is NixlMode.ENABLED_WITH_AGENT:
-            raise RuntimeObjectError(
-                [
-                    Problem(
-                        (),
-                        "a caller's NIXL agent cannot be written to a document; write 'enabled' to let the "
-                        "manager make one",
-                    )
-                ]
-            )
-        return value.mode.value
-    if isinstance(value, BlockParallelismStrategy):
-        return value.name
-    if isinstance(value, Validated) and type(value) in LOADABLE:
-        return dump(value, _root=False)
+    if isinstance(value, NixlOptions) and value.mode is NixlMode.ENABLED_WITH_AGENT:
+        why = "a caller's NIXL agent cannot be written to a document; write 'enabled' to let the manager make one"
+        raise RuntimeObjectError([Problem((), why)])
+    if isinstance(value, (NixlOptions, BlockParallelismStrategy)):
+        return value.mode.value if isinstance(value, NixlOptions) else value.name
+    if type(value) in LOADABLE:
+        return dump(cast(Validated, value), _root=False)
     if isinstance(value, enum.Enum):
         return value.value
-    raise RuntimeObjectError(
-        [Problem((), f"{show(value)} cannot be written to a document; only the built-in allocators and layouts can")]
-    )
+    why = "cannot be written to a document; only the built-in allocators (and names of layouts and modes) can"
+    raise RuntimeObjectError([Problem((), f"{show(value)} {why}")])
 
 
 def dump(config: Validated, *, _root: bool = True) -> dict[str, Any]:
@@ -512,9 +502,8 @@ def dump(config: Validated, *, _root: bool = True) -> dict[str, Any]:
     One rule for what a document cannot hold, from each field's description: a runtime object whose absence would
     describe another cache (memory given as ``storage``, a caller's allocator or NIXL agent) is refused with a
     :class:`~kvbm_builder.errors.RuntimeObjectError` naming it; one a caller attached (an event manager, an offload
-    filter, a progress callback, an executor) is left out with a
-    :class:`~kvbm_builder.errors.RuntimeObjectWarning`; the token and registry every runtime config makes for
-    itself are left out silently (a loaded config makes its own).
+    filter, a progress callback, an executor) is left out with a :class:`~kvbm_builder.errors.RuntimeObjectWarning`;
+    the token and registry every runtime config makes for itself are left out silently (a loaded one makes its own).
     """
     cls = type(config)
     if cls not in LOADABLE:
@@ -524,44 +513,24 @@ def dump(config: Validated, *, _root: bool = True) -> dict[str, Any]:
     problems: list[Problem] = []
     left_out: list[str] = []
     for field in attrs.fields(cast(Any, cls)):
-        spec: Spec = field.metadata[KEY]
         value = getattr(config, field.name)
-        if not spec.document:
-            if value is None or isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
-                continue
+        if (value is None and field.default is None) or isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+            continue  # an unset option; a token or registry a runtime config made for itself
+        if not field.metadata[KEY].document:
             if field.eq:
-                problems.append(
-                    Problem(
-                        (field.name,),
-                        f"cannot be written to a document; set it in Python with {_setter(cls, field.name)}",
-                    )
-                )
+                why = f"cannot be written to a document; set it in Python with {_setter(cls, field.name)}"
+                problems.append(Problem((field.name,), why))
             else:
-                left_out.append(field.name)
-            continue
-        if value is None and field.default is None:
-            continue
-        if field.name == "allocator" and type(value) not in BUILTIN_ALLOCATORS:
-            problems.append(
-                Problem(
-                    (field.name,),
-                    f"{show(value)} cannot be written to a document; only the "
-                    "built-in allocators can (DeviceAllocator, PinnedAllocator, SystemAllocator, "
-                    "DiskAllocator)",
-                )
-            )
+                left_out.append(f"{cls.__name__}.{field.name}")
             continue
         try:
             out[field.name] = _dumped(value)
         except RuntimeObjectError as err:
             problems.extend(p.under(field.name) for p in err.problems)
     if left_out:
+        why = "a document cannot hold runtime objects; set them again in Python on the loaded config"
         warnings.warn(
-            RuntimeObjectWarning(
-                f"dump() left out {', '.join(f'{cls.__name__}.{n}' for n in left_out)}: a document cannot hold "
-                "runtime objects; set them again in Python on the loaded config"
-            ),
-            stacklevel=3 if _root else 4,
+            RuntimeObjectWarning(f"dump() left out {', '.join(left_out)}: {why}"), stacklevel=3 if _root else 4
         )
     if problems:
         raise RuntimeObjectError(problems, "$" if _root else "")
