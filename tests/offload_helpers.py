@@ -106,9 +106,8 @@ def write_block(manager: KvBlockManager, tier: Tier, block_id: int, data: bytes)
         elif region.kind is StorageKind.DEVICE:
             import cupy
 
-            cupy.cuda.runtime.memcpy(
-                region.addr, ctypes.addressof(ctypes.create_string_buffer(piece, len(piece))), len(piece), 1
-            )
+            source = ctypes.create_string_buffer(piece, len(piece))  # alive until the copy has returned
+            cupy.cuda.runtime.memcpy(region.addr, ctypes.addressof(source), len(piece), 1)  # host to device
         else:
             ctypes.memmove(region.addr, piece, len(piece))
 

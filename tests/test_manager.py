@@ -35,26 +35,10 @@ from kvbm_builder import (
     Tier,
 )
 from kvbm_builder.config.protocols import Storage
-from kvbm_builder.storage import SystemStorage, allocate, cuda_available
+from kvbm_builder.storage import SystemStorage, cuda_available
+from kvbm_builder.testing import RecordingAllocator as Recording
 
 MODEL = KvManagerModelConfig.builder().num_layers(3).outer_dim(2).page_size(4).inner_dim(8).build()
-
-
-@attrs.define
-class Recording:
-    """A real allocator that remembers what it made, so tests can check that all of it was released."""
-
-    inner: Any
-    made: list[Any] = attrs.field(factory=list)
-
-    @property
-    def storage_kind(self) -> StorageKind:
-        return self.inner.storage_kind  # type: ignore[no-any-return]
-
-    def allocate(self, size: int) -> Any:
-        storage = allocate(self.inner, size)
-        self.made.append(storage)
-        return storage
 
 
 @attrs.define

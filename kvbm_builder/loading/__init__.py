@@ -14,10 +14,10 @@ Every problem of one load is reported in one :class:`~kvbm_builder.errors.Config
 """
 
 from ..config.settings import KvbmSettings
+from ..documents import read_document, to_toml
 from ._converter import budget_blocks, dump, load
-from ._files import load_file, read_document, to_toml
 from ._schema import json_schema
-from ._sources import CacheSizes, Resolved, cache_sizes_from_env, from_env, resolve, settings_from_env
+from ._sources import CacheSizes, Resolved, cache_sizes_from_env, from_env, load_file, resolve, settings_from_env
 
 __all__ = [
     "CacheSizes",

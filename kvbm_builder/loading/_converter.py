@@ -1,28 +1,21 @@
 """The one cattrs converter: the dict form of the configuration, both ways, derived from the config fields.
 
-A document uses the field names of the config classes; what a document may hold, and how each value is judged,
-is the field's own description (:mod:`kvbm_builder.config.fields`). Where a document differs from Python:
+A document uses the field names of the config classes, and each value is judged by its field's own rule. Where a
+document differs from Python: a tier gives ``num_blocks`` or a byte budget ``size`` (``"16GiB"``, ``"16GB"``, a
+byte count; :func:`budget_blocks` is the one size rule); a tier's ``allocator`` is a table with a ``kind``
+(``device``, ``pinned``, ``system``, ``disk``; left out, the tier's own); runtime objects cannot come from a document.
 
-- a tier names its size either as ``num_blocks`` or as a byte budget ``size`` (``"16GiB"``, ``"16GB"``, a byte
-  count): exactly one of the two; the budget becomes ``floor(size / bytes per block)`` blocks, counting each
-  block's alignment padding (:func:`budget_blocks`, the one size rule);
-- a tier's ``allocator`` is a table: ``{kind = "device", device_id = 0}``, ``{kind = "pinned", ...}``,
-  ``{kind = "system"}`` or ``{kind = "disk", directory = "/tmp/kvbm", ...}``; ``kind`` may be left out where the
-  tier implies it (device, pinned, disk);
-- runtime objects (agents, registries, tokens, executors, storages, filters, event managers) cannot come from a
-  document: the error says which builder setter takes them.
-
-Loading is strict: no coercion (``"false"`` is not a bool, ``2.7`` is not an int) and unknown keys are errors.
-cattrs' detailed validation reads each table key by key and collects what fails; the values that were read go
-through the class's builder, whose rules are the only rules. Every problem of one document is reported at once,
-rendered from cattrs' exception groups to ``$.path: message`` lines; a document and a builder chain that mean the
-same thing give equal configs and equal errors.
+cattrs' detailed validation reads each table key by key and collects what fails; what was read goes through the
+class's builder, whose rules are the only rules, so every problem of a document is reported at once, rendered from
+cattrs' exception groups to ``$.path: message`` lines, as a builder chain meaning the same would report them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NewType, TypedDict, TypeVar, cast, overload
@@ -146,60 +139,39 @@ def _note_name(exc: BaseException) -> str | None:
     return None if note is None else note.name
 
 
-def _finish(target: type, table: Table, problems: list[Problem], make: Callable[[], Any]) -> Any:
-    """``make()`` (a build), and then every problem of the table at once as one exception group."""
-    errors = list(table.errors)
-    if problems:
-        errors.append(ConfigError(problems))
-    try:
-        built = make()
-    except ConfigError as err:
-        errors.append(err)
-        built = None
-    if errors:
-        raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
-    return built
+@functools.cache
+def _required(target: type) -> tuple[str, ...]:
+    return tuple(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
 
 
 def _built(target: type, table: Table, values: Mapping[str, Any], problems: Sequence[Problem] = ()) -> Any:
-    """The config from ``values`` through its builder (or its constructor, for a class without one)."""
-    new_builder = getattr(target, "builder", None)
-    if not table.errors and not problems and not table.failed and _direct(target, values):
-        try:  # the usual case: everything was read, nothing is missing; the builder would add nothing
+    """The config from ``values`` through its builder (a class without one: its constructor), then every problem of
+    the table at once, as one exception group."""
+    errors = [*table.errors, *([ConfigError(problems)] if problems else [])]
+    # the usual case: everything was read, nothing is missing, the builder would add nothing (for a layout: when
+    # exactly one memory choice was made); on a problem, the builder says it as for a chain of setters
+    direct = all(name in values for name in _required(target)) and not errors and not table.failed
+    if direct and (target is not KvManagerLayoutConfig or sum(name in values for name in CHOICES) == 1):
+        with contextlib.suppress(ConfigError):
             return target(**values)
-        except ConfigError:
-            pass  # the builder, below, says every problem as it would for a chain of setters
-
-    def make() -> Any:
-        if new_builder is None:
-            kept = {k: v for k, v in values.items() if k not in table.failed}
-            try:
-                return target(**kept)
-            except ConfigError as err:
-                raise ConfigError([p for p in err.problems if not (p.path and p.path[0] in table.failed)]) from None
-        builder = new_builder()
-        for name, value in values.items():
-            builder.set(name, value)
-        for name in table.failed:
-            builder.mark_invalid(name)
-        return builder.build()
-
-    return _finish(target, table, list(problems), make)
-
-
-def _direct(target: type, values: Mapping[str, Any]) -> bool:
-    """Whether constructing ``target`` from ``values`` means what the builder would: every required field is there,
-    and (a layout) exactly one memory choice was made."""
-    required = _REQUIRED.get(target)
-    if required is None:
-        fields = attrs.fields(cast(Any, target))
-        required = _REQUIRED[target] = tuple(f.name for f in fields if f.default is attrs.NOTHING)
-    if any(name not in values for name in required):
-        return False
-    return target is not KvManagerLayoutConfig or sum(name in values for name in CHOICES) == 1
-
-
-_REQUIRED: dict[type, tuple[str, ...]] = {}
+    built = None
+    try:
+        if hasattr(target, "builder"):
+            builder = target.builder()
+            for name, value in values.items():
+                builder.set(name, value)
+            for name in table.failed:
+                builder.mark_invalid(name)
+            built = builder.build()
+        else:
+            built = target(**{k: v for k, v in values.items() if k not in table.failed})
+    except ConfigError as err:  # what it says of a value that could not be read was said already
+        kept = [p for p in err.problems if not (p.path and p.path[0] in table.failed)]
+        missing = getattr(err, "missing", ())
+        errors.append(UninitializedFieldError(kept, "", missing) if missing else ConfigError(kept))
+    if errors:
+        raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
+    return built
 
 
 def _view(target: type, **special: Any) -> View:
@@ -222,31 +194,25 @@ CLASS_VIEWS: dict[type, View] = dict(_ALLOCATOR_VIEWS)
 
 
 def _kind_of(value: object) -> StorageKind | None:
-    try:
+    with contextlib.suppress(ConfigError):
         return StorageKind.parse(value)
-    except ConfigError:
-        return None
+    return None
 
 
 def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
     """A tier's ``allocator`` table (``tier=None``: a layout loaded by itself, which must say its kind)."""
-    accepted = [kind.value for kind in (tier.accepts if tier else StorageKind) if kind in ALLOCATOR_OF_KIND]
-    accepted.sort(key=[k.value for k in StorageKind].index)
+    accepted = [kind.value for kind in StorageKind if tier is None or kind in tier.accepts]
 
     def hook(value: object, _: object) -> Any:
         if not isinstance(value, Mapping):
             example = f"{{kind = '{tier.default_kind.value if tier else 'pinned'}'}}"
             raise document_error(f"must be an allocator table such as {example}, got {show(value)}")
-        if "kind" not in value:
-            if tier is None:
-                raise document_error(f"must be given: {', '.join(k.value for k in StorageKind)}", "kind")
-            kind = tier.default_kind
-        else:
-            found = _kind_of(value["kind"])
-            if found is None:
-                raise document_error(f"must be {' or '.join(accepted)}, got {show(value['kind'])}", "kind")
-            # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator` as for a builder
-            kind = found
+        if "kind" not in value and tier is None:
+            raise document_error(f"must be given: {', '.join(accepted)}", "kind")
+        # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator` as for a builder
+        kind = _kind_of(value["kind"]) if "kind" in value else cast(Tier, tier).default_kind
+        if kind is None:
+            raise document_error(f"must be {' or '.join(accepted)}, got {show(value['kind'])}", "kind")
         return _load(_ALLOCATOR_VIEWS[ALLOCATOR_OF_KIND[kind]], {k: v for k, v in value.items() if k != "kind"})
 
     return hook
@@ -285,19 +251,11 @@ TIER_VIEWS: dict[Tier | None, View] = {
 TIER_VIEWS[None] = _view(KvManagerLayoutConfig, size=ByteSize, allocator=AnyAllocator)
 
 
-def _spec(model: KvManagerModelConfig, num_blocks: int, layout_type: object, alignment: object) -> Any:
+def _spec(model: KvManagerModelConfig, num_blocks: int, layout_type: Any, alignment: Any) -> Any:
     from ..layout import LayoutSpec
 
-    return LayoutSpec(
-        num_blocks=num_blocks,
-        num_layers=model.num_layers,
-        outer_dim=model.outer_dim,
-        page_size=model.page_size,
-        inner_dim=model.inner_dim,
-        dtype_width_bytes=model.dtype_width_bytes,
-        layout_type=cast(LayoutType, layout_type),
-        alignment=cast(int, alignment),
-    )
+    shape = attrs.asdict(model, recurse=False)
+    return LayoutSpec(num_blocks=num_blocks, **shape, layout_type=layout_type, alignment=alignment)
 
 
 def budget_blocks(
@@ -354,13 +312,8 @@ def tier_from_table(
         if not given_size:
             problems.append(Problem((), "needs `num_blocks`, or `size` as a byte budget such as '16GiB'"))
         elif tier is None and size is not None:
-            problems.append(
-                Problem(
-                    ("size",),
-                    "a byte budget needs the model to count blocks: give `num_blocks`, "
-                    "or load this tier as part of a KvBlockManagerConfig",
-                )
-            )
+            why = "a byte budget needs the model to count blocks: give `num_blocks`, or load this tier as part of a "
+            problems.append(Problem(("size",), why + "KvBlockManagerConfig"))
         elif size is not None and isinstance(model, KvManagerModelConfig):
             if "layout_type" in values:  # read once: the layout's own converter takes it as it is
                 values["layout_type"] = _parsed_layout(values["layout_type"])
@@ -376,22 +329,16 @@ def tier_from_table(
 
 
 def _parsed_layout(value: object) -> object:
-    if value is None:
-        return None
-    try:
+    with contextlib.suppress(ConfigError):
         return LayoutType.parse(value)
-    except ConfigError:
-        return value
-
-
-def _tier_table_hook(tier: Tier) -> Callable[[object, object], Table]:
-    view = TIER_VIEWS[tier]
-    return lambda value, _: view.table(value)
+    return value
 
 
 TierTable = {tier: NewType(f"{tier.name}Table", object) for tier in Tier}
 for _tier, _table_type in TierTable.items():
-    converter.register_structure_hook(_table_type, _tier_table_hook(_tier))
+    converter.register_structure_hook(
+        _table_type, functools.partial(lambda v, value, _: v.table(value), TIER_VIEWS[_tier])
+    )
 
 
 def _exactly(cls: type) -> Callable[[Any], bool]:

@@ -1,31 +1,20 @@
 """Where values come from: defaults < file < environment < explicit arguments, and which layer set each one.
 
-Each source is a small piece that gives changes to a document, each with its provenance: the file's document
-(:func:`~kvbm_builder.loading.read_document`), the ``DYN_KVBM_*`` variables (:func:`env_changes`) and ``--set``
-arguments (:func:`argument_changes`). They are merged into one document, which is then structured once.
-
-The variables are the ones the config fields name (``field(env=...)``), read as
-:class:`~kvbm_builder.config.env.EnvVar` says; zero or empty means unset:
-
-- ``DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS`` / ``DYN_KVBM_CPU_CACHE_GB``: ``host_layout.num_blocks`` (wins) or
-  ``host_layout.size`` = floor(GB * 10^9) bytes; likewise ``DYN_KVBM_DISK_CACHE_*`` for ``disk_layout``. A size
-  variable creates its tier when the lower layers have none (with the tier's default allocator: pinned, disk);
-- the allocator variables (``DYN_KVBM_DISK_CACHE_DIR``, ``..._DISABLE_O_DIRECT``, ``..._ZEROFILL_FALLBACK``,
-  ``DYN_KVBM_USE_HUGE_PAGES``, ``DYN_KVBM_ENABLE_NUMA``) act on a tier whose allocator table is of their kind;
-- the others set :class:`~kvbm_builder.config.KvbmSettings` (:func:`settings_from_env`).
-
-A byte budget becomes blocks by the one size rule (:func:`~kvbm_builder.loading.budget_blocks`), which at
-alignment 1 is upstream's ``floor(GB * 1e9 / bytes_per_block)``. Errors carry absolute paths: ``$.model.num_layers``
-for the document, ``$env.DYN_KVBM_CPU_CACHE_GB`` for a variable (also when the value a variable set is what is
-wrong) and ``$arg.<key>`` for an explicit argument that is not a dotted path.
+Each source gives changes to a document, each with its provenance: the file (:func:`load_file`,
+:func:`~kvbm_builder.documents.read_document`), the ``DYN_KVBM_*`` variables the config fields name
+(:func:`env_changes`; a size variable creates its tier with the tier's default allocator, an allocator variable acts
+on a tier whose allocator table is of its kind) and ``--set`` arguments (:func:`argument_changes`). They are merged
+into one document, structured once. Errors carry absolute paths: ``$.model.num_layers``, ``$env.DYN_KVBM_...`` (also
+when the value a variable set is what is wrong) and ``$arg.<key>``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast, overload
 
 import attrs
 from cattrs.errors import ClassValidationError
@@ -33,15 +22,18 @@ from cattrs.errors import ClassValidationError
 from ..config.allocators import ALLOCATOR_OF_KIND
 from ..config.env import EnvVar
 from ..config.fields import specs
-from ..config.layout import FullyContiguous, KvManagerLayoutConfig
+from ..config.layout import KvManagerLayoutConfig
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
 from ..config.settings import KvbmSettings
+from ..documents import read_document
 from ..errors import ConfigError, Problem, UninitializedFieldError, show
 from ._converter import TIER_VIEWS, budget_blocks, dump, load, problems_of, tier_from_table
 
-__all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "resolve", "settings_from_env"]
+__all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
+
+C = TypeVar("C")
 
 Path = tuple[str, ...]
 
@@ -55,22 +47,18 @@ class Change:
     source: str
 
 
-class _Reader:
-    """Reads variables once each, collecting every problem so that one call reports them all."""
+def _reader(environ: Mapping[str, str], problems: list[Problem]) -> Callable[[EnvVar], object]:
+    """Reads each variable once, collecting every problem so that one call reports them all."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self.environ = environ
-        self.problems: list[Problem] = []
-        self._read: dict[str, object] = {}
+    @functools.cache
+    def read(var: EnvVar) -> object:
+        try:
+            return var.read(environ)
+        except ConfigError as err:
+            problems.extend(err.problems)
+            return None
 
-    def __call__(self, var: EnvVar) -> object:
-        if var.name not in self._read:
-            try:
-                self._read[var.name] = var.read(self.environ)
-            except ConfigError as err:
-                self.problems.extend(err.problems)
-                self._read[var.name] = None
-        return self._read[var.name]
+    return read
 
 
 _SIZED_TIERS = tuple((tier, specs(KvBlockManagerConfig)[tier.slot].env) for tier in Tier)
@@ -94,7 +82,8 @@ def _allocator_kind(document: Mapping[str, Any], tier: Tier) -> object:
 
 def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[list[Change], list[Problem]]:
     """What the ``DYN_KVBM_*`` variables change in ``document`` (see the module's list), and their problems."""
-    read = _Reader(environ)
+    problems: list[Problem] = []
+    read = _reader(environ, problems)
     changes: list[Change] = []
     kinds = {tier: _allocator_kind(document, tier) for tier in Tier}
     for tier, sizing in _SIZED_TIERS:
@@ -123,8 +112,8 @@ def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tupl
                         changes.append(Change((tier.slot, "allocator", name), value, f"env {var.name}"))
                     elif isinstance(kind, StorageKind) and value != attrs.fields_dict(cls)[name].default:
                         why = f"asks for {name}, but {tier.slot}'s allocator is {show(kind.value)}"
-                        read.problems.append(Problem(("$env", var.name), f"{why}; use kind '{other.value}'"))
-    return changes, read.problems
+                        problems.append(Problem(("$env", var.name), f"{why}; use kind '{other.value}'"))
+    return changes, problems
 
 
 def argument_changes(overrides: Mapping[str, object]) -> tuple[list[Change], list[Problem]]:
@@ -201,7 +190,8 @@ def _attributed(problem: Problem, origins: Mapping[Path, str]) -> Problem:
 def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
     """:class:`~kvbm_builder.config.KvbmSettings` from the ``DYN_KVBM_*`` variables its fields name; bad values
     raise one ConfigError naming each variable."""
-    read = _Reader(environ)
+    problems: list[Problem] = []
+    read = _reader(environ, problems)
     values: dict[str, object] = {}
     set_by: dict[str, str] = {}
     for name, spec in specs(KvbmSettings).items():
@@ -209,13 +199,25 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
             value = read(var)
             if value is not None:
                 values[name], set_by[name] = value, var.name
-    problems = read.problems
     if not problems:
         try:
             return KvbmSettings(**values)  # type: ignore[arg-type]
         except ConfigError as err:
             problems = [Problem(("$env", set_by[str(p.path[0])]), p.message) for p in err.problems]
     raise ConfigError(problems)
+
+
+@overload
+def load_file(path: str | os.PathLike[str]) -> KvBlockManagerConfig: ...
+@overload
+def load_file(path: str | os.PathLike[str], cls: type[C]) -> C: ...
+def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfig) -> Any:
+    """A config from a JSON, TOML or YAML file (by suffix). The environment is not read: see ``from_env``.
+
+    Raises :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
+    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config.
+    """
+    return load(read_document(path), cls)
 
 
 # ---- resolving ---------------------------------------------------------------------------------------------------
@@ -299,21 +301,11 @@ def from_env(
         else {}
         for tier, layout in base.tiers()
     }
-    changes, problems = env_changes(shape, environ)
+    rebuilt, problems, origins = _changed_tiers(base, base.model, environ, shape)
     try:
         settings_from_env(environ)
     except ConfigError as err:
         problems += err.problems
-    rebuilt: dict[str, KvManagerLayoutConfig[Any]] = {}
-    origins = {change.path: change.source for change in changes}
-    for tier in Tier:
-        mine = [c for c in changes if c.path[0] == tier.slot]
-        if not mine:
-            continue
-        try:
-            rebuilt[tier.slot] = _changed_tier(getattr(base, tier.slot), mine, base.model, tier)
-        except (ClassValidationError, ConfigError) as exc:
-            problems.extend(_attributed(p.under(tier.slot), origins) for p in problems_of(exc)[0])
     if problems:
         raise ConfigError(dict.fromkeys(problems))
     if not rebuilt:
@@ -322,6 +314,23 @@ def from_env(
         return attrs.evolve(base, **cast(dict[str, Any], rebuilt))
     except ConfigError as err:
         raise ConfigError([_attributed(p, origins) for p in err.problems]) from None
+
+
+def _changed_tiers(
+    base: object, model: KvManagerModelConfig, environ: Mapping[str, str], shape: Mapping[str, Any]
+) -> tuple[dict[str, KvManagerLayoutConfig[Any]], list[Problem], dict[Path, str]]:
+    """The tiers of ``base`` (or new ones) the variables change, the problems they raise and who set what."""
+    changes, problems = env_changes(shape, environ)
+    origins = {change.path: change.source for change in changes}
+    rebuilt: dict[str, KvManagerLayoutConfig[Any]] = {}
+    for tier in Tier:
+        mine = [c for c in changes if c.path[0] == tier.slot]
+        try:
+            if mine:
+                rebuilt[tier.slot] = _changed_tier(getattr(base, tier.slot, None), mine, model, tier)
+        except (ClassValidationError, ConfigError) as exc:
+            problems.extend(_attributed(p.under(tier.slot), origins) for p in problems_of(exc)[0])
+    return rebuilt, problems, origins
 
 
 def _changed_tier(
@@ -366,18 +375,7 @@ def cache_sizes_from_env(model: KvManagerModelConfig, environ: Mapping[str, str]
     amount by the one size rule for a FullyContiguous tier at alignment 1 (upstream's
     ``floor(GB * 1e9 / bytes_per_block)``). Example: 28 layers, outer 2, page 16, inner 1024, 2 bytes = 1,835,008
     bytes per block; ``DYN_KVBM_CPU_CACHE_GB=4`` gives 2179 blocks."""
-    changes, problems = env_changes({}, os.environ if environ is None else environ)
-    blocks: dict[str, int] = {}
-    origins = {change.path: change.source for change in changes}
-    for change in changes:
-        if change.path[1:] == ("num_blocks",):
-            blocks[change.path[0]] = cast(int, change.value)
-        elif change.path[1:] == ("size",):
-            counted = budget_blocks(cast(int, change.value), model, FullyContiguous(), 1)
-            if isinstance(counted, Problem):
-                problems.append(_attributed(counted.under(change.path[0]), origins))
-            elif counted is not None:
-                blocks[change.path[0]] = counted
+    tiers, problems, _ = _changed_tiers(None, model, os.environ if environ is None else environ, {})
     if problems:
         raise ConfigError(problems)
-    return CacheSizes(blocks.get(Tier.G2.slot), blocks.get(Tier.G3.slot))
+    return CacheSizes(*(tiers[t.slot].num_blocks if t.slot in tiers else None for t in (Tier.G2, Tier.G3)))

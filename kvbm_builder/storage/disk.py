@@ -28,6 +28,7 @@ from contextlib import contextmanager, suppress
 from typing import ClassVar
 
 from ..config.allocators import DiskAllocator
+from ..config.env import DYN_KVBM_DISK_CACHE_DIR
 from ..config.protocols import StorageKind
 from ..config.sizes import MAX_BYTES, align_up, format_bytes
 from ..errors import DiskReservationWarning, DiskStorageError, LayoutError, StorageBufferError
@@ -38,7 +39,7 @@ _TIER = StorageKind.DISK.tier.words
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical block size; 4096 covers all.
 ALIGNMENT = 4096
 _BOUNCE = 8 * 2**20
-_DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+_DIR_VAR = DYN_KVBM_DISK_CACHE_DIR
 _NO_O_DIRECT = "set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false)"
 #: Buffer formats (PEP 3118) of plain numbers and bytes: what a file can hold and give back bit for bit.
 _PLAIN = re.compile(r"[@=<>!]?(?:[bBhHiIlLqQnNefdc]|Z[fdg])")

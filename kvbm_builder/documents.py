@@ -1,5 +1,7 @@
-"""Documents on disk: JSON, TOML or YAML chosen by suffix, read strictly (the one place that reads files); and TOML
-out, through tomli-w.
+"""Documents on disk: JSON, TOML or YAML chosen by suffix, read strictly; and TOML out, through tomli-w.
+
+This is the one place that reads configuration files: whatever a file may hold (sizes, nesting, encodings, YAML's
+tags) is judged here, before any document reaches :mod:`kvbm_builder.loading`.
 
 Anything that stops a file from becoming a document (a missing file, a directory, an empty file, bad syntax, a
 duplicate key, an unknown suffix) is a one-line :class:`~kvbm_builder.errors.LoadError` naming the file.
@@ -12,15 +14,11 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any
 
-from ..config.manager import KvBlockManagerConfig
-from ..errors import ConfigError, LoadError, Problem, show
-from ._converter import load
+from .errors import ConfigError, LoadError, Problem, show
 
-__all__ = ["SUFFIXES", "load_file", "read_document", "to_toml"]
-
-C = TypeVar("C")
+__all__ = ["SUFFIXES", "read_document", "to_toml"]
 
 SUFFIXES = {".json": "JSON", ".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
 _YAML_EXTRA = "pip install 'kvbm-builder[yaml]'"
@@ -203,19 +201,6 @@ def _strict_loader() -> Any:
 
 
 _PARSERS = {"JSON": _parse_json, "TOML": _parse_toml, "YAML": _parse_yaml}
-
-
-@overload
-def load_file(path: str | os.PathLike[str]) -> KvBlockManagerConfig: ...
-@overload
-def load_file(path: str | os.PathLike[str], cls: type[C]) -> C: ...
-def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfig) -> Any:
-    """A config from a JSON, TOML or YAML file (by suffix). The environment is not read: see ``from_env``.
-
-    Raises :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
-    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config.
-    """
-    return load(read_document(path), cls)
 
 
 # ---- writing TOML ------------------------------------------------------------------------------------------------
