@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 import itertools
 import logging
@@ -764,18 +765,8 @@ class OffloadManager:
             except Exception as error:
                 self._landed(request, src_tier, to, group, started, None, error)
                 continue
-            future.add_done_callback(self._when_landed(request, src_tier, to, group, started))
+            future.add_done_callback(functools.partial(self._landed, request, src_tier, to, group, started))
         return request.future
-
-    def _when_landed(
-        self,
-        request: _Onboard,
-        src_tier: Tier,
-        dst_tier: Tier,
-        group: list[tuple[int, ImmutableBlock, MutableBlock]],
-        started: float,
-    ) -> Callable[[Future[TransferRecord]], None]:
-        return lambda done: self._landed(request, src_tier, dst_tier, group, started, done)
 
     def _landed(
         self,
