@@ -32,6 +32,7 @@ class Builder(Generic[T]):
     _target: ClassVar[type[Validated]]
     _hooked: ClassVar[bool] = False  # whether the subclass has a build_fn(validate) hook
     _required: ClassVar[tuple[str, ...]] = ()  # the target's fields without a default, in declaration order
+    _required_set: ClassVar[frozenset[str]] = frozenset()
     _fields: ClassVar[frozenset[str]] = frozenset()
     __slots__ = ("_consumed", "_rejected", "_values")
 
@@ -40,6 +41,7 @@ class Builder(Generic[T]):
         cls._hooked = cls._validate is not Builder._validate
         fields = attrs.fields(cast(Any, cls._target))
         cls._required = tuple(f.name for f in fields if f.default is attrs.NOTHING)
+        cls._required_set = frozenset(cls._required)
         cls._fields = frozenset(f.name for f in fields)
 
     def __init__(self) -> None:
@@ -127,9 +129,9 @@ class Builder(Generic[T]):
             problems.extend(Problem((name,), message) for name, message in rejected.items() if message is not None)
             # a refused value is still a choice made: a stand-in takes its place, and nothing is said about it twice
             values = {**values, **dict.fromkeys(rejected, _REFUSED)}
-        missing = [name for name in self._required if name not in values]
         root = target._kvbm_root
-        if missing:
+        if not values.keys() >= self._required_set:  # a set operation, in C: the usual case costs nothing
+            missing = [name for name in self._required if name not in values]
             problems.extend(Problem((name,), "must be initialized") for name in missing)
             # the hook and the class may both see an exclusive choice: say it once
             problems = _merged(problems, target.check_values(values), rejected)

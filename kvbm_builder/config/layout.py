@@ -199,6 +199,8 @@ class KvManagerLayoutConfig(Validated, Generic[S]):
 
     @classmethod
     def _relations(cls, get: Callable[[str], Any], bad: frozenset[str]) -> list[Problem]:
+        if (get("storage") is None) + (get("allocator") is None) + (get("logical") is None) == 2:
+            return []  # the usual case, without building a list: every layout construction runs this
         chosen = [name for name in CHOICES if get(name) is not None]
         if len(chosen) == 1:
             return []
@@ -260,7 +262,10 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
         return self._set("alignment", value)
 
     def _validate(self) -> list[Problem]:
-        chosen = [name for name in CHOICES if self._chosen(name)]
+        values, rejected = self._values, self._rejected
+        if ("storage" in values) + ("allocator" in values) + ("logical" in values) == 1 and not rejected:
+            return []  # the usual case: one choice, and no refused value that might be another
+        chosen = [name for name in CHOICES if name in values or name in rejected]
         if not chosen:
             return [Problem((), "must provide either `storage` or `allocator` or `logical`")]
         if len(chosen) > 1:

@@ -15,7 +15,7 @@ from .env import CPU_CACHE, DISK_CACHE
 from .fields import Rule, Validated, duck, field, instance, optional
 from .layout import KvManagerLayoutConfig
 from .model import KvManagerModelConfig
-from .protocols import EventManager, Tier
+from .protocols import EventManager, StorageKind, Tier
 from .runtime import KvManagerRuntimeConfig
 from .sizes import MAX_BYTES
 
@@ -93,10 +93,11 @@ class KvBlockManagerConfig(Validated):
     def _relations(cls, get: Callable[[str], Any], bad: frozenset[str]) -> list[Problem]:
         problems: list[Problem] = []
         model = None if "model" in bad else get("model")
-        for tier, slot in _SLOTS:
+        per_block = 0 if model is None else model.bytes_per_block
+        for tier, slot, accepts in _SLOTS:
             layout = None if slot in bad else get(slot)
             if layout is not None:
-                found = tier_problems(tier, layout, model)
+                found = tier_problems(tier, layout, model, per_block, accepts)
                 if found:
                     problems.extend(p.under(slot) for p in found)
         consolidator = None if "consolidator_config" in bad else get("consolidator_config")
@@ -115,25 +116,26 @@ class KvBlockManagerConfig(Validated):
         return KvBlockManagerConfigBuilder()
 
 
-_SLOTS = tuple((tier, tier.slot) for tier in Tier)
-# tuples, not Tier.accepts' frozensets: membership by identity skips Enum's Python-level __hash__
-_ACCEPTS = {tier: tuple(tier.accepts) for tier in Tier}
+_SLOTS = tuple((tier, tier.slot, tuple(tier.accepts)) for tier in Tier)
 
 
 def tier_problems(
-    tier: Tier, layout: KvManagerLayoutConfig[Any], model: KvManagerModelConfig | None = None
+    tier: Tier,
+    layout: KvManagerLayoutConfig[Any],
+    model: KvManagerModelConfig | None = None,
+    per_block: int = 0,
+    accepts: tuple[StorageKind, ...] = (),
 ) -> list[Problem]:
     """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout). Given the ``model``,
     also a tier too big for any memory or file: ``num_blocks * model.bytes_per_block`` past 2**63 - 1 bytes
     (a lower bound: the layout's alignment padding, which the layout module adds, can only make it bigger)."""
     problems: list[Problem] = []
-    if model is not None:
-        too_big = span_problem(layout.num_blocks, model)
-        if too_big is not None:
-            problems.append(too_big)
-    accepts = _ACCEPTS[tier]
-    if layout.allocator is not None:
-        kind = layout.allocator.storage_kind
+    if model is not None and layout.num_blocks * (per_block or model.bytes_per_block) > MAX_BYTES:
+        problems.append(span_problem(layout.num_blocks, model))
+    accepts = accepts or tuple(tier.accepts)  # a tuple: membership by identity skips Enum's Python-level __hash__
+    allocator = layout.allocator
+    if allocator is not None:
+        kind = allocator.storage_kind
         if kind not in accepts:
             accepted = " or ".join(sorted(k.value for k in accepts))
             problems.append(
@@ -158,12 +160,10 @@ def tier_problems(
     return problems
 
 
-def span_problem(num_blocks: int, model: KvManagerModelConfig) -> Problem | None:
-    """``num_blocks`` of ``model``'s blocks past :data:`MAX_BYTES`, reported at ``num_blocks``."""
+def span_problem(num_blocks: int, model: KvManagerModelConfig) -> Problem:
+    """The problem of ``num_blocks`` of ``model``'s blocks past :data:`MAX_BYTES`, reported at ``num_blocks``."""
     per_block = model.bytes_per_block
     total = num_blocks * per_block
-    if total <= MAX_BYTES:
-        return None
     return Problem(
         ("num_blocks",),
         f"{num_blocks} blocks of {per_block} bytes need {total} bytes, more than the "

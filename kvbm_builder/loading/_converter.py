@@ -12,13 +12,12 @@ cattrs' exception groups to ``$.path: message`` lines, as a builder chain meanin
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import enum
 import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NewType, TypedDict, TypeVar, cast, overload
+from typing import Any, NamedTuple, NewType, TypedDict, TypeVar, cast, overload
 
 import attrs
 import cattrs
@@ -62,8 +61,7 @@ converter.register_structure_hook(ByteSize, lambda value, _: parse_size(value))
 # ---- tables: cattrs reads each key and collects what fails; the builder judges the rest --------------------------
 
 
-@attrs.frozen
-class Table:
+class Table(NamedTuple):
     """What cattrs made of one table: the values it read, what failed (cattrs' exceptions, with notes) and the
     keys of the values that failed, which the builder counts as set but says nothing more about."""
 
@@ -74,31 +72,42 @@ class Table:
 
 @attrs.frozen
 class View:
-    """The keys a document may give for one class (or one tier), as a TypedDict cattrs structures."""
+    """The keys a document may give for one class (or one tier). cattrs structures the tables inside it (a TypedDict
+    of them); the other values go to the builder as they are, and the field's own rule judges them."""
 
     target: type
     keys: dict[str, Any]  # key -> the type its value is structured as
     runtime_only: tuple[str, ...]
     typed: Any = attrs.field(init=False)
     read: Callable[[Mapping[str, Any], Any], dict[str, Any]] = attrs.field(init=False)
+    allowed: frozenset[str] = attrs.field(init=False)
+    nested: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        typed = cast(Any, TypedDict)(f"{self.target.__name__}Document", self.keys, total=False)
+        nested = {key: t for key, t in self.keys.items() if t is not Raw}
+        typed = cast(Any, TypedDict)(f"{self.target.__name__}Document", nested, total=False)
         object.__setattr__(self, "typed", typed)
-        object.__setattr__(self, "read", make_dict_structure_fn(typed, converter))
+        object.__setattr__(self, "read", make_dict_structure_fn(typed, converter, _cattrs_forbid_extra_keys=False))
+        object.__setattr__(self, "allowed", frozenset(self.keys))
+        object.__setattr__(self, "nested", bool(nested))
         _VIEWS[typed] = self
 
     def table(self, value: object) -> Table:
         if type(value) is not dict and not isinstance(value, Mapping):
             raise document_error(f"must be a table of keys and values, got {show(value)}")
-        document = dict(value)
-        try:
-            return Table(self.read(document, self.typed), [], _NO_KEYS)
+        document = value if type(value) is dict else dict(value)  # cattrs copies it: the caller's stays as it is
+        unknown = document.keys() - self.allowed
+        errors: list[Exception] = [ForbiddenExtraKeysError("", self.typed, unknown)] if unknown else []
+        failed: frozenset[str] = _NO_KEYS
+        try:  # a table of values only (a model, an allocator) has nothing for cattrs to structure
+            values = self.read(document, self.typed) if self.nested else dict(document)
         except ClassValidationError as group:
-            with_notes, _ = group.group_exceptions()
-            failed = {note.name for _, note in with_notes}
-            readable = {k: v for k, v in document.items() if k in self.keys and k not in failed}
-            return Table(self.read(readable, self.typed), list(group.exceptions), frozenset(failed))
+            failed = frozenset(note.name for _, note in group.group_exceptions()[0])
+            values = self.read({k: v for k, v in document.items() if k not in failed}, self.typed)
+            errors[:0] = group.exceptions
+        for key in unknown:
+            del values[key]
+        return Table(values, errors, failed)
 
     def unknown(self, key: object) -> Problem:
         """The problem with a key the table does not take: how to set a runtime object, or a did-you-mean."""
@@ -140,20 +149,25 @@ def _note_name(exc: BaseException) -> str | None:
 
 
 @functools.cache
-def _required(target: type) -> tuple[str, ...]:
-    return tuple(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
+def _required(target: type) -> frozenset[str]:
+    return frozenset(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
+
+
+_CHOICES = frozenset(CHOICES)
 
 
 def _built(target: type, table: Table, values: Mapping[str, Any], problems: Sequence[Problem] = ()) -> Any:
     """The config from ``values`` through its builder (a class without one: its constructor), then every problem of
     the table at once, as one exception group."""
-    errors = [*table.errors, *([ConfigError(problems)] if problems else [])]
     # the usual case: everything was read, nothing is missing, the builder would add nothing (for a layout: when
     # exactly one memory choice was made); on a problem, the builder says it as for a chain of setters
-    direct = all(name in values for name in _required(target)) and not errors and not table.failed
-    if direct and (target is not KvManagerLayoutConfig or sum(name in values for name in CHOICES) == 1):
-        with contextlib.suppress(ConfigError):
+    complete = not (table.errors or problems or table.failed) and values.keys() >= _required(target)
+    if complete and (target is not KvManagerLayoutConfig or len(values.keys() & _CHOICES) == 1):
+        try:  # (try, not contextlib.suppress: this runs for every table of every load)
             return target(**values)
+        except ConfigError:
+            pass
+    errors = [*table.errors, *([ConfigError(problems)] if problems else [])]
     built = None
     try:
         if hasattr(target, "builder"):
@@ -193,10 +207,14 @@ _ALLOCATOR_VIEWS = {cls: _view(cls) for cls in BUILTIN_ALLOCATORS}
 CLASS_VIEWS: dict[type, View] = dict(_ALLOCATOR_VIEWS)
 
 
+_VIEW_OF_KIND = {kind.value: _ALLOCATOR_VIEWS[cls] for kind, cls in ALLOCATOR_OF_KIND.items()}
+
+
 def _kind_of(value: object) -> StorageKind | None:
-    with contextlib.suppress(ConfigError):
+    try:
         return StorageKind.parse(value)
-    return None
+    except ConfigError:
+        return None
 
 
 def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
@@ -204,16 +222,22 @@ def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
     accepted = [kind.value for kind in StorageKind if tier is None or kind in tier.accepts]
 
     def hook(value: object, _: object) -> Any:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):
             example = f"{{kind = '{tier.default_kind.value if tier else 'pinned'}'}}"
             raise document_error(f"must be an allocator table such as {example}, got {show(value)}")
-        if "kind" not in value and tier is None:
+        rest = dict(value)
+        given = rest.pop("kind", None if tier is None else tier.default_kind.value)
+        if given is None:
             raise document_error(f"must be given: {', '.join(accepted)}", "kind")
         # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator` as for a builder
-        kind = _kind_of(value["kind"]) if "kind" in value else cast(Tier, tier).default_kind
-        if kind is None:
-            raise document_error(f"must be {' or '.join(accepted)}, got {show(value['kind'])}", "kind")
-        return _load(_ALLOCATOR_VIEWS[ALLOCATOR_OF_KIND[kind]], {k: v for k, v in value.items() if k != "kind"})
+        view = _VIEW_OF_KIND.get(given) if type(given) is str else None  # the usual spelling, without parsing it
+        if view is None:
+            kind = _kind_of(given)
+            if kind is None:
+                raise document_error(f"must be {' or '.join(accepted)}, got {show(given)}", "kind")
+            view = _VIEW_OF_KIND[kind.value]
+        table = view.table(rest)
+        return _built(view.target, table, table.values)
 
     return hook
 
@@ -231,7 +255,7 @@ def _own_allocator_hook(cls: type) -> Callable[[object, object], Any]:
             return _load(view, rest)
         wrong = document_error(f"must be '{own.value}' for a {cls.__name__}, or left out; got {show(value['kind'])}")
         table = view.table(rest)
-        return _built(cls, attrs.evolve(table, errors=[_noted(wrong, "kind"), *table.errors]), table.values)
+        return _built(cls, table._replace(errors=[_noted(wrong, "kind"), *table.errors]), table.values)
 
     return hook
 
@@ -324,14 +348,16 @@ def tier_from_table(
                 values["num_blocks"] = counted
                 failed.discard("num_blocks")
     if failed != table.failed:
-        table = attrs.evolve(table, failed=frozenset(failed))
-    return cast(KvManagerLayoutConfig[Any], _built(KvManagerLayoutConfig, table, values, problems))
+        table = table._replace(failed=frozenset(failed))
+    layout: KvManagerLayoutConfig[Any] = _built(KvManagerLayoutConfig, table, values, problems)
+    return layout
 
 
 def _parsed_layout(value: object) -> object:
-    with contextlib.suppress(ConfigError):
+    try:
         return LayoutType.parse(value)
-    return value
+    except ConfigError:
+        return value
 
 
 TierTable = {tier: NewType(f"{tier.name}Table", object) for tier in Tier}
@@ -364,23 +390,28 @@ MANAGER_VIEW = _view(
 )
 
 
+_SLOTS = tuple((tier, tier.slot) for tier in Tier)
+_ORDER = {key: i for i, key in enumerate(MANAGER_VIEW.keys)}
+
+
 def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     table = MANAGER_VIEW.table(value)
     values, errors, failed = dict(table.values), list(table.errors), set(table.failed)
     model = values.get("model")
     seen: dict[Any, Any] = {}
-    for tier in Tier:
-        tier_table = values.get(tier.slot)
+    for tier, slot in _SLOTS:
+        tier_table = values.get(slot)
         if isinstance(tier_table, Table):
             try:
-                values[tier.slot] = tier_from_table(tier_table, model, tier, seen)
+                values[slot] = tier_from_table(tier_table, model, tier, seen)
             except ClassValidationError as group:
-                errors.append(_noted(group, tier.slot))
-                del values[tier.slot]
-                failed.add(tier.slot)
-    order = {key: i for i, key in enumerate(MANAGER_VIEW.keys)}
-    errors.sort(key=lambda exc: order.get(_note_name(exc) or "", len(order)))  # the document's tables in their order
-    return cast(KvBlockManagerConfig, _built(KvBlockManagerConfig, Table(values, errors, frozenset(failed)), values))
+                errors.append(_noted(group, slot))
+                del values[slot]
+                failed.add(slot)
+    if errors:  # the document's tables in their order
+        errors.sort(key=lambda exc: _ORDER.get(_note_name(exc) or "", len(_ORDER)))
+    config: KvBlockManagerConfig = _built(KvBlockManagerConfig, Table(values, errors, frozenset(failed)), values)
+    return config
 
 
 def _standalone_tier_hook(value: object, _: object) -> KvManagerLayoutConfig[Any]:
