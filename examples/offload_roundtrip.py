@@ -145,6 +145,78 @@ def disk_ceiling(nbytes: int, directory: str) -> tuple[float, float]:
         buffer.close()
 
 
+class RoundTripError(Exception):
+    """The blocks did not come back as they were written."""
+
+
+def round_trip(
+    manager: KvBlockManager, count: int, gpu: bool, after: Callable[[str], object] = lambda step: None
+) -> list[tuple[str, float]]:
+    """Fill ``count`` blocks of the top tier with known data, offload them down, evict everything above the disk,
+    onboard them back and compare every byte; ``after(step)`` is called after each step (``fill``, ``offload``,
+    ``evict``, ``onboard``, ``verify``). Returns (move, seconds) rows; raises RoundTripError on a mismatch."""
+    top = Tier.G1 if gpu else Tier.G2
+    if gpu:
+        import cupy as xp
+    else:
+        xp = np
+    rows: list[tuple[str, float]] = []
+    spans = Spans()
+    manager.add_listener(spans)
+    # 1. known data in the top tier, registered under the hashes of a token sequence
+    rng = np.random.default_rng(2026)
+    expected = [rng.integers(0, 2**16, (MODEL.num_layers, 2, 32, 1024), dtype=np.uint16) for _ in range(count)]
+    slots = manager.allocate(top, count)
+    for slot, data in zip(slots, expected, strict=True):
+        arrays = block_arrays(manager, top, slot.block_id)
+        if len(arrays) == 1:
+            arrays[0][...] = xp.asarray(data)
+        else:
+            for layer, array in enumerate(arrays):
+                array[...] = xp.asarray(data[layer])
+    tokens = list(range(count * MODEL.page_size))
+    held = manager.register(slots, tokens=tokens)
+    after("fill")
+
+    # 2. offload down the tiers (on a GPU machine the host copies go on to the disk by themselves)
+    target = Tier.G2 if gpu else Tier.G3
+    rows.append((f"offload {top.name} -> {target.name}", timed(lambda: manager.offload_sync(held))))
+    manager.wait_idle()
+    if gpu:
+        rows.append(("offload G2 -> G3", spans.seconds("G2 -> G3")))  # from its first write: it overlaps
+    for block in held:
+        block.release()
+    after("offload")
+
+    # 3. evict everything above the disk
+    for tier in (Tier.G1, Tier.G2) if gpu else (Tier.G2,):
+        manager.pool(tier).reset_inactive()
+    after("evict")
+    back: list[Any] = []
+    with manager.match(tokens) as found:
+        if len(found.disk) != count:
+            raise RoundTripError(f"expected all {count} blocks on disk only, found {found}")
+        # 4. onboard back up
+        rows.append(("onboard G3 -> G2", timed(lambda: back.extend(manager.onboard_sync(found.disk, to="G2")))))
+    if gpu:
+        host_blocks = list(back)
+        back.clear()
+        rows.append(("onboard G2 -> G1", timed(lambda: back.extend(manager.onboard_sync(host_blocks)))))
+        for block in host_blocks:
+            block.release()
+    after("onboard")
+
+    # 5. every byte, block by block
+    for block, data in zip(back, expected, strict=True):
+        arrays = block_arrays(manager, top, block.block_id)
+        got = host_copy(arrays[0]) if len(arrays) == 1 else np.stack([host_copy(a) for a in arrays])
+        if not np.array_equal(got, data):
+            raise RoundTripError(f"MISMATCH in block {block.sequence_hash:#x} (G{top.name[1]} slot {block.block_id})")
+        block.release()
+    after("verify")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=None, help="blocks to move (default 64 with a GPU, 32 without)")
@@ -155,68 +227,13 @@ def main() -> int:
         print(f"no GPU ({cuda_unavailable_reason()}): host (system memory) <-> disk only")
     count = args.blocks or (64 if gpu else 32)
     nbytes = count * BLOCK_BYTES
-    top = Tier.G1 if gpu else Tier.G2
-    if gpu:
-        import cupy as xp
-    else:
-        xp = np
-    rows: list[tuple[str, float]] = []  # (what, seconds)
-    spans = Spans()
 
     try:
         with build(count, args.disk_dir, gpu) as manager:
-            manager.add_listener(spans)
-            # 1. known data in the top tier, registered under the hashes of a token sequence
-            rng = np.random.default_rng(2026)
-            expected = [rng.integers(0, 2**16, (MODEL.num_layers, 2, 32, 1024), dtype=np.uint16) for _ in range(count)]
-            slots = manager.allocate(top, count)
-            for slot, data in zip(slots, expected, strict=True):
-                arrays = block_arrays(manager, top, slot.block_id)
-                if len(arrays) == 1:
-                    arrays[0][...] = xp.asarray(data)
-                else:
-                    for layer, array in enumerate(arrays):
-                        array[...] = xp.asarray(data[layer])
-            tokens = list(range(count * MODEL.page_size))
-            held = manager.register(slots, tokens=tokens)
-
-            # 2. offload down the tiers (on a GPU machine the host copies go on to the disk by themselves)
-            target = Tier.G2 if gpu else Tier.G3
-            rows.append((f"offload {top.name} -> {target.name}", timed(lambda: manager.offload_sync(held))))
-            manager.wait_idle()
-            if gpu:
-                rows.append(("offload G2 -> G3", spans.seconds("G2 -> G3")))  # from its first write: it overlaps
-            for block in held:
-                block.release()
-
-            # 3. evict everything above the disk
-            for tier in (Tier.G1, Tier.G2) if gpu else (Tier.G2,):
-                manager.pool(tier).reset_inactive()
-            back: list[Any] = []
-            with manager.match(tokens) as found:
-                if len(found.disk) != count:
-                    print(f"expected all {count} blocks on disk only, found {found}")
-                    return 1
-                # 4. onboard back up
-                rows.append(("onboard G3 -> G2", timed(lambda: back.extend(manager.onboard_sync(found.disk, to="G2")))))
-            if gpu:
-                host_blocks = list(back)
-                back.clear()
-                rows.append(("onboard G2 -> G1", timed(lambda: back.extend(manager.onboard_sync(host_blocks)))))
-                for block in host_blocks:
-                    block.release()
-
-            # 5. every byte, block by block
-            for block, data in zip(back, expected, strict=True):
-                arrays = block_arrays(manager, top, block.block_id)
-                got = host_copy(arrays[0]) if len(arrays) == 1 else np.stack([host_copy(a) for a in arrays])
-                if not np.array_equal(got, data):
-                    print(f"MISMATCH in block {block.sequence_hash:#x} (G{top.name[1]} slot {block.block_id})")
-                    return 1
-                block.release()
+            rows = round_trip(manager, count, gpu)
             print(f"verified {count} blocks ({nbytes / 2**20:.0f} MiB) byte for byte after the round trip")
             stats = manager.stats()
-    except KvbmError as err:
+    except (KvbmError, RoundTripError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -15,17 +15,29 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .config.env import DYN_KVBM_METRICS
 from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
 from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import CancellationToken
-from .errors import AllocationError, ConfigError, KvbmError, LayoutError, Problem, ReleaseError, UnknownTierError
+from .errors import (
+    AllocationError,
+    ConfigError,
+    KvbmError,
+    LayoutError,
+    MetricsError,
+    MetricsRegistryError,
+    Problem,
+    ReleaseError,
+    UnknownTierError,
+)
 from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError, allocate
 
 if TYPE_CHECKING:
     from .blocks import BlockPool, ImmutableBlock, MutableBlock, TokenBlock
     from .config.settings import KvbmSettings
+    from .metrics import KvbmMetrics, MetricsServer, NullKvbmMetrics
     from .nixl import NixlRegistry
     from .offload import BlockFuture, KvbmStats, Listener, OffloadManager, OffloadResult, PrefixMatch
 
@@ -224,6 +236,10 @@ class KvBlockManager:
     If the bring-up fails, everything made so far is released before the error is raised; what could not be
     released (memory NIXL would not deregister, a file that could not be removed) is kept, and the error's
     ``release_error`` (a :class:`ReleaseError`) names it: ``release_error.manager.close()`` retries.
+
+    What moves, is skipped and is found is counted in :attr:`metrics` (the config's ``kvbm_metrics``, or KvbmMetrics
+    of the manager's own on ``runtime.metrics_registry``), served on ``/metrics`` when ``settings.metrics``
+    (``DYN_KVBM_METRICS``) is true or :meth:`serve_metrics` is called; the endpoint closes with the manager.
     """
 
     def __init__(self, config: KvBlockManagerConfig, *, settings: KvbmSettings | None = None) -> None:
@@ -246,6 +262,10 @@ class KvBlockManager:
         self._tiers: dict[Tier, TierStorage] = {}
         self._owned: list[Storage] = []
         self._nixl: NixlRegistry | None = None
+        self._metrics: KvbmMetrics | NullKvbmMetrics | None = None
+        self._owns_metrics = False  # made here (on runtime.metrics_registry), so closed here
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_released = False
         self._closed = False
         try:
             self._bring_up()
@@ -267,6 +287,16 @@ class KvBlockManager:
 
     def _bring_up(self) -> None:
         config = self.config
+        self._metrics = self._take_metrics()  # first: a registry or port already taken fails before any allocation
+        if self.settings.metrics:
+            if self._metrics.enabled:
+                self.serve_metrics()
+            else:
+                log.warning(
+                    "%s asks for /metrics, but the config's kvbm_metrics is NullKvbmMetrics (metrics switched off): "
+                    "nothing is served",
+                    DYN_KVBM_METRICS,
+                )
         tiers = config.tiers()
         if config.runtime.nixl.enabled:
             from .nixl import NixlRegistry
@@ -297,11 +327,44 @@ class KvBlockManager:
             self._tiers[tier] = TierStorage(tier, layout_config, layout, owned, elapsed)
             log.info("%s: %d blocks, %d bytes in %.3f s", tier.words, spec.num_blocks, spec.total_bytes, elapsed)
         self._blocks = self._offload_manager()
-        metrics = config.kvbm_metrics
-        if metrics is not None:  # the config's KvbmMetrics counts what this manager moves, skips and finds
-            self._blocks.report_to(metrics)
-            for tier, t in self._tiers.items():
-                metrics.set_allocated_bytes(tier, t.nbytes)
+        self._blocks.report_to(self._metrics)
+        for tier, t in self._tiers.items():
+            self._metrics.set_allocated_bytes(tier, t.nbytes)
+
+    def _take_metrics(self) -> KvbmMetrics | NullKvbmMetrics:
+        """The config's ``kvbm_metrics``, or KvbmMetrics of this manager's own on ``runtime.metrics_registry``."""
+        from .metrics import KvbmMetrics
+
+        given = self.config.kvbm_metrics
+        if given is not None:
+            if given.closed:
+                raise MetricsError(
+                    "kvbm_metrics: these KvbmMetrics were closed (their names are off their registry); give the "
+                    "config new ones, or leave kvbm_metrics unset for the manager to make its own"
+                )
+            if given.block_counts_source is not None:
+                raise MetricsError(
+                    "kvbm_metrics: these KvbmMetrics already count the blocks of another KvBlockManager that is "
+                    "open (one set of metrics per manager); close that manager first, or give this one its own "
+                    "KvbmMetrics (or leave kvbm_metrics unset)"
+                )
+            return given
+        try:
+            made = KvbmMetrics(
+                self.config.runtime.metrics_registry,
+                cache_stats_max_requests=self.settings.cache_stats_max_requests,
+            )
+        except MetricsRegistryError as err:
+            held = sorted(getattr(err.__cause__, "duplicates", None) or ["kvbm_*"])
+            raise MetricsRegistryError(
+                f"runtime.metrics_registry already holds KVBM's metrics ({', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}): another KvBlockManager "
+                "made from a config with this runtime config (or registry) is open, or something else registered "
+                "these names. Give each manager its own KvManagerRuntimeConfig (each makes a fresh registry), close "
+                "the other manager first, or set the config's kvbm_metrics (NullKvbmMetrics() counts nothing)"
+            ) from err
+        self._owns_metrics = True
+        return made
 
     def _offload_manager(self) -> OffloadManager:
         """Block pools for the tiers with local memory, and what moves blocks between them."""
@@ -407,6 +470,63 @@ class KvBlockManager:
     def metrics_registry(self) -> Any:
         return self.config.runtime.metrics_registry
 
+    # -- metrics --------------------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> KvbmMetrics | NullKvbmMetrics:
+        """What counts this manager's transfers, skips and lookups: the config's ``kvbm_metrics``, or KvbmMetrics
+        the manager made on ``runtime.metrics_registry`` (closed, and so taken off the registry, by :meth:`close`)."""
+        if self._metrics is None:
+            raise KvbmError("this KvBlockManager did not come up; it has no metrics")
+        return self._metrics
+
+    @property
+    def metrics_server(self) -> MetricsServer | None:
+        """The endpoint serving this manager's metrics (``DYN_KVBM_METRICS``, or :meth:`serve_metrics`), if any."""
+        return self._metrics_server
+
+    def serve_metrics(self, port: int | None = None, host: str = "127.0.0.1") -> MetricsServer:
+        """Serve this manager's metrics on ``http://host:port/metrics`` until :meth:`close` closes the endpoint.
+
+        ``port``: ``settings.metrics_port`` (``DYN_KVBM_METRICS_PORT``, 6880) when left out; 0 lets the OS pick one
+        (``server.url`` says which). Bound to 127.0.0.1 unless ``host`` names another address of this machine.
+        With ``DYN_KVBM_METRICS`` true (``settings.metrics``) the bring-up calls it; one endpoint per manager.
+        A port in use is a :class:`~kvbm_builder.errors.MetricsServerError` naming ``DYN_KVBM_METRICS_PORT``.
+        """
+        from .metrics import KvbmMetrics
+
+        metrics = self.metrics
+        if self._metrics_released:
+            raise MetricsError("this KvBlockManager is closed: its metrics are no longer served")
+        if not isinstance(metrics, KvbmMetrics):
+            raise MetricsError(
+                "this KvBlockManager counts nothing (its config's kvbm_metrics is NullKvbmMetrics), so there is "
+                "nothing to serve; leave kvbm_metrics unset, or give the config a KvbmMetrics"
+            )
+        if self._metrics_server is not None:
+            raise MetricsError(
+                f"this KvBlockManager already serves its metrics at {self._metrics_server.url} (one endpoint per "
+                "manager); scrape that one"
+            )
+        self._metrics_server = metrics.serve(self.settings.metrics_port if port is None else port, host)
+        return self._metrics_server
+
+    def _release_metrics(self) -> None:
+        """Stop the endpoint, report no bytes allocated, and close the metrics if this manager made them. Once."""
+        metrics = self._metrics
+        if metrics is None or self._metrics_released:
+            return
+        self._metrics_released = True
+        server, self._metrics_server = self._metrics_server, None
+        try:
+            if server is not None:
+                server.close()
+            for tier in self._tiers:
+                metrics.set_allocated_bytes(tier, 0)
+        finally:
+            if self._owns_metrics:
+                metrics.close()
+
     def memory_region(self, tier: Tier | str, block: int, layer: int, outer: int) -> MemoryRegion:
         return self.tier(tier).memory_region(block, layer, outer)
 
@@ -417,7 +537,8 @@ class KvBlockManager:
         return self._closed
 
     def close(self) -> None:
-        """Deregister from NIXL, then free memory and remove files, newest first. Idempotent.
+        """Stop moving blocks, close the metrics endpoint, deregister from NIXL, then free memory and remove files,
+        newest first. Idempotent.
 
         Memory that a view still uses is left to the views and released with the last of them. What cannot be
         released stays allocated and the manager stays open: memory NIXL could not deregister (never freed under a
@@ -431,11 +552,12 @@ class KvBlockManager:
         if self._blocks is not None and not self._blocks.closed:
             try:  # no transfer may touch the memory once it is released
                 self._blocks.close()
-                if self.config.kvbm_metrics is not None:
-                    for released in self._tiers:
-                        self.config.kvbm_metrics.set_allocated_bytes(released, 0)
             except Exception as err:
                 errors.append(err)
+        try:  # the endpoint closes with the manager, even when some memory below cannot be released yet
+            self._release_metrics()
+        except Exception as err:
+            errors.append(err)
         registry = self._nixl
         if registry is not None and not registry.closed:
             try:

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 import itertools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -41,6 +43,10 @@ from .config.runtime import CancellationToken
 from .errors import OffloadError, PoolExhaustedError
 from .layout import Layout
 from .transfer import TransferEngine, TransferError, TransferRecord
+
+if TYPE_CHECKING:
+    from .metrics import KvbmMetrics, NullKvbmMetrics
+    from .metrics import SkipReason as MetricsSkipReason
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,11 @@ class SkipReason(enum.Enum):
     TARGET_FULL = "target_full"  # every block of the target tier is in use
 
 
-_METRICS_REASONS = {"target_full": "tier_full", "filtered": "filter"}  # the metrics' names for the skips they count
+# the skips the metrics count, by the metrics' names (present and in-flight blocks need no copy: nothing was lost)
+_METRICS_REASONS: dict[SkipReason, MetricsSkipReason] = {
+    SkipReason.TARGET_FULL: "tier_full",
+    SkipReason.FILTERED: "filter",
+}
 
 
 @attrs.frozen
@@ -268,7 +278,7 @@ class OffloadManager:
         self._pumping = False
         self._closed = False
         self._listeners: list[Listener] = []
-        self._reporting: list[Any] = []  # metrics fed by report_to()
+        self._reporting: list[KvbmMetrics | NullKvbmMetrics] = []  # metrics fed by report_to()
         self._skipped: Counter[tuple[Tier, Tier, SkipReason]] = Counter()
         self._moved_blocks: Counter[tuple[Tier, Tier]] = Counter()
         self._moved_bytes: Counter[tuple[Tier, Tier]] = Counter()
@@ -276,7 +286,6 @@ class OffloadManager:
         self._lookups = 0
         self._requested_tokens = 0
         self._matched_tokens: Counter[Tier] = Counter()
-        engine.add_listener(self._forward_record)
 
     @classmethod
     def for_tiers(
@@ -377,11 +386,11 @@ class OffloadManager:
         with self._lock:
             self._listeners.append(listener)
 
-    def report_to(self, metrics: Any) -> None:
-        """Feed a ``kvbm_builder.metrics.KvbmMetrics`` (or anything with its recording methods): completed and
-        failed transfers, offloads skipped because the target was full (``tier_full``) or filtered (``filter``),
-        lookups (as upstream counts them: host and disk hits among the tokens the device tier did not hold), and
-        the blocks of each tier by state at each scrape. Until :meth:`close`."""
+    def report_to(self, metrics: KvbmMetrics | NullKvbmMetrics) -> None:
+        """Feed ``metrics`` until :meth:`close`: each transfer when it completes (moved, or failed: never both),
+        offloads skipped because the target tier was full (``tier_full``) or its filter said no (``filter``), each
+        lookup (requested tokens and the tokens each tier matched), and the blocks of each tier by state, read from
+        the pools at each scrape. What listeners see is what is counted, before any waiter is woken."""
 
         def record(event: Event) -> None:
             if isinstance(event, TransferRecord):
@@ -389,24 +398,27 @@ class OffloadManager:
                     event.src_tier, event.dst_tier, event.num_blocks, event.nbytes, event.seconds, event.ok
                 )
             elif isinstance(event, OffloadSkipped):
-                reason = _METRICS_REASONS.get(event.reason.value)
+                reason = _METRICS_REASONS.get(event.reason)
                 if reason is not None:
                     metrics.record_skipped(event.dst_tier, reason)
-            else:  # upstream's meaning: host and disk hits among the tokens the device tier did not hold
-                on_device = event.matched_tokens.get(Tier.G1, 0)
-                lower = {t: n for t, n in event.matched_tokens.items() if t is not Tier.G1}
-                metrics.record_lookup(event.requested_tokens - on_device, lower)
+            else:
+                metrics.record_lookup(event.requested_tokens, event.matched_tokens)
 
-        def block_counts() -> dict[Tier, tuple[int, int, int]]:
-            counts = {tier: pool.counts() for tier, pool in self._pools.items() if not pool.closed}
-            return {tier: (c.free, c.active, c.inactive) for tier, c in counts.items()}
+        from .metrics import TierBlocks
+
+        def block_counts() -> dict[Tier, TierBlocks]:
+            return {tier: TierBlocks(c.free, c.active, c.inactive) for tier, c in self.block_counts().items()}
 
         self.add_listener(record)
         metrics.set_block_counts_source(block_counts)
         self._reporting.append(metrics)
 
+    def block_counts(self) -> dict[Tier, PoolCounts]:
+        """Each open pool's blocks by state (free, active, inactive); thread-safe, for scrapes."""
+        return {tier: pool.counts() for tier, pool in self._pools.items() if not pool.closed}
+
     def stats(self) -> KvbmStats:
-        blocks = {tier: pool.counts() for tier, pool in self._pools.items() if not pool.closed}
+        blocks = self.block_counts()
         with self._lock:
             return KvbmStats(
                 blocks=blocks,
@@ -594,6 +606,7 @@ class OffloadManager:
 
     def _submit(self, batch: list[_Item]) -> None:
         src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
+        started = time.perf_counter()
         try:
             future = self._engine.submit(
                 self._layouts[src_tier],
@@ -602,13 +615,14 @@ class OffloadManager:
                 [item.dst.block_id for item in batch],
             )
         except Exception as error:  # refused (closed, cancelled, bad memory): fail these blocks, keep pumping
-            self._finish(batch, None, error, pump=False)
+            self._finish(batch, started, None, error, pump=False)
             return
-        future.add_done_callback(lambda done: self._finish(batch, done))
+        future.add_done_callback(lambda done: self._finish(batch, started, done))
 
     def _finish(
         self,
         batch: list[_Item],
+        started: float,
         future: Future[TransferRecord] | None,
         error: BaseException | None = None,
         *,
@@ -617,7 +631,7 @@ class OffloadManager:
         """A transfer of queued blocks ended: register the targets (or free them), release the sources, settle."""
         src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
         record, registered, error = self._register_landed(
-            src_tier, dst_tier, [item.src for item in batch], [item.dst for item in batch], future, error
+            src_tier, dst_tier, [item.src for item in batch], [item.dst for item in batch], started, future, error
         )
         self._drop(batch, sources_only=error is None)
         next_tier = self._targets.get(dst_tier)
@@ -631,9 +645,10 @@ class OffloadManager:
                 )
         for block in registered:
             block.release()
+        self._tell(record)  # before anyone waiting on this transfer (or on wait_idle) is woken
         settled: list[tuple[_Offload, list[BaseException]]] = []
         with self._lock:
-            self._count_transfer(src_tier, dst_tier, record, error)
+            self._count_transfer(record)
             for item in batch:
                 self._moving.discard((dst_tier, item.sequence_hash))
                 request = item.request
@@ -739,6 +754,7 @@ class OffloadManager:
             self._callbacks_pending += len(groups)
         for src_tier, members in sorted(groups.items(), key=lambda g: _LEVEL[g[0]]):
             group = [(need[j], sources[j], slots[j]) for j in members]
+            started = time.perf_counter()
             try:
                 future = self._engine.submit(
                     self._layouts[src_tier],
@@ -747,15 +763,10 @@ class OffloadManager:
                     [slot.block_id for _, _, slot in group],
                 )
             except Exception as error:
-                self._landed(request, src_tier, to, group, None, error)
+                self._landed(request, src_tier, to, group, started, None, error)
                 continue
-            future.add_done_callback(self._when_landed(request, src_tier, to, group))
+            future.add_done_callback(functools.partial(self._landed, request, src_tier, to, group, started))
         return request.future
-
-    def _when_landed(
-        self, request: _Onboard, src_tier: Tier, dst_tier: Tier, group: list[tuple[int, ImmutableBlock, MutableBlock]]
-    ) -> Callable[[Future[TransferRecord]], None]:
-        return lambda done: self._landed(request, src_tier, dst_tier, group, done)
 
     def _landed(
         self,
@@ -763,11 +774,18 @@ class OffloadManager:
         src_tier: Tier,
         dst_tier: Tier,
         group: list[tuple[int, ImmutableBlock, MutableBlock]],
+        started: float,
         future: Future[TransferRecord] | None,
         error: BaseException | None = None,
     ) -> None:
         record, registered, error = self._register_landed(
-            src_tier, dst_tier, [source for _, source, _ in group], [slot for _, _, slot in group], future, error
+            src_tier,
+            dst_tier,
+            [source for _, source, _ in group],
+            [slot for _, _, slot in group],
+            started,
+            future,
+            error,
         )
         if registered:
             for (k, _, _), block in zip(group, registered, strict=True):
@@ -776,8 +794,9 @@ class OffloadManager:
             if not slot.released:
                 slot.release()
             source.release()
+        self._tell(record)  # before the waiter is woken
         with self._lock:
-            self._count_transfer(src_tier, dst_tier, record, error)
+            self._count_transfer(record)
             if error is not None:
                 request.errors.append(error)
             request.outstanding -= 1
@@ -802,10 +821,15 @@ class OffloadManager:
         dst_tier: Tier,
         sources: list[ImmutableBlock],
         targets: list[MutableBlock],
+        started: float,
         future: Future[TransferRecord] | None,
         error: BaseException | None,
-    ) -> tuple[TransferRecord | None, list[ImmutableBlock], BaseException | None]:
-        """Register the targets of a finished copy under their sources' hashes, unless it (or that) failed."""
+    ) -> tuple[TransferRecord, list[ImmutableBlock], BaseException | None]:
+        """Register the targets of a finished copy under their sources' hashes, unless it (or that) failed.
+
+        The record says what became of the copy: the engine's when it landed and was registered; with the error
+        when the copy failed, was refused, or landed but could not be registered (then nothing counts as moved).
+        """
         record: TransferRecord | None = None
         registered: list[ImmutableBlock] = []
         try:
@@ -816,17 +840,30 @@ class OffloadManager:
                 registered = self._pools[dst_tier].register(targets, [source.token_block for source in sources])
         except BaseException as cause:  # e.g. the pool closed under the copy: never a block left half-registered
             error = _unregistered(cause, src_tier, dst_tier, len(targets)) if error is None else error
+        if record is None:  # failed or refused: what it was to move, and how long until it failed
+            src, dst = self._layouts[src_tier], self._layouts[dst_tier]
+            record = TransferRecord(
+                src_tier=src_tier,
+                dst_tier=dst_tier,
+                src_kind=src.storages[0].kind,
+                dst_kind=dst.storages[0].kind,
+                num_blocks=len(targets),
+                nbytes=len(targets) * src.spec.num_layers * src.spec.outer_dim * src.spec.region_bytes,
+                seconds=time.perf_counter() - started,
+                error=error,
+            )
+        elif error is not None:
+            record = attrs.evolve(record, error=error)
         return record, registered, error
 
-    def _count_transfer(
-        self, src_tier: Tier, dst_tier: Tier, record: TransferRecord | None, error: BaseException | None
-    ) -> None:
+    def _count_transfer(self, record: TransferRecord) -> None:
         """(With the lock held.) Count a copy on completion: moved when it succeeded, failed otherwise."""
-        if error is not None:
-            self._failed[(src_tier, dst_tier)] += 1
-        elif record is not None:
-            self._moved_blocks[(src_tier, dst_tier)] += record.num_blocks
-            self._moved_bytes[(src_tier, dst_tier)] += record.nbytes
+        path = (record.src_tier, record.dst_tier)
+        if record.ok:
+            self._moved_blocks[path] += record.num_blocks
+            self._moved_bytes[path] += record.nbytes
+        else:
+            self._failed[path] += 1
 
     # -- lifetime -------------------------------------------------------------------------------------------
 
@@ -893,9 +930,6 @@ class OffloadManager:
             dst_blocks=[],
             step=step,
         )
-
-    def _forward_record(self, record: TransferRecord) -> None:
-        self._tell(record)
 
     def _tell(self, event: Event) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from kvbm_builder.config import (
     SystemAllocator,
     Tier,
 )
+from kvbm_builder.metrics import NullKvbmMetrics
 
 RUNTIME = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
 SHARDED = BlockParallelismStrategy.LeaderWorkerSharded
@@ -72,7 +73,7 @@ def test_a_full_hierarchy() -> None:
     disk = layout(DiskAllocator(directory="/var/cache/kv"))
     events = EventLog()
     reset_channel = object()  # upstream reserves the field; nothing reads it yet
-    metrics = object()
+    metrics = NullKvbmMetrics()
 
     config = (
         manager()

@@ -57,6 +57,7 @@ from kvbm_builder.config import (
     should_bypass_cpu_cache,
 )
 from kvbm_builder.loading import cache_sizes_from_env
+from kvbm_builder.metrics import KvbmMetrics, NullKvbmMetrics
 
 # ---------------------------------------------------------------------------------------------------------
 # Values a caller might pass
@@ -370,7 +371,7 @@ FIELD_RULES: dict[str, dict[str, Callable[[Any], bool]]] = {
         "disk_layout": lambda v: v is None or isinstance(v, KvManagerLayoutConfig),
         "event_manager": lambda v: v is None or (hasattr(v, "on_store") and hasattr(v, "on_remove")),
         "block_reset_channel": lambda v: True,
-        "kvbm_metrics": lambda v: True,
+        "kvbm_metrics": lambda v: v is None or isinstance(v, (KvbmMetrics, NullKvbmMetrics)),
         "consolidator_config": lambda v: v is None or isinstance(v, KvEventConsolidatorConfig),
     },
 }

@@ -37,6 +37,8 @@ DYN_KVBM_MAX_TRANSFER_BATCH_SIZE = "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE"
 DYN_KVBM_CACHE_STATS_MAX_REQUESTS = "DYN_KVBM_CACHE_STATS_MAX_REQUESTS"
 
 DEFAULT_METRICS_PORT = 6880
+DEFAULT_CACHE_STATS_MAX_REQUESTS = 1000
+"""Upstream's hit-rate window (``DYN_KVBM_CACHE_STATS_MAX_REQUESTS``): the one default of settings and metrics."""
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

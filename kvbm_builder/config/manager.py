@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
-from ..errors import Problem
+from ..errors import Problem, show
 from ._builder import Builder
 from .consolidator import EventSource, KvEventConsolidatorConfig, consolidator_from_setter, engine_source_problem
 from .env import CPU_CACHE, DISK_CACHE
-from .fields import Validated, duck, field, instance, optional
+from .fields import Rule, Validated, duck, field, instance, optional
 from .layout import KvManagerLayoutConfig
 from .model import KvManagerModelConfig
 from .protocols import EventManager, StorageKind, Tier
 from .runtime import KvManagerRuntimeConfig
 from .sizes import MAX_BYTES
 
+if TYPE_CHECKING:
+    from ..metrics import KvbmMetrics, NullKvbmMetrics
+
 _B = TypeVar("_B", bound="KvBlockManagerConfigBuilder")
 
 _layout = optional(instance(KvManagerLayoutConfig, what="a KvManagerLayoutConfig (build it first)"))
+
+
+def _kvbm_metrics_check(value: object) -> str | None:
+    if value is None:
+        return None
+    # A KvbmMetrics can only exist once its module is imported; importing it here would make config depend on metrics
+    metrics = sys.modules.get("kvbm_builder.metrics.kvbm")
+    if metrics is not None and isinstance(value, (metrics.KvbmMetrics, metrics.NullKvbmMetrics)):
+        return None
+    return (
+        "must be a kvbm_builder.metrics.KvbmMetrics (or NullKvbmMetrics to count nothing), or None for the manager "
+        f"to make its own on runtime.metrics_registry; got {show(value)}"
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -58,7 +75,14 @@ class KvBlockManagerConfig(Validated):
     block_reset_channel: Any = field(
         default=None, eq=False, document=False, doc="Upstream reserves it: a channel to reset a cache level."
     )
-    kvbm_metrics: Any = field(default=None, eq=False, document=False, doc="KVBM-level offload and onboard metrics.")
+    kvbm_metrics: KvbmMetrics | NullKvbmMetrics | None = field(
+        default=None,
+        eq=False,
+        document=False,
+        rule=Rule(_kvbm_metrics_check),
+        doc="Counts what the manager moves, skips and finds (kvbm_builder.metrics.KvbmMetrics; NullKvbmMetrics counts "
+        "nothing). None: the manager makes its own on runtime.metrics_registry.",
+    )
     consolidator_config: KvEventConsolidatorConfig | None = field(
         default=None,
         rule=optional(instance(KvEventConsolidatorConfig, what="a KvEventConsolidatorConfig")),
@@ -174,7 +198,7 @@ class KvBlockManagerConfigBuilder(Builder[KvBlockManagerConfig]):
     def block_reset_channel(self: _B, value: Any) -> _B:
         return self._set("block_reset_channel", value)
 
-    def kvbm_metrics(self: _B, value: Any) -> _B:
+    def kvbm_metrics(self: _B, value: KvbmMetrics | NullKvbmMetrics | None) -> _B:
         return self._set("kvbm_metrics", value)
 
     def consolidator_config(

@@ -50,7 +50,7 @@ class KvbmSettings(Validated):
         "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER is set).",
     )
     cache_stats_max_requests: int = field(
-        default=1000,
+        default=env.DEFAULT_CACHE_STATS_MAX_REQUESTS,
         rule=integer(min=1, max=U64_MAX),
         env=EnvVar(env.DYN_KVBM_CACHE_STATS_MAX_REQUESTS, "count"),
         doc="The requests the cache hit-rate gauges look back over.",
