@@ -1,11 +1,11 @@
 """How long ``load()`` of the realistic example takes, against a ceiling measured in the same run.
 
 The *document* is ``examples/config.toml`` as a dict (what ``tomllib`` gives): runtime, a Llama-3-8B-like model,
-a device tier by blocks, a 16 GiB pinned host tier and a 64 GB disk tier, both sized by byte budgets.
+a device tier by blocks, a 16 GiB pinned host tier and a 32 GB disk tier, both sized by byte budgets.
 
 The *ceiling* builds the same configuration directly through the builders, the way a user writes it in Python:
 the same eleven objects, every rule checked, but no document to read, no sizes to parse, no blocks to count.
-The ratio says what reading a document adds. Target: a load under 100 microseconds.
+The ratio says what reading a document adds. Target: at most 2.5x the builders (3.0x before the restructure).
 
 Run: ``python benchmarks/bench_load.py [--rounds 25] [--loads 2000]``. Prints the medians of the rounds.
 """
@@ -52,8 +52,8 @@ def build_chain() -> KvBlockManagerConfig:
         )
         .disk_layout(
             KvManagerLayoutConfig.builder()
-            .num_blocks(64 * 10**9 // 2**22)
-            .allocator(DiskAllocator(directory="/tmp/kvbm", o_direct=True))
+            .num_blocks(32 * 10**9 // 2**22)
+            .allocator(DiskAllocator(directory="/tmp", o_direct=True))
             .build()
         )
         .build()
@@ -87,7 +87,7 @@ def main() -> int:
     print(f"load() of examples/config.toml: {load_us:7.1f} us (median of {args.rounds} rounds of {args.loads})")
     print(f"same config through builders:   {chain_us:7.1f} us (ceiling, same run)")
     print(f"ratio load / ceiling:           {load_us / chain_us:7.2f}x")
-    print(f"target under 100 us:            {'met' if load_us < 100 else 'NOT met'}")
+    print(f"target at most 2.5x:            {'met' if load_us <= 2.5 * chain_us else 'NOT met'}")
     return 0
 
 

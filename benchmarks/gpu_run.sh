@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything this project runs on the lent GPU machine, in one call (the device tool's `run`, carrying .whl):
-#   bash benchmarks/gpu_run.sh [tests] [quickstart] [pinned] [device] [all-tests]
+#   bash benchmarks/gpu_run.sh [tests] [quickstart] [pinned] [device] [all-tests] [transfer-tests] [transfer]
 # Logs land in $OUT (the device tool brings them back). The wheels come from ../shared/gpu/wheels.sh.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
@@ -17,6 +17,11 @@ for step in $steps; do
     quickstart) python3 examples/quickstart.py --disk-dir /tmp 2>&1 | tee "$OUT/quickstart.log" ;;
     pinned) python3 benchmarks/bench_pinned.py 2>&1 | tee "$OUT/bench_pinned.log" ;;
     device) python3 benchmarks/bench_device.py 2>&1 | tee "$OUT/bench_device.log" ;;
+    transfer-tests) python3 -m pytest -q -p no:cacheprovider -rs tests/test_transfer_gpu.py tests/test_transfer_host.py \
+      tests/test_transfer_table.py 2>&1 | tee "$OUT/transfer_tests.log" ;;
+    transfer) python3 benchmarks/bench_transfer.py --out "$OUT" --disk-dir /tmp > "$OUT/bench_transfer_stdout.log" 2>&1
+      python3 benchmarks/plot_transfer.py "$OUT/transfer.json" "$OUT/transfer_gbps.svg"
+      tail -14 "$OUT/bench_transfer_stdout.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -16,7 +16,7 @@ DOCUMENT: dict[str, Any] = {
     "model": {"num_layers": 32, "outer_dim": 2, "page_size": 32, "inner_dim": 1024, "dtype_width_bytes": 2},
     "device_layout": {"num_blocks": 2048, "allocator": {"kind": "device", "device_id": 0}},
     "host_layout": {"size": "16GiB", "allocator": {"kind": "pinned", "mode": "register"}},
-    "disk_layout": {"size": "64GB", "allocator": {"kind": "disk", "directory": "/tmp/kvbm"}},
+    "disk_layout": {"size": "64GB", "allocator": {"kind": "disk", "directory": "/tmp"}},
 }
 
 

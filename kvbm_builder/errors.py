@@ -7,9 +7,16 @@ Configuration problems are data: a :class:`ConfigError` carries every :class:`Pr
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:  # only for annotations: errors import nothing of the package
+    from .config.protocols import Storage, Tier
+    from .manager import KvBlockManager
+    from .nixl import NixlRegistration, NixlRegistry
 
 __all__ = [
     "AllocationError",
@@ -17,23 +24,62 @@ __all__ = [
     "BlockReleasedError",
     "BuilderConsumedError",
     "ConfigError",
+    "DiskReservationWarning",
     "DiskStorageError",
     "GpuUnavailableError",
     "KvbmError",
     "LayoutError",
+    "LayoutIndexError",
     "LoadError",
     "MetricsError",
     "MetricsRegistryError",
     "MetricsServerError",
+    "MissingDependencyError",
+    "NixlDeregistrationError",
     "NixlError",
+    "OffloadError",
     "PoolClosedError",
     "PoolExhaustedError",
     "Problem",
+    "ReleaseError",
+    "RuntimeObjectError",
+    "RuntimeObjectWarning",
     "SequenceHashError",
+    "StorageBufferError",
+    "StorageClosedError",
+    "StorageTooSmallError",
+    "TransferError",
     "UninitializedFieldError",
+    "UnknownTierError",
+    "UsageError",
+    "show",
 ]
 
 PathItem = str | int
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 2
+_repr.maxdict = _repr.maxlist = _repr.maxtuple = _repr.maxset = 4
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlong = 60
+
+
+def show(value: object, *, typed: bool = True) -> str:
+    """A value as every message shows it: ``3``, ``None``, ``'4' (str)``, ``True (bool)``, ``[[[...]]] (list)``;
+    ``typed=False`` leaves out the type (``'16 gigs'``, where the words already say what it is).
+
+    The one value renderer of the package. It never fails and never runs long, whatever the value (a 5000-digit
+    integer, a deeply nested list, a megabyte of text), so a message about hostile input stays one short line.
+    """
+    if type(value) is int and value.bit_length() > 192:  # str() of an int past 4300 digits raises ValueError
+        return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits (int)"
+    if type(value) in (int, float) or value is None:
+        return repr(value)
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a caller's object whose __repr__ fails
+        text = f"<{type(value).__name__} object>"
+    return f"{text} ({type(value).__name__})" if typed else text
 
 
 def render_path(root: str, path: Sequence[PathItem]) -> str:
@@ -91,9 +137,9 @@ class ConfigError(KvbmError, ValueError):
 class UninitializedFieldError(ConfigError):
     """A required builder field was never set.
 
-    ``str(err)`` is exactly upstream's message for the first missing field (declaration order),
-    e.g. `` `worker_id` must be initialized ``; ``missing`` names them all and ``errors`` also lists
-    any other problem found in the same ``build()``.
+    ``missing`` names every missing field; ``errors`` lists them and any other problem of the same ``build()``.
+    ``str(err)`` lists every problem; when the first is a missing field its first line is upstream's exact message,
+    e.g. `` `worker_id` must be initialized `` (and that is all of it when nothing else is wrong).
     """
 
     def __init__(self, problems: Iterable[Problem], root: str = "", missing: Sequence[str] = ()) -> None:
@@ -101,7 +147,11 @@ class UninitializedFieldError(ConfigError):
         super().__init__(problems, root)
 
     def _summary(self) -> str:
-        return f"`{self.missing[0]}` must be initialized" if self.missing else super()._summary()
+        first = self.problems[0] if self.problems else None
+        if first is None or first.message != "must be initialized" or not self.missing:
+            return super()._summary()
+        upstream = f"`{first.path[-1] if first.path else self.missing[0]}` must be initialized"
+        return upstream if len(self.problems) == 1 else f"{upstream}\n{super()._summary()}"
 
     def rerooted(self, root: str, *prefix: PathItem) -> ConfigError:
         return UninitializedFieldError([p.under(*prefix) for p in self.problems], root, self.missing)
@@ -116,6 +166,28 @@ class BuilderConsumedError(KvbmError, RuntimeError):
 
 class LoadError(ConfigError):
     """A configuration document could not be read (file missing, not JSON/TOML/YAML, ...)."""
+
+
+class RuntimeObjectError(ConfigError, TypeError):
+    """A runtime object (memory given as ``storage``, a caller's allocator or NIXL agent, a token, a registry...)
+    was asked to go where only data goes: a document (``dump``) or a pickle. Names the field and what to do."""
+
+
+class RuntimeObjectWarning(UserWarning):
+    """``dump()`` left out runtime objects a caller attached (an event manager, an offload filter, a callback):
+    a document cannot hold them, so a config loaded from it has none until they are set again in Python."""
+
+
+class UnknownTierError(KvbmError, LookupError):
+    """A tier was asked for that does not exist, or that the configuration does not have; says which exist."""
+
+
+class MissingDependencyError(KvbmError, ImportError):
+    """An optional package a call needs (numpy, torch, cupy) is not installed; says what to install."""
+
+
+class UsageError(KvbmError, ValueError):
+    """The command line was used wrongly (e.g. ``--set`` without ``KEY=VALUE``); the CLI exits 2."""
 
 
 class LayoutError(KvbmError, ValueError):
@@ -158,6 +230,11 @@ class PoolClosedError(BlockPoolError):
     """A block pool was used after its manager closed it (its memory is gone)."""
 
 
+class OffloadError(KvbmError, RuntimeError):
+    """An offload or onboard could not start: the manager is closed or cancelled, a block belongs to another manager
+    or was released, or a tier has no tier to move to. Names the tiers. (Failures while moving are TransferErrors.)"""
+
+
 class MetricsError(KvbmError, ValueError):
     """Metrics were given something they cannot count: a negative count, an unknown skip reason, a bad window."""
 
@@ -180,3 +257,117 @@ class MetricsServerError(KvbmError, RuntimeError):
 
 def _metrics_server_error(message: str, host: str, port: int) -> MetricsServerError:
     return MetricsServerError(message, host=host, port=port)
+
+
+class StorageClosedError(KvbmError, ValueError):
+    """A storage was used after ``close()``: its memory or file is gone."""
+
+
+class StorageBufferError(KvbmError, TypeError):
+    """A storage's read or write was given something that is not a contiguous (writable, to read into) buffer."""
+
+
+class DiskReservationWarning(UserWarning):
+    """The file system could not reserve the disk tier's space: the file was truncated to size instead."""
+
+
+class LayoutIndexError(LayoutError, IndexError):
+    """A block, layer or outer index outside ``0 .. bound - 1``; ``axis``, ``index`` and ``bound`` say which."""
+
+    def __init__(self, axis: str, index: int, bound: int) -> None:
+        self.axis, self.index, self.bound = axis, index, bound
+        if index < 0:
+            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
+        else:
+            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
+        super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.axis, self.index, self.bound))
+
+
+class StorageTooSmallError(LayoutError):
+    """A given storage cannot hold its part of the layout; ``storage_index``, ``size`` and ``required`` say how."""
+
+    def __init__(self, message: str, storage_index: int, size: int, required: int) -> None:
+        self.storage_index, self.size, self.required = storage_index, size, required
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.storage_index, self.size, self.required))
+
+
+class NixlDeregistrationError(NixlError):
+    """NIXL could not deregister some storages. They are still registered with the agent, so their memory must
+    not be freed (for a file, NIXL's devId is the descriptor, which the system would hand out again).
+
+    ``still_registered`` lists those storages, newest first; ``registrations`` what the registry still holds for
+    them. The registry keeps them and tries again on the next :meth:`NixlRegistry.close` (``registry.close()``).
+    """
+
+    def __init__(
+        self, message: str, registrations: Iterable[NixlRegistration] = (), registry: NixlRegistry | None = None
+    ) -> None:
+        super().__init__(message)
+        self.registrations: tuple[NixlRegistration, ...] = tuple(registrations)
+        self.still_registered: tuple[Storage, ...] = tuple(r.storage for r in self.registrations)
+        #: the registry that holds them: its close() retries
+        self.registry = registry
+
+
+class ReleaseError(AllocationError):
+    """``KvBlockManager.close()`` could not release everything.
+
+    ``unreleased`` lists the storages kept (newest first): memory NIXL still has registered (freeing it would pull
+    it from under NIXL) and storages whose own release failed (e.g. a disk file that could not be removed).
+    ``manager`` stays open; calling its ``close()`` again retries exactly those. ``errors`` holds every error met.
+    """
+
+    def __init__(
+        self, message: str, unreleased: Sequence[Storage], manager: KvBlockManager, errors: Sequence[BaseException]
+    ) -> None:
+        super().__init__(message)
+        self.unreleased: tuple[Storage, ...] = tuple(unreleased)
+        self.manager = manager
+        self.errors: tuple[BaseException, ...] = tuple(errors)
+
+
+class TransferError(KvbmError, RuntimeError):
+    """A transfer failed, or was refused: no block it names may be trusted on the target side.
+
+    ``src_tier`` / ``dst_tier`` and ``src_blocks`` / ``dst_blocks`` say what was being moved; ``step`` says what
+    failed (``validate``, ``check memory``, ``copy kernel``, ``cudaMemcpyAsync``, ``read disk``, ``write disk``,
+    ``cancelled``, ``closed``, ...). The cause, when there is one, is chained (``__cause__``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        src_tier: Tier | None,
+        dst_tier: Tier | None,
+        src_blocks: Sequence[int] = (),
+        dst_blocks: Sequence[int] = (),
+        step: str,
+    ) -> None:
+        self.src_tier, self.dst_tier = src_tier, dst_tier
+        self.src_blocks: tuple[int, ...] = tuple(src_blocks)
+        self.dst_blocks: tuple[int, ...] = tuple(dst_blocks)
+        self.step = step
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (str(self), self.src_tier, self.dst_tier, self.src_blocks, self.dst_blocks, self.step))
+
+
+def _rebuild(
+    message: str,
+    src_tier: Tier | None,
+    dst_tier: Tier | None,
+    src_blocks: tuple[int, ...],
+    dst_blocks: tuple[int, ...],
+    step: str,
+) -> TransferError:
+    return TransferError(
+        message, src_tier=src_tier, dst_tier=dst_tier, src_blocks=src_blocks, dst_blocks=dst_blocks, step=step
+    )

@@ -11,41 +11,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from .config.env import DYN_KVBM_METRICS
 from .config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate
 from .config.manager import KvBlockManagerConfig, KvBlockManagerConfigBuilder
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import CancellationToken
-from .errors import AllocationError, ConfigError, KvbmError, LayoutError
+from .errors import (
+    AllocationError,
+    ConfigError,
+    KvbmError,
+    LayoutError,
+    MetricsError,
+    MetricsRegistryError,
+    Problem,
+    ReleaseError,
+    UnknownTierError,
+)
 from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError, allocate
 
 if TYPE_CHECKING:
+    from .blocks import BlockPool, ImmutableBlock, MutableBlock, TokenBlock
+    from .config.settings import KvbmSettings
+    from .metrics import KvbmMetrics, MetricsServer, NullKvbmMetrics
     from .nixl import NixlRegistry
+    from .offload import BlockFuture, KvbmStats, Listener, OffloadManager, OffloadResult, PrefixMatch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["KvBlockManager", "KvBlockManagerBuilder", "ReleaseError", "TierStorage"]
-
-
-class ReleaseError(AllocationError):
-    """``KvBlockManager.close()`` could not release everything.
-
-    ``unreleased`` lists the storages kept (newest first): memory NIXL still has registered (freeing it would pull
-    it from under NIXL) and storages whose own release failed (e.g. a disk file that could not be removed).
-    ``manager`` stays open; calling its ``close()`` again retries exactly those. ``errors`` holds every error met.
-    """
-
-    def __init__(
-        self, message: str, unreleased: Sequence[Storage], manager: KvBlockManager, errors: Sequence[BaseException]
-    ) -> None:
-        super().__init__(message)
-        self.unreleased: tuple[Storage, ...] = tuple(unreleased)
-        self.manager = manager
-        self.errors: tuple[BaseException, ...] = tuple(errors)
 
 
 class TierStorage:
@@ -238,20 +236,36 @@ class KvBlockManager:
     If the bring-up fails, everything made so far is released before the error is raised; what could not be
     released (memory NIXL would not deregister, a file that could not be removed) is kept, and the error's
     ``release_error`` (a :class:`ReleaseError`) names it: ``release_error.manager.close()`` retries.
+
+    What moves, is skipped and is found is counted in :attr:`metrics` (the config's ``kvbm_metrics``, or KvbmMetrics
+    of the manager's own on ``runtime.metrics_registry``), served on ``/metrics`` when ``settings.metrics``
+    (``DYN_KVBM_METRICS``) is true or :meth:`serve_metrics` is called; the endpoint closes with the manager.
     """
 
-    def __init__(self, config: KvBlockManagerConfig) -> None:
+    def __init__(self, config: KvBlockManagerConfig, *, settings: KvbmSettings | None = None) -> None:
         if not isinstance(config, KvBlockManagerConfig):
-            raise KvbmError(
+            message = (
                 f"KvBlockManager needs a KvBlockManagerConfig, got {type(config).__name__}; "
                 "build one with KvBlockManagerConfig.builder() or kvbm_builder.load()"
             )
+            raise ConfigError([Problem((), message)])
         self.config = config
+        if settings is None:
+            from .loading import settings_from_env
+
+            settings = settings_from_env()
+        self.settings: KvbmSettings = settings
+        """Transfer batch size and concurrency, the disk offload filter switch, metrics (default: the environment)."""
+        self._blocks: OffloadManager | None = None
         # cancelling the caller's token stops this manager; closing this manager leaves the caller's token alone
         self.cancellation_token: CancellationToken = config.runtime.cancellation_token.child_token()
         self._tiers: dict[Tier, TierStorage] = {}
         self._owned: list[Storage] = []
         self._nixl: NixlRegistry | None = None
+        self._metrics: KvbmMetrics | NullKvbmMetrics | None = None
+        self._owns_metrics = False  # made here (on runtime.metrics_registry), so closed here
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_released = False
         self._closed = False
         try:
             self._bring_up()
@@ -273,6 +287,16 @@ class KvBlockManager:
 
     def _bring_up(self) -> None:
         config = self.config
+        self._metrics = self._take_metrics()  # first: a registry or port already taken fails before any allocation
+        if self.settings.metrics:
+            if self._metrics.enabled:
+                self.serve_metrics()
+            else:
+                log.warning(
+                    "%s asks for /metrics, but the config's kvbm_metrics is NullKvbmMetrics (metrics switched off): "
+                    "nothing is served",
+                    DYN_KVBM_METRICS,
+                )
         tiers = config.tiers()
         if config.runtime.nixl.enabled:
             from .nixl import NixlRegistry
@@ -302,6 +326,65 @@ class KvBlockManager:
             elapsed = time.perf_counter() - started
             self._tiers[tier] = TierStorage(tier, layout_config, layout, owned, elapsed)
             log.info("%s: %d blocks, %d bytes in %.3f s", tier.words, spec.num_blocks, spec.total_bytes, elapsed)
+        self._blocks = self._offload_manager()
+        self._blocks.report_to(self._metrics)
+        for tier, t in self._tiers.items():
+            self._metrics.set_allocated_bytes(tier, t.nbytes)
+
+    def _take_metrics(self) -> KvbmMetrics | NullKvbmMetrics:
+        """The config's ``kvbm_metrics``, or KvbmMetrics of this manager's own on ``runtime.metrics_registry``."""
+        from .metrics import KvbmMetrics
+
+        given = self.config.kvbm_metrics
+        if given is not None:
+            if given.closed:
+                raise MetricsError(
+                    "kvbm_metrics: these KvbmMetrics were closed (their names are off their registry); give the "
+                    "config new ones, or leave kvbm_metrics unset for the manager to make its own"
+                )
+            if given.block_counts_source is not None:
+                raise MetricsError(
+                    "kvbm_metrics: these KvbmMetrics already count the blocks of another KvBlockManager that is "
+                    "open (one set of metrics per manager); close that manager first, or give this one its own "
+                    "KvbmMetrics (or leave kvbm_metrics unset)"
+                )
+            return given
+        try:
+            made = KvbmMetrics(
+                self.config.runtime.metrics_registry,
+                cache_stats_max_requests=self.settings.cache_stats_max_requests,
+            )
+        except MetricsRegistryError as err:
+            held = sorted(getattr(err.__cause__, "duplicates", None) or ["kvbm_*"])
+            raise MetricsRegistryError(
+                f"runtime.metrics_registry already holds KVBM's metrics ({', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}): another KvBlockManager "
+                "made from a config with this runtime config (or registry) is open, or something else registered "
+                "these names. Give each manager its own KvManagerRuntimeConfig (each makes a fresh registry), close "
+                "the other manager first, or set the config's kvbm_metrics (NullKvbmMetrics() counts nothing)"
+            ) from err
+        self._owns_metrics = True
+        return made
+
+    def _offload_manager(self) -> OffloadManager:
+        """Block pools for the tiers with local memory, and what moves blocks between them."""
+        from .config.env import should_bypass_cpu_cache
+        from .offload import OffloadManager
+
+        layouts = {tier: t.layout for tier, t in self._tiers.items() if t.layout is not None}
+        device = self._tiers.get(Tier.G1)
+        return OffloadManager.for_tiers(
+            layouts,
+            block_size=self.config.model.page_size,
+            filters={tier: t.config.offload_filter for tier, t in self._tiers.items()},
+            event_manager=self.config.event_manager,
+            cancellation_token=self.cancellation_token,
+            max_batch_blocks=self.settings.max_transfer_batch_size,
+            max_concurrent=self.settings.max_concurrent_transfers,
+            bypass_cpu_cache=should_bypass_cpu_cache(),
+            disk_offload_filter=self.settings.disk_offload_filter,
+            device_id=getattr(device.storages[0], "device_id", None) if device and device.storages else None,
+        )
 
     def _storages_for(
         self, tier: Tier, layout_config: KvManagerLayoutConfig[Any], spec: LayoutSpec
@@ -360,7 +443,7 @@ class KvBlockManager:
         key = _tier_key(tier)
         found = self._tiers.get(key)
         if found is None:
-            raise KvbmError(
+            raise UnknownTierError(
                 f"the {key.words} is not configured; set `{key.slot}` on the builder "
                 f"(configured: {', '.join(t.name for t in self._tiers) or 'none'})"
             )
@@ -387,6 +470,63 @@ class KvBlockManager:
     def metrics_registry(self) -> Any:
         return self.config.runtime.metrics_registry
 
+    # -- metrics --------------------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> KvbmMetrics | NullKvbmMetrics:
+        """What counts this manager's transfers, skips and lookups: the config's ``kvbm_metrics``, or KvbmMetrics
+        the manager made on ``runtime.metrics_registry`` (closed, and so taken off the registry, by :meth:`close`)."""
+        if self._metrics is None:
+            raise KvbmError("this KvBlockManager did not come up; it has no metrics")
+        return self._metrics
+
+    @property
+    def metrics_server(self) -> MetricsServer | None:
+        """The endpoint serving this manager's metrics (``DYN_KVBM_METRICS``, or :meth:`serve_metrics`), if any."""
+        return self._metrics_server
+
+    def serve_metrics(self, port: int | None = None, host: str = "127.0.0.1") -> MetricsServer:
+        """Serve this manager's metrics on ``http://host:port/metrics`` until :meth:`close` closes the endpoint.
+
+        ``port``: ``settings.metrics_port`` (``DYN_KVBM_METRICS_PORT``, 6880) when left out; 0 lets the OS pick one
+        (``server.url`` says which). Bound to 127.0.0.1 unless ``host`` names another address of this machine.
+        With ``DYN_KVBM_METRICS`` true (``settings.metrics``) the bring-up calls it; one endpoint per manager.
+        A port in use is a :class:`~kvbm_builder.errors.MetricsServerError` naming ``DYN_KVBM_METRICS_PORT``.
+        """
+        from .metrics import KvbmMetrics
+
+        metrics = self.metrics
+        if self._metrics_released:
+            raise MetricsError("this KvBlockManager is closed: its metrics are no longer served")
+        if not isinstance(metrics, KvbmMetrics):
+            raise MetricsError(
+                "this KvBlockManager counts nothing (its config's kvbm_metrics is NullKvbmMetrics), so there is "
+                "nothing to serve; leave kvbm_metrics unset, or give the config a KvbmMetrics"
+            )
+        if self._metrics_server is not None:
+            raise MetricsError(
+                f"this KvBlockManager already serves its metrics at {self._metrics_server.url} (one endpoint per "
+                "manager); scrape that one"
+            )
+        self._metrics_server = metrics.serve(self.settings.metrics_port if port is None else port, host)
+        return self._metrics_server
+
+    def _release_metrics(self) -> None:
+        """Stop the endpoint, report no bytes allocated, and close the metrics if this manager made them. Once."""
+        metrics = self._metrics
+        if metrics is None or self._metrics_released:
+            return
+        self._metrics_released = True
+        server, self._metrics_server = self._metrics_server, None
+        try:
+            if server is not None:
+                server.close()
+            for tier in self._tiers:
+                metrics.set_allocated_bytes(tier, 0)
+        finally:
+            if self._owns_metrics:
+                metrics.close()
+
     def memory_region(self, tier: Tier | str, block: int, layer: int, outer: int) -> MemoryRegion:
         return self.tier(tier).memory_region(block, layer, outer)
 
@@ -397,7 +537,8 @@ class KvBlockManager:
         return self._closed
 
     def close(self) -> None:
-        """Deregister from NIXL, then free memory and remove files, newest first. Idempotent.
+        """Stop moving blocks, close the metrics endpoint, deregister from NIXL, then free memory and remove files,
+        newest first. Idempotent.
 
         Memory that a view still uses is left to the views and released with the last of them. What cannot be
         released stays allocated and the manager stays open: memory NIXL could not deregister (never freed under a
@@ -408,6 +549,15 @@ class KvBlockManager:
         if self._closed:
             return
         errors: list[BaseException] = []
+        if self._blocks is not None and not self._blocks.closed:
+            try:  # no transfer may touch the memory once it is released
+                self._blocks.close()
+            except Exception as err:
+                errors.append(err)
+        try:  # the endpoint closes with the manager, even when some memory below cannot be released yet
+            self._release_metrics()
+        except Exception as err:
+            errors.append(err)
         registry = self._nixl
         if registry is not None and not registry.closed:
             try:
@@ -450,6 +600,149 @@ class KvBlockManager:
                 errors,
             ) from errors[0]
 
+    # -- blocks: allocate, register, match, offload, onboard -------------------------------------------------
+
+    @property
+    def offload_manager(self) -> OffloadManager:
+        """The pools, filters and transfer engine that move this manager's blocks."""
+        if self._blocks is None:
+            raise KvbmError("this KvBlockManager did not come up; it has no blocks to move")
+        return self._blocks
+
+    def pool(self, tier: Tier | str) -> BlockPool:
+        """The block pool of a tier with local memory (``"G1"``, ``Tier.G2``, ``"disk_layout"``...)."""
+        return self.offload_manager.pool(_tier_key(tier))
+
+    def allocate(self, tier: Tier | str, count: int = 1) -> list[MutableBlock]:
+        """``count`` blocks of a tier to write into (free ones first, then evicted inactive ones); all or none."""
+        return self.pool(tier).allocate(count)
+
+    def token_blocks(
+        self,
+        tokens: Sequence[int],
+        *,
+        parent: TokenBlock | int | None = None,
+        external_hashes: Sequence[int] | None = None,
+    ) -> list[TokenBlock]:
+        """``tokens`` cut into full blocks of the model's ``page_size`` and hashed as Dynamo's router does."""
+        from .blocks import token_blocks
+
+        return token_blocks(tokens, self.config.model.page_size, parent=parent, external_hashes=external_hashes)
+
+    def register(
+        self,
+        blocks: Sequence[MutableBlock],
+        *,
+        tokens: Sequence[int] | None = None,
+        hashes: Sequence[int] | None = None,
+        token_blocks: Sequence[TokenBlock] | None = None,
+        parent: TokenBlock | int | None = None,
+        priority: int = 0,
+    ) -> list[ImmutableBlock]:
+        """Register written blocks (one tier) by exactly one of:
+
+        - ``tokens``: their token ids, hashed here (one full ``page_size`` block per block; a partial tail is
+          ignored), chained from ``parent``;
+        - ``hashes``: an engine's own hash per block (chained from ``parent`` for the events);
+        - ``token_blocks``: made beforehand (:meth:`token_blocks`, ``TokenBlock.from_hash``).
+
+        Returns registered blocks, in order; a hash the tier already holds returns that block (see ``BlockPool``).
+        """
+        from .blocks import TokenBlock
+        from .errors import BlockPoolError
+
+        blocks = list(blocks)
+        if sum(x is not None for x in (tokens, hashes, token_blocks)) != 1:
+            raise BlockPoolError("register takes exactly one of tokens=, hashes= or token_blocks=")
+        if tokens is not None:
+            made = self.token_blocks(tokens, parent=parent)
+            if len(made) != len(blocks):
+                raise BlockPoolError(
+                    f"{len(tokens)} tokens make {len(made)} full blocks of {self.config.model.page_size}, but "
+                    f"{len(blocks)} blocks were given; only full blocks are registered"
+                )
+        elif hashes is not None:
+            made = []
+            previous = parent.sequence_hash if isinstance(parent, TokenBlock) else parent
+            for sequence_hash in hashes:
+                made.append(TokenBlock.from_hash(sequence_hash, parent_hash=previous))
+                previous = made[-1].sequence_hash
+        else:
+            made = list(token_blocks or ())
+        if not blocks:
+            return []
+        return blocks[0].pool.register(blocks, made, priority=priority)
+
+    def match(
+        self,
+        tokens: Sequence[int] | None = None,
+        *,
+        hashes: Sequence[int] | None = None,
+        parent: TokenBlock | int | None = None,
+    ) -> PrefixMatch:
+        """The longest prefix of ``tokens`` (or of sequence ``hashes``) held across the tiers: G1's blocks, then
+        G2's from where G1 stopped, then G3's. The blocks are held until the match is released."""
+        from .errors import SequenceHashError
+
+        if (tokens is None) == (hashes is None):
+            raise SequenceHashError("match takes tokens or hashes (one of them)")
+        page = self.config.model.page_size
+        if tokens is not None:
+            wanted = [b.sequence_hash for b in self.token_blocks(tokens, parent=parent)]
+            requested = len(tokens)
+        else:
+            wanted = list(hashes or ())
+            requested = len(wanted) * page
+        return self.offload_manager.match(wanted, requested_tokens=requested, block_size=page)
+
+    def offload(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str | None = None, priority: int | None = None
+    ) -> BlockFuture[OffloadResult]:
+        """Copy registered blocks of one tier to the next tier down (G1 -> G2, or G3 when the CPU cache is bypassed
+        or absent; G2 -> G3), or to ``to``. Returns a future (also awaitable) of the :class:`OffloadResult`.
+
+        Per block: skipped when the target holds it, filtered by the tier's ``offload_filter``, skipped and counted
+        when the target is full; the rest are queued by ``priority`` (higher first). A block that reaches the host
+        tier is then offered to the disk tier. Keep or release your handles as you like: a copy holds its own.
+        """
+        return self.offload_manager.offload(blocks, to=None if to is None else _tier_key(to), priority=priority)
+
+    def offload_sync(
+        self,
+        blocks: Iterable[ImmutableBlock],
+        *,
+        to: Tier | str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+    ) -> OffloadResult:
+        """:meth:`offload` and wait for it (raises the TransferError of a failed copy)."""
+        return self.offload(blocks, to=to, priority=priority).result(timeout)
+
+    def onboard(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str = Tier.G1
+    ) -> BlockFuture[list[ImmutableBlock]]:
+        """Copy registered blocks of lower tiers into ``to`` (default G1); the future (also awaitable) gives one
+        registered block of ``to`` per block, in order. A failed copy registers nothing and raises TransferError."""
+        return self.offload_manager.onboard(blocks, to=_tier_key(to))
+
+    def onboard_sync(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | str = Tier.G1, timeout: float | None = None
+    ) -> list[ImmutableBlock]:
+        """:meth:`onboard` and wait for it."""
+        return self.onboard(blocks, to=to).result(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no offload is queued or copying (offloads to disk that follow host offloads included)."""
+        return self.offload_manager.wait_idle(timeout)
+
+    def stats(self) -> KvbmStats:
+        """Blocks per tier by state, offloads skipped by reason, blocks and bytes moved, lookups: plain data."""
+        return self.offload_manager.stats()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with each ``OffloadSkipped``, ``Lookup`` and ``TransferRecord`` as they happen."""
+        self.offload_manager.add_listener(listener)
+
     def __enter__(self) -> KvBlockManager:
         return self
 
@@ -488,7 +781,7 @@ def _tier_key(tier: Tier | str) -> Tier:
     for t in Tier:
         if tier in (t.name, t.slot, t.name.lower()):
             return t
-    raise KvbmError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
+    raise UnknownTierError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
 
 
 def _example_allocator(tier: Tier) -> str:

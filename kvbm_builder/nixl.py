@@ -32,7 +32,7 @@ import attrs
 
 from .config.protocols import Storage, StorageKind, Tier
 from .config.runtime import NixlMode, NixlOptions
-from .errors import NixlError
+from .errors import NixlDeregistrationError, NixlError
 
 __all__ = ["NixlDeregistrationError", "NixlRegistration", "NixlRegistry"]
 
@@ -62,24 +62,6 @@ class NixlRegistration:
     dev_id: int
     backends: tuple[str, ...]
     descs: Any = attrs.field(eq=False, repr=False)
-
-
-class NixlDeregistrationError(NixlError):
-    """NIXL could not deregister some storages. They are still registered with the agent, so their memory must
-    not be freed (for a file, NIXL's devId is the descriptor, which the system would hand out again).
-
-    ``still_registered`` lists those storages, newest first; ``registrations`` what the registry still holds for
-    them. The registry keeps them and tries again on the next :meth:`NixlRegistry.close` (``registry.close()``).
-    """
-
-    def __init__(
-        self, message: str, registrations: Iterable[NixlRegistration] = (), registry: NixlRegistry | None = None
-    ) -> None:
-        super().__init__(message)
-        self.registrations: tuple[NixlRegistration, ...] = tuple(registrations)
-        self.still_registered: tuple[Storage, ...] = tuple(r.storage for r in self.registrations)
-        #: the registry that holds them: its close() retries
-        self.registry = registry
 
 
 def _describe(storage: Storage, tier: Tier | None = None) -> str:

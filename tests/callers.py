@@ -43,3 +43,19 @@ class EventLog:
 
     def on_remove(self, event: object) -> None:
         self.events.append(("remove", event))
+
+
+class Agent:
+    """What the config knows of a caller's NIXL agent: an object with the calls registration makes. The config
+    never calls them (the manager's NIXL tests use a real agent)."""
+
+    name = "worker-7"
+
+    def register_memory(self, descs: object, backends: object = None) -> None:
+        raise AssertionError("the configuration never registers memory")
+
+    def deregister_memory(self, descs: object, backends: object = None) -> None:
+        raise AssertionError("the configuration never deregisters memory")
+
+    def get_reg_descs(self, descs: object, mem_type: object) -> None:
+        raise AssertionError("the configuration never builds descriptors")

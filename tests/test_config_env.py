@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
 from kvbm_builder import ConfigError, KvManagerModelConfig
-from kvbm_builder.config import GB, CacheSizes, GiB, cache_sizes_from_env, parse_size, should_bypass_cpu_cache
-from kvbm_builder.config.env import read_positive
+from kvbm_builder.config import GB, GiB, parse_size, should_bypass_cpu_cache
+from kvbm_builder.config.env import EnvVar
 from kvbm_builder.config.sizes import format_bytes
+from kvbm_builder.loading import CacheSizes, cache_sizes_from_env
 
 CPU_GB = "DYN_KVBM_CPU_CACHE_GB"
 CPU_BLOCKS = "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"
@@ -47,6 +50,18 @@ class TestShouldBypassCpuCache:
 
     def test_a_block_count_must_be_whole(self) -> None:
         assert should_bypass_cpu_cache({DISK_BLOCKS: "10.5"}) is False
+
+    @pytest.mark.parametrize("text", ["10.0", "1e3", "18446744073709551616", " 10 "])
+    def test_counts_are_read_as_upstreams_integer_parse_refuses_them(self, text: str) -> None:
+        # upstream's `parse::<usize>()`: no fraction, no exponent, within u64, no spaces
+        assert should_bypass_cpu_cache({DISK_BLOCKS: text}) is False
+        assert should_bypass_cpu_cache({DISK_GB: "5", CPU_BLOCKS: text}) is True
+
+    def test_a_signed_count_is_read_as_upstream_reads_it(self) -> None:
+        assert should_bypass_cpu_cache({DISK_BLOCKS: "+10"}) is True
+
+    def test_a_size_with_spaces_is_no_size(self) -> None:
+        assert should_bypass_cpu_cache({DISK_GB: " 10 "}) is False
 
     def test_it_reads_the_process_environment_by_default(self, monkeypatch: pytest.MonkeyPatch) -> None:
         for name in (CPU_GB, CPU_BLOCKS, DISK_GB, DISK_BLOCKS):
@@ -104,7 +119,8 @@ class TestCacheSizesFromEnv:
             (
                 {DISK_GB: "0.001"},
                 DISK_GB,
-                "0.001 GB holds no whole block of 1835008 bytes; raise it or set the override variable",
+                "1000000 bytes hold no whole block of 1835008 bytes; raise it, or give num_blocks "
+                "(it sets $.disk_layout.size)",
             ),
         ],
     )
@@ -127,40 +143,54 @@ class TestCacheSizesFromEnv:
                 cache_sizes_from_env(MODEL, {CPU_GB: text})
 
 
-class TestReadPositive:
-    """The one parser of numeric variables; a variable that is no block count says what it is."""
+class TestEnvVar:
+    """The one reading of every variable: counts as upstream's integer parse, amounts as decimal numbers."""
 
-    PORT = "DYN_KVBM_METRICS_PORT"
+    PORT = EnvVar("DYN_KVBM_METRICS_PORT", "count", what="a port number 1..65535", zero_is_unset=False)
+    BLOCKS = EnvVar(CPU_BLOCKS, "blocks")
 
     def test_a_count_of_blocks_by_default(self) -> None:
         with pytest.raises(ConfigError) as caught:
-            read_positive({CPU_BLOCKS: "many"}, CPU_BLOCKS, integer=True)
+            self.BLOCKS.read({CPU_BLOCKS: "many"})
 
         assert caught.value.errors == [(f"$env.{CPU_BLOCKS}", "must be a whole number of blocks, got 'many'")]
 
     @pytest.mark.parametrize("text", ["http", "80.5", "-1"])
-    def test_the_caller_says_what_is_wanted(self, text: str) -> None:
+    def test_the_variable_says_what_is_wanted(self, text: str) -> None:
         with pytest.raises(ConfigError) as caught:
-            read_positive({self.PORT: text}, self.PORT, integer=True, what="a port number 1..65535")
+            self.PORT.read({self.PORT.name: text})
 
-        assert caught.value.errors == [(f"$env.{self.PORT}", f"must be a port number 1..65535, got {text!r}")]
+        assert caught.value.errors == [(f"$env.{self.PORT.name}", f"must be a port number 1..65535, got {text!r}")]
 
-    def test_zero_is_unset_unless_the_caller_refuses_it(self) -> None:
-        assert read_positive({self.PORT: "0"}, self.PORT, integer=True) is None
-        with pytest.raises(ConfigError) as caught:
-            read_positive(
-                {self.PORT: " 0 "}, self.PORT, integer=True, what="a port number 1..65535", zero_is_unset=False
-            )
+    def test_zero_is_unset_unless_the_variable_refuses_it(self) -> None:
+        assert self.BLOCKS.read({CPU_BLOCKS: "0"}) is None
+        assert self.PORT.read({self.PORT.name: "0"}) == 0  # the field's rule refuses it (see settings_from_env)
 
-        assert caught.value.errors == [(f"$env.{self.PORT}", "must be a port number 1..65535, got ' 0 '")]
+    def test_unset_and_empty_are_unset(self) -> None:
+        for environ in ({}, {self.PORT.name: ""}, {self.PORT.name: "  "}):
+            assert self.PORT.read(environ) is None
+        assert self.PORT.read({self.PORT.name: "6881"}) == 6881
 
-    def test_refusing_zero_keeps_unset_and_empty_unset(self) -> None:
-        for environ in ({}, {self.PORT: ""}, {self.PORT: "  "}):
-            assert read_positive(environ, self.PORT, integer=True, zero_is_unset=False) is None
-        assert read_positive({self.PORT: "6881"}, self.PORT, integer=True, zero_is_unset=False) == 6881
+    @pytest.mark.parametrize(
+        ("text", "count"),
+        [("10", 10), ("+10", 10), ("0", None), ("18446744073709551615", 2**64 - 1)],
+    )
+    def test_counts_are_read_as_upstreams_integer_parse(self, text: str, count: int | None) -> None:
+        assert self.BLOCKS.read({CPU_BLOCKS: text}) == count
 
-    def test_lenient_reading_counts_a_refused_zero_as_unset(self) -> None:
-        assert read_positive({self.PORT: "0"}, self.PORT, integer=True, strict=False, zero_is_unset=False) is None
+    @pytest.mark.parametrize("text", ["10.0", "1e3", " 10 ", "10 ", "18446744073709551616", "-5", "0x10"])
+    def test_what_upstreams_integer_parse_refuses_is_no_count(self, text: str) -> None:
+        with pytest.raises(ConfigError, match="must be a whole number of blocks"):
+            self.BLOCKS.read({CPU_BLOCKS: text})
+        assert self.BLOCKS.read({CPU_BLOCKS: text}, strict=False) is None
+
+    def test_amounts_are_decimal_numbers_without_spaces(self) -> None:
+        gb = EnvVar(CPU_GB, "gigabytes")
+        assert gb.read({CPU_GB: "0.5"}) == Fraction(1, 2)
+        assert gb.read({CPU_GB: "+2"}) == 2
+        for text in (" 10 ", "4GB", "-1"):
+            with pytest.raises(ConfigError, match="must be a non-negative number"):
+                gb.read({CPU_GB: text})
 
 
 class TestParseSize:
@@ -205,8 +235,8 @@ class TestParseSize:
             ("0.1KiB", "'0.1KiB' is not a whole number of bytes"),
             (-1, "a size cannot be negative, got -1"),
             (True, "True is not a size; write e.g. '16GiB' or '16GB'"),
-            (1.5, "must be a size such as '16GiB' or a byte count, got float"),
-            (None, "must be a size such as '16GiB' or a byte count, got NoneType"),
+            (1.5, "must be a size such as '16GiB' or a byte count, got 1.5"),
+            (None, "must be a size such as '16GiB' or a byte count, got None"),
         ],
     )
     def test_what_is_not_a_size(self, value: object, message: str) -> None:

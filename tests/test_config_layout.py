@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 from callers import Region, SeenTwice
 
@@ -98,15 +99,45 @@ class TestTheExclusiveChoice:
         ]
 
     def test_storage_none_still_counts_as_chosen(self) -> None:
-        alone = KvManagerLayoutConfig.builder().num_blocks(8).storage(None).build()
-        assert alone.storage is None
-
+        # upstream's rule: the call counts, whatever its value, so storage(None) and allocator(...) are two choices
         with pytest.raises(ConfigError) as caught:
             KvManagerLayoutConfig.builder().num_blocks(8).storage(None).allocator(DeviceAllocator()).build()
         assert caught.value.errors == [("layout.allocator", f"{EXCLUSIVE}, but `storage`, `allocator` were set")]
 
-    def test_logical_none_counts_too(self) -> None:
-        assert KvManagerLayoutConfig.builder().num_blocks(8).logical(None).build().logical is None
+    @pytest.mark.parametrize("choice", ["storage", "logical"])
+    def test_a_choice_of_none_alone_leaves_the_tier_without_memory(self, choice: str) -> None:
+        # upstream builds it and fails when the manager starts; a layout must say where its blocks live
+        with pytest.raises(ConfigError) as caught:
+            getattr(KvManagerLayoutConfig.builder().num_blocks(8), choice)(None).build()
+
+        assert caught.value.errors == [("layout", "must provide either `storage` or `allocator` or `logical`")]
+
+    def test_allocator_none_is_refused_by_the_setter(self) -> None:
+        # upstream's allocator() takes an allocator, not an Option; None used to pass build() and fail later
+        with pytest.raises(ConfigError) as caught:
+            KvManagerLayoutConfig.builder().num_blocks(8).allocator(None).build()  # type: ignore[arg-type]
+
+        assert caught.value.errors == [
+            (
+                "layout.allocator",
+                "allocator() needs an allocator, got None; choose storage(...) or logical(...) instead",
+            )
+        ]
+
+    def test_direct_construction_and_evolve_need_memory_too(self) -> None:
+        with pytest.raises(ConfigError, match="must provide either `storage` or `allocator` or `logical`"):
+            KvManagerLayoutConfig(num_blocks=1)
+        built = KvManagerLayoutConfig.builder().num_blocks(8).allocator(DeviceAllocator()).build()
+        with pytest.raises(ConfigError, match="must provide either `storage` or `allocator` or `logical`"):
+            attrs.evolve(built, allocator=None)
+
+    def test_direct_construction_keeps_storages_as_a_tuple(self) -> None:
+        regions = [Region(StorageKind.SYSTEM, 0x1000, 4096)]
+        layout = KvManagerLayoutConfig(num_blocks=1, storage=regions)
+
+        regions.append(Region(StorageKind.SYSTEM, 0x2000, 4096))
+        assert layout.storage == (Region(StorageKind.SYSTEM, 0x1000, 4096),)
+        assert hash(layout) == hash(KvManagerLayoutConfig(num_blocks=1, storage=regions[:1]))
 
     def test_the_hook_is_reported_before_a_missing_field_as_upstream(self) -> None:
         # upstream's build_fn(validate) runs first: its error wins over "`num_blocks` must be initialized"
@@ -196,7 +227,11 @@ class TestLayoutType:
             KvManagerLayoutConfig.builder().num_blocks(1).logical(SHARDED).layout_type(3).build()  # type: ignore[arg-type]
 
         assert caught.value.errors == [
-            ("layout.layout_type", "must be a LayoutType (FullyContiguous() or LayerSeparate(...)), got 3")
+            (
+                "layout.layout_type",
+                "must be a layout name (fullycontiguous, layerseparateoutercontiguous, layerseparateblockcontiguous), "
+                "got 3",
+            )
         ]
 
     def test_str(self) -> None:
@@ -317,7 +352,7 @@ def test_logical_is_a_block_parallelism_strategy() -> None:
         KvManagerLayoutConfig.builder().num_blocks(1).logical("sharded").build()  # type: ignore[arg-type]
 
     assert caught.value.errors == [
-        ("layout.logical", "must be a BlockParallelismStrategy or None, got 'sharded' (str)"),
+        ("layout.logical", "must be 'LeaderWorkerSharded' (or null), got 'sharded' (str)"),
     ]
 
 

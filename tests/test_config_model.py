@@ -60,7 +60,12 @@ def test_a_missing_field_is_named_like_upstream() -> None:
     with pytest.raises(UninitializedFieldError) as caught:
         KvManagerModelConfig.builder().num_layers(28).outer_dim(2).build()
 
-    assert str(caught.value) == "`page_size` must be initialized"
+    assert str(caught.value).splitlines() == [
+        "`page_size` must be initialized",  # upstream's message, then every problem
+        "2 problems in the configuration:",
+        "  model.page_size: must be initialized",
+        "  model.inner_dim: must be initialized",
+    ]
     assert caught.value.missing == ("page_size", "inner_dim")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 import pytest
-from callers import EventLog, Region, SeenTwice
+from callers import Agent, EventLog, Region, SeenTwice
 from hypothesis import assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -53,10 +53,11 @@ from kvbm_builder.config import (
     StorageKind,
     SystemAllocator,
     Tier,
-    cache_sizes_from_env,
     parse_size,
     should_bypass_cpu_cache,
 )
+from kvbm_builder.loading import cache_sizes_from_env
+from kvbm_builder.metrics import KvbmMetrics, NullKvbmMetrics
 
 # ---------------------------------------------------------------------------------------------------------
 # Values a caller might pass
@@ -114,7 +115,8 @@ anything: st.SearchStrategy[Any] = st.one_of(
     st.tuples(),
     st.sampled_from([*EventSource, *ConsolidatorMode, *BlockParallelismStrategy, *StorageKind, *NixlMode, *Tier]),
     st.sampled_from([NixlOptions.ENABLED, NixlOptions.DISABLED]),
-    st.builds(NixlOptions.enabled_with_agent, st.builds(object)),
+    st.builds(NixlOptions.enabled_with_agent, st.builds(Agent)),
+    st.builds(Agent),
     st.sampled_from(LAYOUT_TYPES + ALLOCATORS),
     regions(),
     st.lists(regions(), max_size=3),
@@ -193,7 +195,7 @@ def good_values(kind: str, setter: str, pool: dict[str, list[Any]]) -> st.Search
                 "worker_id": st.integers(0, 2**64 - 1),
                 "cancellation_token": st.builds(CancellationToken),
                 "nixl": st.sampled_from([NixlOptions.ENABLED, NixlOptions.DISABLED]),
-                "use_nixl_agent": st.builds(object),
+                "use_nixl_agent": st.builds(Agent),
                 "async_runtime": st.sampled_from([None, EXECUTOR]),
                 "metrics_registry": st.builds(CollectorRegistry),
             }[setter]
@@ -340,14 +342,14 @@ FIELD_RULES: dict[str, dict[str, Callable[[Any], bool]]] = {
         "metrics_registry": lambda v: hasattr(v, "register") and hasattr(v, "collect"),
     },
     "model": {
-        "num_layers": lambda v: is_int(v) and v >= 1,
+        "num_layers": lambda v: is_int(v) and 1 <= v < 2**64,  # upstream's usize
         "outer_dim": lambda v: is_int(v) and v in (1, 2),
-        "page_size": lambda v: is_int(v) and v >= 1,
-        "inner_dim": lambda v: is_int(v) and v >= 1,
+        "page_size": lambda v: is_int(v) and 1 <= v < 2**64,
+        "inner_dim": lambda v: is_int(v) and 1 <= v < 2**64,
         "dtype_width_bytes": lambda v: is_int(v) and v in (1, 2, 4, 8),
     },
     "layout": {
-        "num_blocks": lambda v: is_int(v) and v >= 1,
+        "num_blocks": lambda v: is_int(v) and 1 <= v < 2**64,
         "layout_type": lambda v: isinstance(v, LayoutType),
         "storage": storage_ok,
         "allocator": allocator_ok,
@@ -369,7 +371,7 @@ FIELD_RULES: dict[str, dict[str, Callable[[Any], bool]]] = {
         "disk_layout": lambda v: v is None or isinstance(v, KvManagerLayoutConfig),
         "event_manager": lambda v: v is None or (hasattr(v, "on_store") and hasattr(v, "on_remove")),
         "block_reset_channel": lambda v: True,
-        "kvbm_metrics": lambda v: True,
+        "kvbm_metrics": lambda v: v is None or isinstance(v, (KvbmMetrics, NullKvbmMetrics)),
         "consolidator_config": lambda v: v is None or isinstance(v, KvEventConsolidatorConfig),
     },
 }
@@ -408,8 +410,16 @@ def setter_effect(kind: str, setter: str, args: tuple[Any, ...]) -> tuple[str, A
         return field, NixlOptions.ENABLED
     if setter == "disable_nixl":
         return field, NixlOptions.DISABLED
-    if setter == "use_nixl_agent":
-        return field, REJECTED if args[0] is None else ("agent", args[0])
+    if setter == "use_nixl_agent":  # the agent's shape is checked: the calls registration makes
+        shaped = all(hasattr(args[0], a) for a in ("register_memory", "deregister_memory", "get_reg_descs"))
+        return field, ("agent", args[0]) if shaped else REJECTED
+    if setter == "nixl" and isinstance(args[0], str) and args[0].strip().lower() in ("enabled", "disabled"):
+        return field, NixlOptions.ENABLED if args[0].strip().lower() == "enabled" else NixlOptions.DISABLED
+    if kind == "layout" and setter == "allocator" and args[0] is None:  # upstream's setter takes no Option
+        return field, REJECTED
+    if kind == "layout" and setter == "logical" and isinstance(args[0], str):
+        sharded = args[0].lower().replace("_", "").replace("-", "") == "leaderworkersharded"
+        return field, SHARDED if sharded else args[0]
     if kind == "layout" and setter == "layout_type" and isinstance(args[0], str):
         return field, LAYOUT_NAMES_READ.get(args[0].lower().replace("_", "").replace("-", ""), REJECTED)
     if kind == "layout" and setter == "storage" and isinstance(args[0], list):
@@ -461,9 +471,14 @@ def expected_problems(kind: str, calls: dict[str, Any]) -> tuple[set[str], list[
         if len(chosen) != 1:
             fields.add(chosen[1] if chosen else "")
             early = True
-        present = [name for name in ("storage", "allocator", "logical") if values.get(name) is not None]
+        present = [
+            name for name in ("storage", "allocator", "logical") if name in calls and values.get(name) is not None
+        ]
+        refused = [name for name in ("storage", "allocator", "logical") if calls.get(name) is REJECTED]
         if len(present) > 1:
             fields.add(present[1])
+        elif not present and not refused and len(chosen) == 1:
+            fields.add("")  # a choice of None alone: the tier has no memory
     if kind == "manager":
         model = values.get("model")
         for slot, kinds in SLOT_KINDS.items():
@@ -619,7 +634,8 @@ def run_build(tracked: Tracked, pool: dict[str, list[Any]]) -> None:
         assert {str(g) for g in got} == fields, (err.errors, fields)
         if missing and not early:
             assert type(err) is UninitializedFieldError
-            assert str(err) == f"`{missing[0]}` must be initialized"
+            if err.problems[0].message == "must be initialized":  # upstream's message, first
+                assert str(err).splitlines()[0] == f"`{err.problems[0].path[0]}` must be initialized"
             assert err.missing == tuple(missing)
         else:
             assert type(err) is ConfigError
@@ -736,6 +752,10 @@ def test_every_near_miss_of_every_setter(kind: str, setter: str) -> None:
         run_build(tracked, pool)
 
 
+def converter_of(kind: str, name: str) -> Callable[[Any], Any]:
+    return attrs.fields_dict(CONFIG_OF[kind])[name].converter or (lambda value: value)
+
+
 def direct_values(kind: str, field: str, pool: dict[str, list[Any]]) -> st.SearchStrategy[Any]:
     if field == "consolidator_config":
         kvbm = KvEventConsolidatorConfig(engine_source=EventSource.Kvbm)  # fine alone, never in a manager
@@ -755,10 +775,12 @@ def test_direct_construction_follows_the_same_rules(kind: str, data: st.DataObje
         for field in FIELD_RULES[kind]
         if field in REQUIRED[kind] or data.draw(st.booleans(), label=f"set {field}")
     }
-    fields = {name for name, value in values.items() if not FIELD_RULES[kind][name](value)}
+    # what a field may be given as (a name for a layout or a mode, a list for storages) is the field's own
+    converted = {name: converter_of(kind, name)(value) for name, value in values.items()}
+    fields = {name for name, value in converted.items() if not FIELD_RULES[kind][name](value)}
     if kind == "layout":
         present = [name for name in ("storage", "allocator", "logical") if values.get(name) is not None]
-        fields.update(present[1:2])
+        fields.update(present[1:2] if present else [""])
     if kind == "manager":
         for slot, kinds in SLOT_KINDS.items():
             layout = values.get(slot)

@@ -8,18 +8,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from callers import Agent
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from kvbm_builder import ConfigError, KvManagerRuntimeConfig, UninitializedFieldError
 from kvbm_builder.config import CancellationToken, NixlMode, NixlOptions
 
 U64_MAX = 2**64 - 1
-
-
-class Agent:
-    """What the config knows of a NIXL agent: an object the caller owns (the config never calls it)."""
-
-    name = "worker-7"
 
 
 def test_only_worker_id_is_required_and_the_defaults_are_upstreams() -> None:
@@ -126,8 +121,27 @@ def test_nixl_must_be_nixl_options() -> None:
         KvManagerRuntimeConfig.builder().worker_id(1).nixl(True).build()  # type: ignore[arg-type]
 
     assert caught.value.errors == [
-        ("runtime.nixl", "must be a NixlOptions (use enable_nixl() / disable_nixl()), got True (bool)")
+        ("runtime.nixl", "must be 'enabled' or 'disabled' (or NixlOptions), got True (bool)")
     ]
+    assert KvManagerRuntimeConfig.builder().worker_id(1).nixl("Disabled").build().nixl == NixlOptions.DISABLED  # type: ignore[arg-type]
+
+
+def test_use_nixl_agent_checks_the_agents_shape_at_build() -> None:
+    # upstream's setter takes a NixlAgent; any object used to pass build() and fail only when the manager started
+    builder = KvManagerRuntimeConfig.builder().worker_id(1).use_nixl_agent("not an agent")
+
+    with pytest.raises(ConfigError) as caught:
+        builder.build()
+
+    assert caught.value.errors == [
+        (
+            "runtime.nixl",
+            "use_nixl_agent() needs a NIXL agent: must be a NIXL agent (lacks register_memory, deregister_memory, "
+            "get_reg_descs), got 'not an agent' (str)",
+        )
+    ]
+    with pytest.raises(ConfigError, match="must be a NIXL agent"):
+        NixlOptions.enabled_with_agent(object())
 
 
 @pytest.fixture

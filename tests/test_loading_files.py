@@ -31,7 +31,7 @@ def test_the_example_is_a_realistic_valid_config() -> None:
     assert [tier.name for tier, _ in config.tiers()] == ["G1", "G2", "G3"]
     assert config.model.bytes_per_block == 4 * 2**20
     assert config.host_layout is not None and config.host_layout.num_blocks == 4096  # 16 GiB
-    assert config.disk_layout is not None and config.disk_layout.num_blocks == 64 * 10**9 // 2**22  # 64 GB
+    assert config.disk_layout is not None and config.disk_layout.num_blocks == 32 * 10**9 // 2**22  # 32 GB
 
 
 def test_the_same_document_in_json_toml_and_yaml_gives_the_same_config(tmp_path: Path) -> None:
@@ -147,7 +147,9 @@ def test_to_toml_writes_sections_and_upstreams_layout_inline() -> None:
     assert "[host_layout.allocator]\n" in text
     assert "num_blocks = 4096  # file\n" in text
     layered = to_toml({"t": {"layout_type": {"LayerSeparate": {"outer_contiguous": True}}}})
-    assert layered == "[t]\nlayout_type = { LayerSeparate = { outer_contiguous = true } }\n"
+    assert tomllib.loads(layered) == {"t": {"layout_type": {"LayerSeparate": {"outer_contiguous": True}}}}
+    quoted = to_toml({"a b": {"c.d": 1}}, {"a b.c.d": "file"})
+    assert quoted.splitlines()[-1] == '"c.d" = 1  # file'
 
 
 def test_toml_has_no_null() -> None:

@@ -145,7 +145,8 @@ def test_a_byte_budget_gives_floor_budget_over_padded_block_bytes(
     budget = number * units[unit]
     table = {"size": f"{number}{unit}", "layout_type": layout_type.to_upstream(), "alignment": alignment}
     doc = {"runtime": {"worker_id": 0}, "model": dump(model), "host_layout": {**table, "allocator": {"kind": "system"}}}
-    probe = KvManagerLayoutConfig.builder().num_blocks(1).layout_type(layout_type).alignment(alignment).logical(None)
+    probe = KvManagerLayoutConfig.builder().num_blocks(1).layout_type(layout_type).alignment(alignment)
+    probe = probe.allocator(SystemAllocator())
     block_bytes = LayoutSpec.from_config(model, probe.build()).block_bytes
     if budget < block_bytes:
         with pytest.raises(ConfigError, match=r"\$\.host_layout\.size: .* hold no whole block"):

@@ -8,15 +8,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvbm_builder import ConfigError
-from kvbm_builder.config import parse_size
+from kvbm_builder import ConfigError, KvManagerLayoutConfig, KvManagerModelConfig
+from kvbm_builder.config import (
+    DeviceAllocator,
+    DiskAllocator,
+    KvEventConsolidatorConfig,
+    KvManagerRuntimeConfig,
+    PinnedAllocator,
+    SystemAllocator,
+    Tier,
+    parse_size,
+)
+from kvbm_builder.config.fields import specs
+from kvbm_builder.config.sizes import SIZE_PATTERN
 from kvbm_builder.loading import json_schema, read_document
-from kvbm_builder.loading._converter import FORMS, converter
-from kvbm_builder.loading._schema import NAMES, SIZE_PATTERN, name_pattern
+from kvbm_builder.loading._converter import CLASS_VIEWS, MANAGER_VIEW, TIER_VIEWS
+from kvbm_builder.loading._schema import name_pattern
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "config.toml"
 SCHEMA = json_schema()
@@ -40,20 +52,34 @@ def test_it_is_a_draft_2020_12_schema_of_a_kv_block_manager_config() -> None:
     assert SCHEMA["$defs"]["Model"]["required"] == ["num_layers", "outer_dim", "page_size", "inner_dim"]
 
 
+VIEWS = {
+    "KvBlockManagerConfig": MANAGER_VIEW,
+    "Runtime": CLASS_VIEWS[KvManagerRuntimeConfig],
+    "Model": CLASS_VIEWS[KvManagerModelConfig],
+    "Consolidator": CLASS_VIEWS[KvEventConsolidatorConfig],
+    "DeviceLayout": TIER_VIEWS[Tier.G1],
+    "HostLayout": TIER_VIEWS[Tier.G2],
+    "DiskLayout": TIER_VIEWS[Tier.G3],
+    "Layout": TIER_VIEWS[None],
+    **{cls.__name__: CLASS_VIEWS[cls] for cls in (DeviceAllocator, PinnedAllocator, SystemAllocator, DiskAllocator)},
+}
+
+
 def test_every_table_forbids_unknown_keys() -> None:
     found = list(objects(SCHEMA))
-    assert len(found) >= len(FORMS)
+    assert len(found) >= len(VIEWS)
     for node in found:
         assert node["additionalProperties"] is False
 
 
 def test_every_key_the_loader_takes_is_described_and_runtime_objects_are_not() -> None:
-    for form in FORMS:
-        properties = SCHEMA["$defs"][form.name]["properties"]
-        assert set(form.keys) <= set(properties)
-        assert not set(form.runtime_only) & set(properties)
-        for name in form.keys:
-            assert properties[name]["description"]
+    assert set(SCHEMA["$defs"]) == set(VIEWS)
+    for name, view in VIEWS.items():
+        properties = SCHEMA["$defs"][name]["properties"]
+        assert set(view.keys) <= set(properties)
+        assert not set(view.runtime_only) & set(properties)
+        for key in view.keys:
+            assert properties[key]["description"]
 
 
 def test_the_size_pattern_accepts_every_size_the_loader_accepts() -> None:
@@ -111,11 +137,23 @@ def spellings(draw: st.DrawFn, words: tuple[str, ...], style: str) -> str:
     )
 
 
-@pytest.mark.parametrize("kind", list(NAMES), ids=lambda t: getattr(t, "__name__", str(t)))
+# every field that may be given by name: the names come from the field's own rule
+SPELLED = [
+    (cls, name)
+    for cls in (KvManagerRuntimeConfig, KvManagerLayoutConfig, KvEventConsolidatorConfig, PinnedAllocator)
+    for name, spec in specs(cls).items()
+    if spec.rule is not None and "names" in spec.rule.schema
+]
+
+
+@pytest.mark.parametrize(("cls", "name"), SPELLED, ids=lambda v: getattr(v, "__name__", str(v)))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_name_patterns_match_exactly_what_the_parsers_accept(kind: Any, data: st.DataObject) -> None:
-    words, style = NAMES[kind]
+def test_name_patterns_match_exactly_what_the_fields_accept(cls: Any, name: str, data: st.DataObject) -> None:
+    rule = specs(cls)[name].rule
+    assert rule is not None
+    words, style = rule.schema["names"]
     pattern = name_pattern(words, style)
-    assert re.match(pattern, data.draw(spellings(words, style)))  # never stricter than the parser
-    converter.structure(data.draw(st.from_regex(pattern, fullmatch=True)), kind)  # never looser
+    assert rule(attrs.fields_dict(cls)[name].converter(data.draw(spellings(words, style)))) is None  # never stricter
+    text = data.draw(st.from_regex(pattern, fullmatch=True))
+    assert rule(attrs.fields_dict(cls)[name].converter(text)) is None  # never looser

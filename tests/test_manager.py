@@ -35,26 +35,10 @@ from kvbm_builder import (
     Tier,
 )
 from kvbm_builder.config.protocols import Storage
-from kvbm_builder.storage import SystemStorage, allocate, cuda_available
+from kvbm_builder.storage import SystemStorage, cuda_available
+from kvbm_builder.testing import RecordingAllocator as Recording
 
 MODEL = KvManagerModelConfig.builder().num_layers(3).outer_dim(2).page_size(4).inner_dim(8).build()
-
-
-@attrs.define
-class Recording:
-    """A real allocator that remembers what it made, so tests can check that all of it was released."""
-
-    inner: Any
-    made: list[Any] = attrs.field(factory=list)
-
-    @property
-    def storage_kind(self) -> StorageKind:
-        return self.inner.storage_kind  # type: ignore[no-any-return]
-
-    def allocate(self, size: int) -> Any:
-        storage = allocate(self.inner, size)
-        self.made.append(storage)
-        return storage
 
 
 @attrs.define
@@ -330,16 +314,9 @@ def test_a_storage_of_the_wrong_kind_is_refused_by_the_config() -> None:
             builder.disk_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage([memory]).build()).build()
 
 
-def test_storage_none_passes_the_builder_but_the_manager_says_what_is_missing() -> None:
-    config = (
-        KvBlockManagerConfig.builder()
-        .runtime(runtime())
-        .model(MODEL)
-        .host_layout(KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build())
-        .build()
-    )
-    with pytest.raises(AllocationError, match=r"host tier \(G2\) has no memory.*\.allocator\("):
-        KvBlockManager(config)
+def test_storage_none_alone_is_refused_before_any_manager_starts() -> None:
+    with pytest.raises(ConfigError, match="must provide either `storage` or `allocator` or `logical`"):
+        KvManagerLayoutConfig.builder().num_blocks(2).storage(None).build()
 
 
 def test_a_logical_tier_has_no_local_memory() -> None:

@@ -218,27 +218,27 @@ def test_requests_that_asked_for_nothing_stay_out_of_the_window(metrics: KvbmMet
     assert HitRateWindow(5).host_hit_rate == 0.0  # empty window: 0, as upstream
 
 
-lookups = st.lists(
-    st.integers(0, 1000).flatmap(
-        lambda requested: st.tuples(st.just(requested), st.integers(0, requested)).flatmap(
-            lambda rh: st.tuples(st.just(rh[0]), st.just(rh[1]), st.integers(0, rh[0] - rh[1]))
-        )
-    ),
-    max_size=60,
-)
+def split(requested: int) -> st.SearchStrategy[tuple[int, int, int, int]]:
+    """(requested, found on the device, in the host, on the disk): three cuts of the requested tokens."""
+    cuts = st.lists(st.integers(0, requested), min_size=3, max_size=3).map(sorted)
+    return cuts.map(lambda c: (requested, c[0], c[1] - c[0], c[2] - c[1]))
+
+
+lookups = st.lists(st.integers(0, 1000).flatmap(split), max_size=60)
 
 
 @given(max_requests=st.integers(1, 8), requests=lookups)
 def test_the_window_matches_a_list_of_the_last_n_requests(
-    max_requests: int, requests: list[tuple[int, int, int]]
+    max_requests: int, requests: list[tuple[int, int, int, int]]
 ) -> None:
     window = HitRateWindow(max_requests)
     metrics = KvbmMetrics(cache_stats_max_requests=max_requests)
-    for requested, host, disk in requests:
-        window.record(requested, host, disk)
-        metrics.record_lookup(requested, {G2: host, G3: disk})
+    for requested, device, host, disk in requests:
+        window.record(requested - device, host, disk)
+        metrics.record_lookup(requested, {G1: device, G2: host, G3: disk})
 
-    kept = [r for r in requests if r[0] > 0][-max_requests:]
+    # upstream's rates are about the tokens the device did not hold; a request the device answered whole is left out
+    kept = [(r - d, h, k) for r, d, h, k in requests if r - d > 0][-max_requests:]
     asked = sum(r[0] for r in kept)
     assert window.sums() == (asked, sum(r[1] for r in kept), sum(r[2] for r in kept))
     host_rate = sum(r[1] for r in kept) / asked if asked else 0.0
@@ -247,8 +247,24 @@ def test_the_window_matches_a_list_of_the_last_n_requests(
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "kvbm_host_cache_hit_rate") == pytest.approx(host_rate, rel=1e-15)
     assert value(samples, "kvbm_disk_cache_hit_rate") == pytest.approx(disk_rate, rel=1e-15)
+    # the counters count every token: a token hit rate per tier is tier_matched / requested
     assert value(samples, "kvbm_requested_tokens_total") == sum(r[0] for r in requests)
-    assert value(samples, "kvbm_matched_tokens") == sum(r[1] + r[2] for r in requests)
+    for tier, at in ((G1, 1), (G2, 2), (G3, 3)):
+        assert value(samples, "kvbm_tier_matched_tokens_total", tier=tier.name) == sum(r[at] for r in requests)
+    assert value(samples, "kvbm_matched_tokens") == sum(r[2] + r[3] for r in requests)  # upstream's: below G1
+
+
+def test_a_lookup_counts_device_hits_but_upstreams_rates_look_below_the_device(metrics: KvbmMetrics, url: str) -> None:
+    metrics.record_lookup(100, {G1: 50, G2: 25, G3: 5})  # 50 tokens left to find below the device: 25 + 5 found
+    metrics.record_lookup(64, {G1: 64})  # the device held it all: nothing to look up below it
+
+    samples = scrape(url)
+
+    assert value(samples, "kvbm_requested_tokens_total") == 164
+    assert value(samples, "kvbm_tier_matched_tokens_total", tier="G1") == 114
+    assert value(samples, "kvbm_matched_tokens") == value(samples, "kvbm_matched_tokens_total") == 30
+    assert value(samples, "kvbm_host_cache_hit_rate") == 25 / 50
+    assert value(samples, "kvbm_disk_cache_hit_rate") == 5 / 50
 
 
 # ---- the duration histogram --------------------------------------------------------------------------------------
@@ -510,8 +526,9 @@ def test_numpy_integers_count_like_ints(metrics: KvbmMetrics) -> None:
 
 def test_the_readme_example_runs_and_serves_what_it_recorded() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme[readme.index("## Metrics") :]
-    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    section = readme[readme.index("## Metrics") : readme.index("## Layout of the code")]
+    blocks = [block.split("```")[0] for block in section.split("```python")[1:]]
+    code = next(block for block in blocks if "KvbmMetrics(CollectorRegistry()" in block)
     namespace: dict[str, Any] = {}
 
     exec(compile(code, "README.md", "exec"), namespace)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvbm_builder import DiskAllocator, NixlError, NixlOptions, Tier
+from kvbm_builder import ConfigError, DiskAllocator, NixlError, NixlOptions, Tier
 from kvbm_builder import nixl as nixl_module
 from kvbm_builder.nixl import NixlDeregistrationError, NixlRegistry
 from kvbm_builder.storage import DiskStorage, SystemStorage, allocate_disk, allocate_system
@@ -176,8 +176,8 @@ def test_closed_storages_and_closed_registries_are_refused(shared_agent: Any) ->
 
 
 def test_something_that_is_not_an_agent_is_refused() -> None:
-    with pytest.raises(NixlError, match="not a nixl_agent"):
-        NixlRegistry(NixlOptions.enabled_with_agent(object()), 1)
+    with pytest.raises(ConfigError, match="must be a NIXL agent"):  # by the config, before any registry
+        NixlOptions.enabled_with_agent(object())
 
 
 def test_without_nixl_installed_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -379,14 +379,18 @@ def test_cancelling_fails_the_batches_not_started(layouts: list[Layout], tmp_pat
     token = CancellationToken()
     records: list[TransferRecord] = []
 
+    submitted = threading.Event()
+
     def cancel_after_first(record: TransferRecord) -> None:
         records.append(record)
+        submitted.wait(30)  # the second submit is queued before the token goes
         token.cancel()
 
     with no_leaks(), TransferEngine(max_batch_blocks=1, max_concurrent=1, cancellation_token=token) as engine:
         engine.add_listener(cancel_after_first)
         first = engine.submit(src, [0], dst, [0])
         second = engine.submit(src, range(1, 32), dst, range(1, 32))  # waits behind the first
+        submitted.set()
         assert first.result(timeout=60).ok
         with pytest.raises(TransferError) as caught:
             second.result(timeout=60)
@@ -402,9 +406,16 @@ def test_close_from_a_listener_fails_what_has_not_started(layouts: list[Layout],
 
     with no_leaks():
         engine = TransferEngine(max_batch_blocks=1, max_concurrent=1)
-        engine.add_listener(lambda record: engine.close())
+        submitted = threading.Event()
+
+        def close_after_first(record: TransferRecord) -> None:
+            submitted.wait(30)  # the second submit is queued before the engine closes
+            engine.close()
+
+        engine.add_listener(close_after_first)
         first = engine.submit(src, [0], dst, [0])
         second = engine.submit(src, range(1, 32), dst, range(1, 32))
+        submitted.set()
         with pytest.raises(TransferError) as caught:
             second.result(timeout=60)
         engine.close()

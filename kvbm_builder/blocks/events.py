@@ -2,7 +2,10 @@
 
 A :class:`StoreEvent` is sent when a (sequence hash, tier) pair gains its first live registration, a
 :class:`RemoveEvent` when that registration goes (the block was evicted for another, reset, or its pool closed).
-Each pool delivers them, in order, to the config's ``event_manager`` (``on_store(event)`` / ``on_remove(event)``).
+Each pool delivers them, in order, to the config's ``event_manager`` (``on_store(event)`` / ``on_remove(event)``),
+on the thread that made the change: a completed transfer registers its blocks on the transfer engine's threads, so an
+event manager must be thread-safe. One that raises is logged and counted (``BlockPool.event_failures``); the pool is
+unaffected.
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ class FrequencyFilter:
         return thread is not None and thread.is_alive()
 
     def start(self, cancellation_token: CancellationToken | None = None) -> FrequencyFilter:
-        """Tick now, then every ``flush_interval`` seconds in a daemon thread, until stopped; returns self.
+        """Tick now (before returning, so a sighting after ``start()`` is never decayed by that first tick), then
+        every ``flush_interval`` seconds in a daemon thread, until stopped; returns self.
 
         Cancelling ``cancellation_token`` stops the thread too. Starting a running filter is an error.
         """
@@ -115,7 +116,8 @@ class FrequencyFilter:
                 raise KvbmError("this FrequencyFilter is already ticking; stop() it before starting it again")
             token = cancellation_token.child_token() if cancellation_token is not None else CancellationToken()
             self._token = token
-            self._next_tick = time.monotonic()  # the first tick at start, as upstream's interval does
+            self._decay()  # the first tick at start, as upstream's interval does
+            self._next_tick = time.monotonic() + self.flush_interval
             thread = threading.Thread(target=self._run, args=(token,), name="kvbm-frequency-filter", daemon=True)
             self._thread = thread
         thread.start()

@@ -7,7 +7,7 @@ from .consolidator import (
     KvEventConsolidatorConfig,
     KvEventConsolidatorConfigBuilder,
 )
-from .env import CacheSizes, cache_sizes_from_env, should_bypass_cpu_cache
+from .env import should_bypass_cpu_cache
 from .layout import (
     BlockParallelismStrategy,
     FullyContiguous,
@@ -32,7 +32,6 @@ from .sizes import GB, GiB, parse_size
 __all__ = [
     "GB",
     "BlockParallelismStrategy",
-    "CacheSizes",
     "CancellationToken",
     "ConsolidatorMode",
     "DeviceAllocator",
@@ -64,7 +63,6 @@ __all__ = [
     "StorageKind",
     "SystemAllocator",
     "Tier",
-    "cache_sizes_from_env",
     "parse_size",
     "should_bypass_cpu_cache",
 ]

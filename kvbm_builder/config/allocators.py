@@ -9,21 +9,21 @@ configuration never imports the storage modules, cupy or nixl. A caller's own al
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
-from typing import ClassVar, TypeAlias
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeAlias
 
 import attrs
 
-from ..errors import Problem
-from ._rules import Validated, instance, integer, optional, rule, show
+from ..errors import ConfigError, Problem, show
+from . import env
+from .env import EnvVar
+from .fields import Rule, Validated, field, integer, optional, spelled, true_or_false
 from .protocols import StorageKind
 
 #: ``progress(done_bytes, total_bytes)``, called from the allocating thread during long bring-ups.
 ProgressCallback = Callable[[int, int], None]
 
-#: The rule of every true/false field (the pinned tier's PinTuning shares it).
-true_or_false = rule(instance(bool, what="true or false"))
-_progress = rule(optional(lambda v: None if callable(v) else "must be callable as progress(done, total)"))
+_DEVICE_ID = integer(min=0, max=2**31 - 1)
 
 
 @attrs.frozen(kw_only=True)
@@ -33,7 +33,11 @@ class DeviceAllocator(Validated):
     _kvbm_root: ClassVar[str] = "allocator"
     storage_kind: ClassVar[StorageKind] = StorageKind.DEVICE
 
-    device_id: int = attrs.field(default=0, metadata=rule(integer(min=0)))
+    device_id: int = field(default=0, rule=_DEVICE_ID, doc="The GPU ordinal.")
+
+
+def _words(value: object) -> str:
+    return value.lower().replace("_", "").replace("-", "") if isinstance(value, str) else ""
 
 
 class PinningMode(enum.Enum):
@@ -43,6 +47,20 @@ class PinningMode(enum.Enum):
     register = "register"
     host_alloc = "host_alloc"
 
+    @classmethod
+    def parse(cls, value: object) -> PinningMode:
+        """``"register"`` or ``"host_alloc"`` (case, ``_`` and ``-`` ignored), or a PinningMode."""
+        if isinstance(value, PinningMode):
+            return value
+        for mode in cls:
+            if _words(value) == _words(mode.value):
+                return mode
+        raise ConfigError([Problem((), f"must be 'register' or 'host_alloc', got {show(value)}")])
+
+
+def _progress(value: object) -> str | None:
+    return None if callable(value) else f"must be callable as progress(done, total), got {show(value)}"
+
 
 @attrs.frozen(kw_only=True)
 class PinnedAllocator(Validated):
@@ -51,18 +69,42 @@ class PinnedAllocator(Validated):
     _kvbm_root: ClassVar[str] = "allocator"
     storage_kind: ClassVar[StorageKind] = StorageKind.PINNED
 
-    device_id: int = attrs.field(default=0, metadata=rule(integer(min=0)))
-    mode: PinningMode = attrs.field(
-        default=PinningMode.register, metadata=rule(instance(PinningMode, what="a PinningMode"))
+    device_id: int = field(default=0, rule=_DEVICE_ID, doc="The GPU that copies to and from this memory.")
+    mode: PinningMode = field(
+        default=PinningMode.register,
+        **spelled(PinningMode.parse, PinningMode, names=(("register", "host_alloc"), "words")),
+        doc="register: mmap, parallel first touch, then cudaHostRegister (fast); host_alloc: cudaHostAlloc.",
     )
-    huge_pages: bool = attrs.field(default=False, metadata=true_or_false)
-    numa: bool = attrs.field(default=False, metadata=true_or_false)
-    threads: int | None = attrs.field(default=None, metadata=rule(optional(integer(min=1, max=1024))))
-    progress: ProgressCallback | None = attrs.field(default=None, eq=False, repr=False, metadata=_progress)
+    huge_pages: bool = field(
+        default=False,
+        rule=true_or_false,
+        env=EnvVar(env.DYN_KVBM_USE_HUGE_PAGES, "flag"),
+        doc="Back the tier with huge pages (DYN_KVBM_USE_HUGE_PAGES).",
+    )
+    numa: bool = field(
+        default=False,
+        rule=true_or_false,
+        env=EnvVar(env.DYN_KVBM_ENABLE_NUMA, "flag"),
+        doc="Place memory on the GPU's NUMA node (DYN_KVBM_ENABLE_NUMA).",
+    )
+    threads: int | None = field(
+        default=None,
+        rule=optional(integer(min=1, max=1024)),
+        doc="Threads that first-touch the pages (mode register; default: the usable CPUs, at most 16).",
+    )
+    progress: ProgressCallback | None = field(
+        default=None,
+        eq=False,
+        repr=False,
+        document=False,
+        rule=optional(Rule(_progress)),
+        doc="progress(done_bytes, total_bytes), called while a large tier comes up.",
+    )
 
     @classmethod
-    def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
-        if good.get("huge_pages") is True and good.get("numa") is True:
+    def _relations(cls, get: Callable[[str], Any], bad: frozenset[str]) -> list[Problem]:
+        huge, numa = get("huge_pages") is True, get("numa") is True
+        if huge and numa:
             return [
                 Problem(
                     ("numa",),
@@ -70,7 +112,7 @@ class PinnedAllocator(Validated):
                     "DYN_KVBM_ENABLE_NUMA is an error); turn one off",
                 )
             ]
-        if good.get("mode") is PinningMode.host_alloc and good.get("huge_pages") is True:
+        if huge and get("mode") is PinningMode.host_alloc:
             return [Problem(("huge_pages",), "huge pages need mode 'register' (mmap + cudaHostRegister)")]
         return []
 
@@ -93,20 +135,33 @@ def _directory(value: object) -> str | None:
 
 @attrs.frozen(kw_only=True)
 class DiskAllocator(Validated):
-    """G3: one file per storage in ``directory`` (``DYN_KVBM_DISK_CACHE_DIR``), mode 0600, removed on release.
-
-    ``o_direct=False`` is ``DYN_KVBM_DISK_DISABLE_O_DIRECT``; ``zerofill_fallback=True`` is
-    ``DYN_KVBM_DISK_ZEROFILL_FALLBACK`` (zero-fill when the file system refuses ``fallocate``).
-    """
+    """G3: one file per storage in ``directory``, mode 0600, removed on release."""
 
     _kvbm_root: ClassVar[str] = "allocator"
     storage_kind: ClassVar[StorageKind] = StorageKind.DISK
 
-    directory: str = attrs.field(default="/tmp/", metadata=rule(_directory))
-    o_direct: bool = attrs.field(default=True, metadata=true_or_false)
-    zerofill_fallback: bool = attrs.field(default=False, metadata=true_or_false)
+    directory: str = field(
+        default="/tmp/",
+        rule=Rule(_directory, {"type": "string", "minLength": 1}),
+        env=EnvVar(env.DYN_KVBM_DISK_CACHE_DIR, "text"),
+        doc="Where the cache file is created (DYN_KVBM_DISK_CACHE_DIR; upstream's default /tmp/).",
+    )
+    o_direct: bool = field(
+        default=True,
+        rule=true_or_false,
+        env=EnvVar(env.DYN_KVBM_DISK_DISABLE_O_DIRECT, "set", when_set=False),
+        doc="Open the file with O_DIRECT (DYN_KVBM_DISK_DISABLE_O_DIRECT, when set, turns it off).",
+    )
+    zerofill_fallback: bool = field(
+        default=False,
+        rule=true_or_false,
+        env=EnvVar(env.DYN_KVBM_DISK_ZEROFILL_FALLBACK, "set", when_set=True),
+        doc="Zero-fill when the file system refuses fallocate (DYN_KVBM_DISK_ZEROFILL_FALLBACK).",
+    )
 
 
 BuiltinAllocator: TypeAlias = "DeviceAllocator | PinnedAllocator | SystemAllocator | DiskAllocator"
 #: The allocators a document can describe, in the order of their tiers.
 BUILTIN_ALLOCATORS: tuple[type, ...] = (DeviceAllocator, PinnedAllocator, SystemAllocator, DiskAllocator)
+#: The built-in allocator of each storage kind.
+ALLOCATOR_OF_KIND: dict[StorageKind, type] = {cls.storage_kind: cls for cls in BUILTIN_ALLOCATORS}  # type: ignore[attr-defined]

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import attrs
 
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, Problem, show
 from ._builder import Builder
-from ._rules import Validated, endpoint, instance, rule, show
+from .fields import Validated, endpoint, field, spelled
 
 DEFAULT_ENGINE_EVENT_ENDPOINT = "tcp://localhost:5557"
 DEFAULT_CONSOLIDATED_EVENT_ENDPOINT = "tcp://*:5558"
@@ -65,13 +65,21 @@ class KvEventConsolidatorConfig(Validated):
 
     _kvbm_root: ClassVar[str] = "consolidator_config"
 
-    engine_event_endpoint: str = attrs.field(default=DEFAULT_ENGINE_EVENT_ENDPOINT, metadata=rule(endpoint))
-    consolidated_event_endpoint: str = attrs.field(default=DEFAULT_CONSOLIDATED_EVENT_ENDPOINT, metadata=rule(endpoint))
-    engine_source: EventSource = attrs.field(
-        default=EventSource.Vllm, metadata=rule(instance(EventSource, what="an EventSource"))
+    engine_event_endpoint: str = field(
+        default=DEFAULT_ENGINE_EVENT_ENDPOINT, rule=endpoint, doc="Where the engine publishes its KV events."
     )
-    mode: ConsolidatorMode = attrs.field(
-        default=ConsolidatorMode.dedup, metadata=rule(instance(ConsolidatorMode, what="a ConsolidatorMode"))
+    consolidated_event_endpoint: str = field(
+        default=DEFAULT_CONSOLIDATED_EVENT_ENDPOINT, rule=endpoint, doc="Where consolidated events are published."
+    )
+    engine_source: EventSource = field(
+        default=EventSource.Vllm,
+        **spelled(EventSource.parse, EventSource, names=(("vllm", "gpu", "trtllm", "tensorrt-llm"), "trim-dash")),
+        doc="Who publishes the engine events: vllm (or gpu), trtllm (or tensorrt-llm); case-insensitive.",
+    )
+    mode: ConsolidatorMode = field(
+        default=ConsolidatorMode.dedup,
+        **spelled(ConsolidatorMode.parse, ConsolidatorMode, names=(("dedup", "passthrough"), "trim")),
+        doc="dedup or passthrough.",
     )
 
     @classmethod
@@ -105,16 +113,10 @@ class KvEventConsolidatorConfigBuilder(Builder[KvEventConsolidatorConfig]):
         return self._set("consolidated_event_endpoint", value)
 
     def engine_source(self, value: EventSource | str) -> KvEventConsolidatorConfigBuilder:
-        try:
-            return self._set("engine_source", EventSource.parse(value))
-        except ConfigError as err:
-            return self._reject("engine_source", err.problems[0].message)
+        return self._set("engine_source", value)
 
     def mode(self, value: ConsolidatorMode | str) -> KvEventConsolidatorConfigBuilder:
-        try:
-            return self._set("mode", ConsolidatorMode.parse(value))
-        except ConfigError as err:
-            return self._reject("mode", err.problems[0].message)
+        return self._set("mode", value)
 
 
 def engine_source_problem(source: EventSource) -> Problem | None:

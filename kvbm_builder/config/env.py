@@ -1,21 +1,24 @@
-"""The ``DYN_KVBM_*`` environment variables: cache sizes, and whether G1 offloads straight to disk.
+"""The ``DYN_KVBM_*`` environment variables: their names (this module is the one place that spells them), how
+each kind of variable is read, and whether G1 offloads straight to disk.
 
-One parser for every numeric variable, :func:`read_positive`. Where upstream differs:
-upstream's ``should_bypass_cpu_cache`` parses the GB variables as integers (so ``0.5`` counts as unset)
-while its sizing parses them as floats; here any positive number counts in both places.
+Config fields name the variable that sets them (``field(env=EnvVar(...))``); the loader reads them through
+:meth:`EnvVar.read`. One reading for every numeric variable: a block count is an integer as upstream parses one
+(an optional sign, digits, no spaces, within u64); a GB amount is a non-negative decimal number. Where upstream
+differs: its ``should_bypass_cpu_cache`` parses the GB variables as integers (so ``0.5`` counts as unset) while its
+sizing parses them as floats; here any positive amount counts in both places.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from fractions import Fraction
 
 import attrs
 
-from ..errors import ConfigError, Problem
-from .model import KvManagerModelConfig
-from .sizes import blocks_from_gb, parse_number
+from ..errors import ConfigError, Problem, show
+from .sizes import parse_number
 
 DYN_KVBM_CPU_CACHE_GB = "DYN_KVBM_CPU_CACHE_GB"
 DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS = "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"
@@ -33,109 +36,103 @@ DYN_KVBM_MAX_CONCURRENT_TRANSFERS = "DYN_KVBM_MAX_CONCURRENT_TRANSFERS"
 DYN_KVBM_MAX_TRANSFER_BATCH_SIZE = "DYN_KVBM_MAX_TRANSFER_BATCH_SIZE"
 DYN_KVBM_CACHE_STATS_MAX_REQUESTS = "DYN_KVBM_CACHE_STATS_MAX_REQUESTS"
 
-DEFAULT_DISK_CACHE_DIR = "/tmp/"
 DEFAULT_METRICS_PORT = 6880
+DEFAULT_CACHE_STATS_MAX_REQUESTS = 1000
+"""Upstream's hit-rate window (``DYN_KVBM_CACHE_STATS_MAX_REQUESTS``): the one default of settings and metrics."""
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_COUNT = re.compile(r"[+-]?[0-9]{1,40}")
+U64_MAX = 2**64 - 1
 
 
-def read_positive(
-    environ: Mapping[str, str],
-    name: str,
-    *,
-    integer: bool = False,
-    strict: bool = True,
-    what: str | None = None,
-    zero_is_unset: bool = True,
-) -> Fraction | None:
-    """The positive number in ``environ[name]``, or None when unset, empty or zero.
-
-    Unparsable text (or a fraction where a count is needed) raises a ConfigError naming the
-    variable when ``strict``, and counts as unset otherwise (upstream's lenient reading). The message
-    says ``must be <what>``: by default "a whole number of blocks" when ``integer``, else "a non-negative
-    number, such as 4 or 0.5"; a variable that is no block count passes its own words, e.g.
-    ``what="a port number 1..65535"``. Zero counts as unset, as upstream reads its sizes; where zero can only be a
-    mistake (a port), ``zero_is_unset=False`` refuses it like unparsable text.
-    """
-    text = environ.get(name)
-    if text is None or not text.strip():
+def parse_count(text: str) -> int | None:
+    """A block count as upstream's integer parse reads one (``10``, ``+10``; not ``10.0``, ``1e3`` or `` 10 ``),
+    or None when ``text`` is no count within u64."""
+    if _COUNT.fullmatch(text) is None:
         return None
-    value = parse_number(text.strip())
-    if value is None or (integer and value.denominator != 1) or (not zero_is_unset and not value):
-        if not strict:
+    value = int(text)
+    return value if 0 <= value <= U64_MAX else None
+
+
+def parse_gigabytes(text: str) -> Fraction | None:
+    """A non-negative decimal amount (``4``, ``0.5``, ``+2``, ``1e3``; no spaces) as an exact Fraction, else None."""
+    number = parse_number(text[1:] if text.startswith("+") else text)
+    return None if number is None or text != text.strip() else number
+
+
+@attrs.frozen
+class EnvVar:
+    """A ``DYN_KVBM_*`` variable and how its text is read (:meth:`read`).
+
+    ``kind``: ``"flag"`` (1/true/yes/on or 0/false/no/off), ``"set"`` (upstream's ``env::var(name).is_ok()``: the
+    value is ``when_set`` whenever the variable is present), ``"count"`` (a whole number; zero means unset unless
+    ``zero_is_unset`` is False), ``"gigabytes"`` (a decimal amount of 10^9 bytes; zero means unset), ``"blocks"``
+    (a block count; zero means unset) or ``"text"``. ``what`` words what a count must be in messages.
+    """
+
+    name: str
+    kind: str
+    when_set: object = None
+    what: str | None = None
+    zero_is_unset: bool = True
+
+    def problem(self, message: str) -> ConfigError:
+        return ConfigError([Problem(("$env", self.name), message)])
+
+    def read(self, environ: Mapping[str, str], *, strict: bool = True) -> object:
+        """The value the variable sets, or None when it sets nothing (unset; empty; zero for an amount).
+
+        Text that is not what the kind takes raises a ConfigError at ``$env.<name>`` when ``strict``, and counts as
+        unset otherwise (upstream's lenient reading, as in :func:`should_bypass_cpu_cache`)."""
+        text = environ.get(self.name)
+        if text is None or (not text.strip() and self.kind != "set"):
             return None
-        if what is None:
-            what = "a whole number of blocks" if integer else "a non-negative number, such as 4 or 0.5"
-        raise ConfigError([Problem((name,), f"must be {what}, got {text!r}")], "$env")
-    return value if value > 0 else None
+        try:
+            return self._parse(text)
+        except ConfigError:
+            if strict:
+                raise
+            return None
+
+    def _parse(self, text: str) -> object:
+        if self.kind == "text":
+            return text
+        if self.kind == "flag":
+            word = text.strip().lower()
+            if word in _TRUE or word in _FALSE:
+                return word in _TRUE
+            raise self.problem(f"must be 1, true, yes, on or 0, false, no, off; got {show(text)}")
+        if self.kind == "set":
+            if text.strip().lower() in (*_FALSE, ""):
+                raise self.problem(
+                    f"is on whenever it is set, as upstream reads it, so {show(text, typed=False)} would turn it on; "
+                    "unset it to keep it off, or set it to 1"
+                )
+            return self.when_set
+        if self.kind == "gigabytes":
+            amount = parse_gigabytes(text)
+            if amount is None:
+                raise self.problem(f"must be a non-negative number, such as 4 or 0.5, got {show(text, typed=False)}")
+            return amount or None
+        count = parse_count(text)
+        if count is None:
+            what = self.what or ("a whole number of blocks" if self.kind == "blocks" else "a whole number")
+            raise self.problem(f"must be {what}, got {show(text, typed=False)}")
+        return None if count == 0 and self.zero_is_unset else count
+
+
+#: The variables that size the host (G2) and disk (G3) tiers: a positive block count wins over GB.
+CPU_CACHE = (EnvVar(DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS, "blocks"), EnvVar(DYN_KVBM_CPU_CACHE_GB, "gigabytes"))
+DISK_CACHE = (EnvVar(DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS, "blocks"), EnvVar(DYN_KVBM_DISK_CACHE_GB, "gigabytes"))
 
 
 def should_bypass_cpu_cache(environ: Mapping[str, str] | None = None) -> bool:
     """True when a disk tier is asked for and a CPU tier is not: G1 then offloads straight to G3.
 
-    Zero, empty or unparsable values count as unset, as upstream; any positive number counts as set.
+    Unset, empty, zero or unparsable values count as unset, as upstream; any positive amount counts as set.
     """
     env = os.environ if environ is None else environ
-    cpu = any(
-        read_positive(env, name, integer=name.endswith("NUM_BLOCKS"), strict=False) is not None
-        for name in (DYN_KVBM_CPU_CACHE_GB, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS)
-    )
-    disk = any(
-        read_positive(env, name, integer=name.endswith("NUM_BLOCKS"), strict=False) is not None
-        for name in (DYN_KVBM_DISK_CACHE_GB, DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS)
-    )
+    cpu = any(var.read(env, strict=False) is not None for var in CPU_CACHE)
+    disk = any(var.read(env, strict=False) is not None for var in DISK_CACHE)
     return disk and not cpu
-
-
-@attrs.frozen
-class CacheSizes:
-    """Blocks of the CPU (G2) and disk (G3) tiers asked for by the environment (None: not asked for)."""
-
-    cpu_blocks: int | None
-    disk_blocks: int | None
-
-
-def tier_blocks_from_env(
-    model: KvManagerModelConfig, gb_var: str, override_var: str, environ: Mapping[str, str]
-) -> int | None:
-    """A positive ``override_var`` wins; else ``floor(GB * 1e9 / bytes_per_block)``; else None."""
-    override = read_positive(environ, override_var, integer=True)
-    if override is not None:
-        return int(override)
-    gb = read_positive(environ, gb_var)
-    if gb is None:
-        return None
-    blocks = blocks_from_gb(gb, model.bytes_per_block)
-    if blocks < 1:
-        raise ConfigError(
-            [
-                Problem(
-                    (gb_var,),
-                    f"{environ[gb_var]} GB holds no whole block of {model.bytes_per_block} bytes; "
-                    "raise it or set the override variable",
-                )
-            ],
-            "$env",
-        )
-    return blocks
-
-
-def cache_sizes_from_env(model: KvManagerModelConfig, environ: Mapping[str, str] | None = None) -> CacheSizes:
-    """The CPU and disk tier sizes that the ``DYN_KVBM_*`` variables ask for, by upstream's rule.
-
-    Example: 28 layers, outer 2, page 16, inner 1024, 2 bytes = 1,835,008 bytes per block;
-    ``DYN_KVBM_CPU_CACHE_GB=4`` gives 2179 blocks.
-    """
-    env = os.environ if environ is None else environ
-    errors: list[Problem] = []
-    sizes: list[int | None] = []
-    for gb_var, override_var in (
-        (DYN_KVBM_CPU_CACHE_GB, DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS),
-        (DYN_KVBM_DISK_CACHE_GB, DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS),
-    ):
-        try:
-            sizes.append(tier_blocks_from_env(model, gb_var, override_var, env))
-        except ConfigError as err:
-            errors.extend(err.problems)
-            sizes.append(None)
-    if errors:
-        raise ConfigError(errors, "$env")
-    return CacheSizes(cpu_blocks=sizes[0], disk_blocks=sizes[1])

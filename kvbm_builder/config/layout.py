@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import attrs
 
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, Problem, show
 from ._builder import Builder
-from ._rules import Validated, has_attributes, instance, integer, optional, power_of_two, rule, show
 from .allocators import BUILTIN_ALLOCATORS, BuiltinAllocator
+from .fields import U64_MAX, Rule, Validated, duck, field, integer, optional, power_of_two, spelled
 from .protocols import OffloadFilter, Storage, StorageAllocator, StorageKind
 
 S = TypeVar("S", bound=Storage)
 
 
-_CHOICES = ("storage", "allocator", "logical")  # upstream's exclusive choice, in declaration order
+CHOICES = ("storage", "allocator", "logical")  # upstream's exclusive choice, in declaration order
 
 
 class LayoutType:
@@ -45,7 +45,9 @@ class LayoutType:
                 return LayerSeparate(outer_contiguous=True)
             if key == "layerseparateblockcontiguous":
                 return LayerSeparate(outer_contiguous=False)
-            raise ConfigError([Problem((), f"unknown layout {value!r}; accepted: {', '.join(LayoutType.ACCEPTED)}")])
+            raise ConfigError(
+                [Problem((), f"unknown layout {show(value, typed=False)}; accepted: {', '.join(LayoutType.ACCEPTED)}")]
+            )
         if isinstance(value, Mapping) and len(value) == 1:
             ((name, body),) = value.items()
             if isinstance(name, str) and name.lower().replace("_", "") == "layerseparate":
@@ -54,7 +56,7 @@ class LayoutType:
                     if isinstance(flag, bool):
                         return LayerSeparate(outer_contiguous=flag)
                 raise ConfigError(
-                    [Problem((), f"LayerSeparate needs {{'outer_contiguous': true|false}}, got {body!r}")]
+                    [Problem((), f"LayerSeparate needs {{'outer_contiguous': true|false}}, got {show(body)}")]
                 )
             if isinstance(name, str) and name.lower().replace("_", "") == "fullycontiguous" and not body:
                 return FullyContiguous()
@@ -98,12 +100,27 @@ class LayerSeparate(LayoutType):
 
 
 _FULLY_CONTIGUOUS = FullyContiguous()  # frozen, so one default serves every config
+LAYOUT_NAMES = (("FullyContiguous", "LayerSeparateOuterContiguous", "LayerSeparateBlockContiguous"), "words")
 
 
 class BlockParallelismStrategy(enum.Enum):
     """KV blocks are sharded across all workers under a leader."""
 
     LeaderWorkerSharded = "leader_worker_sharded"
+
+    @classmethod
+    def parse(cls, value: object) -> BlockParallelismStrategy:
+        """``"LeaderWorkerSharded"`` (case, ``_`` and ``-`` ignored), or the strategy itself."""
+        if isinstance(value, BlockParallelismStrategy):
+            return value
+        if isinstance(value, str) and value.lower().replace("_", "").replace("-", "") == "leaderworkersharded":
+            return cls.LeaderWorkerSharded
+        raise ConfigError([Problem((), f"must be 'LeaderWorkerSharded' (or null), got {show(value)}")])
+
+
+def _storages(value: object) -> object:
+    """The builder's normalisation, for every construction: a list of storages is kept as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _storages_check(value: object) -> str | None:
@@ -121,9 +138,7 @@ def _storages_check(value: object) -> str | None:
     return None
 
 
-_allocator_shape = has_attributes(
-    ("storage_kind", "allocate"), "a storage allocator (with storage_kind and allocate())"
-)
+_allocator_shape = duck(("storage_kind", "allocate"), "a storage allocator (with storage_kind and allocate())")
 
 
 def _allocator_check(value: object) -> str | None:
@@ -138,42 +153,60 @@ def _allocator_check(value: object) -> str | None:
 
 @attrs.frozen(kw_only=True)
 class KvManagerLayoutConfig(Validated, Generic[S]):
-    """A tier's layout. Exactly one of ``storage``, ``allocator`` or ``logical`` is chosen with the builder
-    (upstream's rule: a setter called with ``None`` still counts). ``alignment`` (default 1, a power of two)
-    pads each block (or region) so every block starts on an aligned address."""
+    """A tier's layout. Its memory comes from exactly one of ``storage`` (memory allocated beforehand),
+    ``allocator`` or ``logical`` (blocks on other workers). ``alignment`` (default 1, a power of two) pads each
+    block (or region) so every block starts on an aligned address."""
 
     _kvbm_root: ClassVar[str] = "layout"
 
-    num_blocks: int = attrs.field(metadata=rule(integer(min=1)))
-    layout_type: LayoutType = attrs.field(
+    num_blocks: int = field(rule=integer(min=1, max=U64_MAX), doc="Blocks in this tier.")
+    layout_type: LayoutType = field(
         default=_FULLY_CONTIGUOUS,
-        metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))")),
+        **spelled(LayoutType.parse, LayoutType, names=LAYOUT_NAMES),
+        doc="FullyContiguous, LayerSeparateOuterContiguous or LayerSeparateBlockContiguous "
+        "(case, '_' and '-' ignored), or {LayerSeparate = {outer_contiguous = true}}.",
     )
-    storage: Sequence[S] | None = attrs.field(
+    storage: Sequence[S] | None = field(
         default=None,
-        metadata=rule(_storages_check),
+        converter=_storages,
+        document=False,
+        rule=Rule(_storages_check),
+        doc="Memory allocated beforehand: one storage (FullyContiguous) or one per layer (LayerSeparate).",
     )
-    allocator: BuiltinAllocator | StorageAllocator | None = attrs.field(default=None, metadata=rule(_allocator_check))
-    logical: BlockParallelismStrategy | None = attrs.field(
+    allocator: BuiltinAllocator | StorageAllocator | None = field(
+        default=None, rule=Rule(_allocator_check), doc="How this tier's memory is made."
+    )
+    logical: BlockParallelismStrategy | None = field(
         default=None,
-        metadata=rule(optional(instance(BlockParallelismStrategy, what="a BlockParallelismStrategy or None"))),
+        **spelled(
+            BlockParallelismStrategy.parse,
+            BlockParallelismStrategy,
+            names=(("LeaderWorkerSharded",), "words"),
+            nullable=True,
+        ),
+        doc="Blocks sharded across workers under a leader, instead of an allocator.",
     )
-    offload_filter: OffloadFilter | None = attrs.field(
+    offload_filter: OffloadFilter | None = field(
         default=None,
         eq=False,
-        metadata=rule(optional(has_attributes(("should_offload",), "an offload filter (should_offload())"))),
+        document=False,
+        rule=optional(duck(("should_offload",), "an offload filter (should_offload())")),
+        doc="Decides which blocks of this tier are offloaded to the next lower tier.",
     )
-    alignment: int = attrs.field(default=1, metadata=rule(power_of_two))
+    alignment: int = field(
+        default=1, rule=power_of_two, doc="Each block starts on a multiple of this (a power of two)."
+    )
 
     @classmethod
-    def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
-        get = values.get
-        if (get("storage") is None) + (get("allocator") is None) + (get("logical") is None) >= 2:
-            return []  # the usual case, checked without building a list
-        chosen = [name for name in _CHOICES if get(name) is not None]
-        if len(chosen) > 1:
+    def _relations(cls, get: Callable[[str], Any], bad: frozenset[str]) -> list[Problem]:
+        if (get("storage") is None) + (get("allocator") is None) + (get("logical") is None) == 2:
+            return []  # the usual case, without building a list: every layout construction runs this
+        chosen = [name for name in CHOICES if get(name) is not None]
+        if len(chosen) == 1:
+            return []
+        if chosen:
             return [Problem((chosen[1],), exclusive_message(chosen))]
-        return []
+        return [Problem((), "must provide either `storage` or `allocator` or `logical`")]
 
     @property
     def storage_kind(self) -> Any:
@@ -204,19 +237,19 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
 
     def layout_type(self, value: LayoutType | str) -> KvManagerLayoutConfigBuilder[S]:
         """A LayoutType, or one of its names (normalised as upstream: case, ``_`` and ``-`` ignored)."""
-        if isinstance(value, str):
-            try:
-                return self._set("layout_type", LayoutType.parse(value))
-            except ConfigError as err:
-                return self._reject("layout_type", err.problems[0].message)
         return self._set("layout_type", value)
 
     def storage(self, value: Sequence[S] | None) -> KvManagerLayoutConfigBuilder[S]:
         """Memory allocated beforehand: one storage (FullyContiguous) or one per layer (LayerSeparate)."""
-        return self._set("storage", tuple(value) if isinstance(value, list) else value)
+        return self._set("storage", value)
 
     def allocator(self, allocator: BuiltinAllocator | StorageAllocator) -> KvManagerLayoutConfigBuilder[S]:
-        """Custom setter: the allocator that makes this tier's storages (e.g. ``DeviceAllocator(0)``)."""
+        """Custom setter: the allocator that makes this tier's memory (e.g. ``DeviceAllocator(device_id=0)``).
+        ``None`` is refused here, as upstream's setter takes no Option: leave it unset instead."""
+        if allocator is None:
+            return self._reject(
+                "allocator", "allocator() needs an allocator, got None; choose storage(...) or logical(...) instead"
+            )
         return self._set("allocator", allocator)
 
     def logical(self, value: BlockParallelismStrategy | None) -> KvManagerLayoutConfigBuilder[S]:
@@ -229,7 +262,10 @@ class KvManagerLayoutConfigBuilder(Builder[KvManagerLayoutConfig[S]], Generic[S]
         return self._set("alignment", value)
 
     def _validate(self) -> list[Problem]:
-        chosen = [name for name in _CHOICES if name in self._values or name in self._rejected]
+        values, rejected = self._values, self._rejected
+        if ("storage" in values) + ("allocator" in values) + ("logical" in values) == 1 and not rejected:
+            return []  # the usual case: one choice, and no refused value that might be another
+        chosen = [name for name in CHOICES if name in values or name in rejected]
         if not chosen:
             return [Problem((), "must provide either `storage` or `allocator` or `logical`")]
         if len(chosen) > 1:

@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
-from ..errors import Problem
+from ..errors import Problem, show
 from ._builder import Builder
-from ._rules import Validated, has_attributes, instance, optional, rule
 from .consolidator import EventSource, KvEventConsolidatorConfig, consolidator_from_setter, engine_source_problem
+from .env import CPU_CACHE, DISK_CACHE
+from .fields import Rule, Validated, duck, field, instance, optional
 from .layout import KvManagerLayoutConfig
 from .model import KvManagerModelConfig
-from .protocols import EventManager, Tier
+from .protocols import EventManager, StorageKind, Tier
 from .runtime import KvManagerRuntimeConfig
-from .sizes import MAX_SPAN_BYTES
+from .sizes import MAX_BYTES
+
+if TYPE_CHECKING:
+    from ..metrics import KvbmMetrics, NullKvbmMetrics
 
 _B = TypeVar("_B", bound="KvBlockManagerConfigBuilder")
 
-_layout = rule(optional(instance(KvManagerLayoutConfig, what="a KvManagerLayoutConfig (build it first)")))
+_layout = optional(instance(KvManagerLayoutConfig, what="a KvManagerLayoutConfig (build it first)"))
+
+
+def _kvbm_metrics_check(value: object) -> str | None:
+    if value is None:
+        return None
+    # A KvbmMetrics can only exist once its module is imported; importing it here would make config depend on metrics
+    metrics = sys.modules.get("kvbm_builder.metrics.kvbm")
+    if metrics is not None and isinstance(value, (metrics.KvbmMetrics, metrics.NullKvbmMetrics)):
+        return None
+    return (
+        "must be a kvbm_builder.metrics.KvbmMetrics (or NullKvbmMetrics to count nothing), or None for the manager "
+        f"to make its own on runtime.metrics_registry; got {show(value)}"
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -30,39 +48,60 @@ class KvBlockManagerConfig(Validated):
 
     _kvbm_root: ClassVar[str] = ""
 
-    runtime: KvManagerRuntimeConfig = attrs.field(
-        metadata=rule(instance(KvManagerRuntimeConfig, what="a KvManagerRuntimeConfig (build it first)"))
+    runtime: KvManagerRuntimeConfig = field(
+        rule=instance(KvManagerRuntimeConfig, what="a KvManagerRuntimeConfig (build it first)"),
+        doc="Who the manager is, and whether it uses NIXL.",
     )
-    model: KvManagerModelConfig = attrs.field(
-        metadata=rule(instance(KvManagerModelConfig, what="a KvManagerModelConfig (build it first)"))
+    model: KvManagerModelConfig = field(
+        rule=instance(KvManagerModelConfig, what="a KvManagerModelConfig (build it first)"),
+        doc="The shape of one KV block: [num_layers, outer_dim, page_size, inner_dim] elements.",
     )
-    device_layout: KvManagerLayoutConfig[Any] | None = attrs.field(default=None, metadata=_layout)
-    host_layout: KvManagerLayoutConfig[Any] | None = attrs.field(default=None, metadata=_layout)
-    disk_layout: KvManagerLayoutConfig[Any] | None = attrs.field(default=None, metadata=_layout)
-    event_manager: EventManager | None = attrs.field(
+    device_layout: KvManagerLayoutConfig[Any] | None = field(
+        default=None, rule=_layout, doc="The device tier (G1, GPU memory)."
+    )
+    host_layout: KvManagerLayoutConfig[Any] | None = field(
+        default=None, rule=_layout, env=CPU_CACHE, doc="The host tier (G2, pinned or system memory)."
+    )
+    disk_layout: KvManagerLayoutConfig[Any] | None = field(
+        default=None, rule=_layout, env=DISK_CACHE, doc="The disk tier (G3, a file)."
+    )
+    event_manager: EventManager | None = field(
         default=None,
         eq=False,
-        metadata=rule(optional(has_attributes(("on_store", "on_remove"), "an event manager"))),
+        document=False,
+        rule=optional(duck(("on_store", "on_remove"), "an event manager")),
+        doc="Receives store and remove events of blocks.",
     )
-    block_reset_channel: Any = attrs.field(default=None, eq=False)
-    kvbm_metrics: Any = attrs.field(default=None, eq=False)
-    consolidator_config: KvEventConsolidatorConfig | None = attrs.field(
+    block_reset_channel: Any = field(
+        default=None, eq=False, document=False, doc="Upstream reserves it: a channel to reset a cache level."
+    )
+    kvbm_metrics: KvbmMetrics | NullKvbmMetrics | None = field(
         default=None,
-        metadata=rule(optional(instance(KvEventConsolidatorConfig, what="a KvEventConsolidatorConfig"))),
+        eq=False,
+        document=False,
+        rule=Rule(_kvbm_metrics_check),
+        doc="Counts what the manager moves, skips and finds (kvbm_builder.metrics.KvbmMetrics; NullKvbmMetrics counts "
+        "nothing). None: the manager makes its own on runtime.metrics_registry.",
+    )
+    consolidator_config: KvEventConsolidatorConfig | None = field(
+        default=None,
+        rule=optional(instance(KvEventConsolidatorConfig, what="a KvEventConsolidatorConfig")),
+        doc="Deduplicates the KV events of the engine (G1) and of KVBM (G2, G3).",
     )
 
     @classmethod
-    def _cross_check(cls, good: Mapping[str, object], values: Mapping[str, object]) -> list[Problem]:
+    def _relations(cls, get: Callable[[str], Any], bad: frozenset[str]) -> list[Problem]:
         problems: list[Problem] = []
-        model = good.get("model")
-        for tier, slot in _SLOTS:
-            layout = good.get(slot)
+        model = None if "model" in bad else get("model")
+        per_block = 0 if model is None else model.bytes_per_block
+        for tier, slot, accepts in _SLOTS:
+            layout = None if slot in bad else get(slot)
             if layout is not None:
-                found = tier_problems(tier, layout, model)  # type: ignore[arg-type]
+                found = tier_problems(tier, layout, model, per_block, accepts)
                 if found:
                     problems.extend(p.under(slot) for p in found)
-        consolidator = good.get("consolidator_config")
-        if isinstance(consolidator, KvEventConsolidatorConfig):
+        consolidator = None if "consolidator_config" in bad else get("consolidator_config")
+        if consolidator is not None:
             refused = engine_source_problem(consolidator.engine_source)
             if refused is not None:
                 problems.append(refused.under("consolidator_config"))
@@ -77,25 +116,26 @@ class KvBlockManagerConfig(Validated):
         return KvBlockManagerConfigBuilder()
 
 
-_SLOTS = tuple((tier, tier.slot) for tier in Tier)
-# tuples, not Tier.accepts' frozensets: membership by identity skips Enum's Python-level __hash__
-_ACCEPTS = {tier: tuple(tier.accepts) for tier in Tier}
+_SLOTS = tuple((tier, tier.slot, tuple(tier.accepts)) for tier in Tier)
 
 
 def tier_problems(
-    tier: Tier, layout: KvManagerLayoutConfig[Any], model: KvManagerModelConfig | None = None
+    tier: Tier,
+    layout: KvManagerLayoutConfig[Any],
+    model: KvManagerModelConfig | None = None,
+    per_block: int = 0,
+    accepts: tuple[StorageKind, ...] = (),
 ) -> list[Problem]:
     """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout). Given the ``model``,
     also a tier too big for any memory or file: ``num_blocks * model.bytes_per_block`` past 2**63 - 1 bytes
     (a lower bound: the layout's alignment padding, which the layout module adds, can only make it bigger)."""
     problems: list[Problem] = []
-    if model is not None:
-        too_big = span_problem(layout.num_blocks, model)
-        if too_big is not None:
-            problems.append(too_big)
-    accepts = _ACCEPTS[tier]
-    if layout.allocator is not None:
-        kind = layout.allocator.storage_kind
+    if model is not None and layout.num_blocks * (per_block or model.bytes_per_block) > MAX_BYTES:
+        problems.append(span_problem(layout.num_blocks, model))
+    accepts = accepts or tuple(tier.accepts)  # a tuple: membership by identity skips Enum's Python-level __hash__
+    allocator = layout.allocator
+    if allocator is not None:
+        kind = allocator.storage_kind
         if kind not in accepts:
             accepted = " or ".join(sorted(k.value for k in accepts))
             problems.append(
@@ -120,23 +160,16 @@ def tier_problems(
     return problems
 
 
-def span_problem(num_blocks: int, model: KvManagerModelConfig) -> Problem | None:
-    """``num_blocks`` of ``model``'s blocks past :data:`MAX_SPAN_BYTES`, reported at ``num_blocks``."""
+def span_problem(num_blocks: int, model: KvManagerModelConfig) -> Problem:
+    """The problem of ``num_blocks`` of ``model``'s blocks past :data:`MAX_BYTES`, reported at ``num_blocks``."""
     per_block = model.bytes_per_block
     total = num_blocks * per_block
-    if total <= MAX_SPAN_BYTES:
-        return None
     return Problem(
         ("num_blocks",),
-        f"{_count(num_blocks)} blocks of {per_block} bytes need {_count(total)} bytes, more than the "
-        f"{MAX_SPAN_BYTES} bytes (2**63 - 1) memory and files can span; lower num_blocks to at most "
-        f"{MAX_SPAN_BYTES // per_block}, or make the blocks smaller (page_size, inner_dim, num_layers)",
+        f"{num_blocks} blocks of {per_block} bytes need {total} bytes, more than the "
+        f"{MAX_BYTES} bytes (2**63 - 1) memory and files can span; lower num_blocks to at most "
+        f"{MAX_BYTES // per_block}, or make the blocks smaller (page_size, inner_dim, num_layers)",
     )
-
-
-def _count(number: int) -> str:
-    # str() of an int past 4300 digits raises ValueError; a message must never raise
-    return str(number) if number.bit_length() <= 192 else f"more than 2**{number.bit_length() - 1}"
 
 
 class KvBlockManagerConfigBuilder(Builder[KvBlockManagerConfig]):
@@ -165,7 +198,7 @@ class KvBlockManagerConfigBuilder(Builder[KvBlockManagerConfig]):
     def block_reset_channel(self: _B, value: Any) -> _B:
         return self._set("block_reset_channel", value)
 
-    def kvbm_metrics(self: _B, value: Any) -> _B:
+    def kvbm_metrics(self: _B, value: KvbmMetrics | NullKvbmMetrics | None) -> _B:
         return self._set("kvbm_metrics", value)
 
     def consolidator_config(

@@ -6,8 +6,9 @@ from typing import ClassVar
 
 import attrs
 
+from ..errors import ConfigError, Problem, show
 from ._builder import Builder
-from ._rules import Validated, integer, one_of, rule, show
+from .fields import U64_MAX, Validated, field, integer, one_of
 
 DTYPE_WIDTHS = (1, 2, 4, 8)
 
@@ -16,16 +17,19 @@ DTYPE_WIDTHS = (1, 2, 4, 8)
 class KvManagerModelConfig(Validated):
     """A block holds ``page_size`` tokens of every layer: ``[num_layers, outer_dim, page_size, inner_dim]``.
 
-    Checked at construction and at ``build()`` (upstream checks only when the manager starts).
+    Checked at construction and at ``build()`` (upstream checks only when the manager starts). The counts are
+    upstream's ``usize``: at most 2**64 - 1.
     """
 
     _kvbm_root: ClassVar[str] = "model"
 
-    num_layers: int = attrs.field(metadata=rule(integer(min=1)))
-    outer_dim: int = attrs.field(metadata=rule(integer(min=1, max=2), "2 = separate K and V; 1 = MLA/fused"))
-    page_size: int = attrs.field(metadata=rule(integer(min=1), "tokens per block"))
-    inner_dim: int = attrs.field(metadata=rule(integer(min=1), "elements per token, e.g. kv_heads * head_dim"))
-    dtype_width_bytes: int = attrs.field(default=2, metadata=rule(one_of(DTYPE_WIDTHS)))
+    num_layers: int = field(rule=integer(min=1, max=U64_MAX), doc="Attention layers of the model.")
+    outer_dim: int = field(rule=integer(min=1, max=2), doc="2 = separate K and V; 1 = MLA or fused KV.")
+    page_size: int = field(rule=integer(min=1, max=U64_MAX), doc="Tokens per block.")
+    inner_dim: int = field(
+        rule=integer(min=1, max=U64_MAX), doc="Elements per token per outer index per layer, e.g. kv_heads * head_dim."
+    )
+    dtype_width_bytes: int = field(default=2, rule=one_of(DTYPE_WIDTHS), doc="Bytes per element (2 for bf16, fp16).")
 
     @property
     def region_bytes(self) -> int:
@@ -44,8 +48,6 @@ class KvManagerModelConfig(Validated):
     def blocks_for_bytes(self, budget: int) -> int:
         """How many whole blocks fit in ``budget`` bytes (truncated, as upstream sizes tiers)."""
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-            from ..errors import ConfigError, Problem
-
             raise ConfigError([Problem(("budget",), f"must be a byte count >= 0, got {show(budget)}")])
         return budget // self.bytes_per_block
 

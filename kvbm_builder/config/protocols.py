@@ -10,8 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Protocol, runtime_checkable
 
-from ..errors import ConfigError, Problem
-from ._rules import show
+from ..errors import ConfigError, Problem, show
 
 
 class StorageKind(enum.Enum):
@@ -67,12 +66,19 @@ class Tier(enum.Enum):
     def words(self) -> str:
         return {"G1": "device tier (G1)", "G2": "host tier (G2)", "G3": "disk tier (G3)"}[self.name]
 
+    @property
+    def default_kind(self) -> StorageKind:
+        """The memory a tier gets when nothing says otherwise (a document's allocator table without ``kind``,
+        a tier made by a ``DYN_KVBM_*`` size): device, pinned, disk."""
+        return _DEFAULT_KIND[self]
+
 
 _ACCEPTS = {
     Tier.G1: frozenset({StorageKind.DEVICE}),
     Tier.G2: frozenset({StorageKind.PINNED, StorageKind.SYSTEM}),
     Tier.G3: frozenset({StorageKind.DISK}),
 }
+_DEFAULT_KIND = {Tier.G1: StorageKind.DEVICE, Tier.G2: StorageKind.PINNED, Tier.G3: StorageKind.DISK}
 _KIND_NAMES = {kind.value: kind for kind in StorageKind}
 _TIER_OF_KIND = {kind: tier for tier, kinds in _ACCEPTS.items() for kind in kinds}
 

@@ -10,15 +10,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
+from ..errors import ConfigError, Problem, show
 from ._builder import Builder
-from ._rules import Validated, has_attributes, instance, integer, rule, show
+from .fields import U64_MAX, Rule, Validated, duck, field, instance, integer, spelled
 
 if TYPE_CHECKING:
     import asyncio
 
     from prometheus_client import CollectorRegistry
-
-U64_MAX = 2**64 - 1
 
 
 class CancellationToken:
@@ -76,11 +75,15 @@ class NixlMode(enum.Enum):
     DISABLED = "disabled"
 
 
+#: What the configuration checks of a caller's NIXL agent (``nixl._api.nixl_agent``): the calls registration makes.
+_agent_shape = duck(("register_memory", "deregister_memory", "get_reg_descs"), "a NIXL agent")
+
+
 @attrs.frozen
 class NixlOptions:
     """Upstream's ``NixlOptions``: ``NixlOptions.ENABLED`` (the manager creates an agent named after
     ``worker_id``), ``NixlOptions.enabled_with_agent(agent)`` (use the caller's agent, never torn down
-    by us) or ``NixlOptions.DISABLED``."""
+    by us) or ``NixlOptions.DISABLED``. A document says ``"enabled"`` or ``"disabled"`` (:meth:`parse`)."""
 
     mode: NixlMode
     agent: Any = attrs.field(default=None, eq=False, repr=lambda a: "None" if a is None else "<agent>")
@@ -89,8 +92,6 @@ class NixlOptions:
     DISABLED: ClassVar[NixlOptions]
 
     def __attrs_post_init__(self) -> None:
-        from ..errors import ConfigError, Problem
-
         if not isinstance(self.mode, NixlMode):
             raise ConfigError([Problem(("nixl", "mode"), f"must be a NixlMode, got {show(self.mode)}")], "runtime")
         if (self.mode is NixlMode.ENABLED_WITH_AGENT) != (self.agent is not None):
@@ -98,10 +99,31 @@ class NixlOptions:
                 [Problem(("nixl",), "an agent is given exactly when the mode is ENABLED_WITH_AGENT")],
                 "runtime",
             )
+        refused = None if self.agent is None else _agent_shape(self.agent)
+        if refused is not None:
+            raise ConfigError([Problem(("nixl", "agent"), refused)], "runtime")
 
     @classmethod
     def enabled_with_agent(cls, agent: object) -> NixlOptions:
         return cls(NixlMode.ENABLED_WITH_AGENT, agent)
+
+    @classmethod
+    def parse(cls, value: object) -> NixlOptions:
+        """``"enabled"`` or ``"disabled"`` (any case, spaces around ignored), or NixlOptions itself."""
+        if isinstance(value, NixlOptions):
+            return value
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in ("enabled", "disabled"):
+            return cls.ENABLED if word == "enabled" else cls.DISABLED
+        if word is not None and word.replace("_", "").replace("-", "") == "enabledwithagent":
+            message = (
+                "an agent cannot come from a document; set it in Python with "
+                "KvManagerRuntimeConfig.builder().use_nixl_agent(agent), or write 'enabled' to let the manager "
+                "create one"
+            )
+        else:
+            message = f"must be 'enabled' or 'disabled' (or NixlOptions), got {show(value)}"
+        raise ConfigError([Problem((), message)])
 
     @property
     def enabled(self) -> bool:
@@ -117,9 +139,6 @@ def _new_registry() -> CollectorRegistry:
     from prometheus_client import CollectorRegistry
 
     return CollectorRegistry(auto_describe=True)
-
-
-_registry_check = has_attributes(("register", "collect"), "a prometheus_client CollectorRegistry")
 
 
 def _async_runtime_check(value: object) -> str | None:
@@ -139,21 +158,35 @@ class KvManagerRuntimeConfig(Validated):
 
     _kvbm_root: ClassVar[str] = "runtime"
 
-    worker_id: int = attrs.field(metadata=rule(integer(min=0, max=U64_MAX), "a u64; also the NIXL agent name"))
-    cancellation_token: CancellationToken = attrs.field(
+    worker_id: int = field(
+        rule=integer(min=0, max=U64_MAX), doc="This worker's id (a u64); also the NIXL agent's name."
+    )
+    cancellation_token: CancellationToken = field(
         factory=CancellationToken,
         eq=False,
-        metadata=rule(instance(CancellationToken, what="a kvbm_builder.CancellationToken")),
+        document=False,
+        rule=instance(CancellationToken, what="a kvbm_builder.CancellationToken"),
+        doc="Cancelling it stops the manager's background work.",
     )
-    nixl: NixlOptions = attrs.field(
+    nixl: NixlOptions = field(
         default=NixlOptions.ENABLED,
-        metadata=rule(instance(NixlOptions, what="a NixlOptions (use enable_nixl() / disable_nixl())")),
+        **spelled(NixlOptions.parse, NixlOptions, names=(("enabled", "disabled"), "trim")),
+        doc="'enabled': the manager creates its own NIXL agent; 'disabled': no NIXL.",
     )
-    async_runtime: Executor | asyncio.AbstractEventLoop | None = attrs.field(
-        default=None, eq=False, metadata=rule(_async_runtime_check)
+    async_runtime: Executor | asyncio.AbstractEventLoop | None = field(
+        default=None,
+        eq=False,
+        document=False,
+        rule=Rule(_async_runtime_check),
+        doc="An executor or event loop for background work.",
     )
-    metrics_registry: CollectorRegistry = attrs.field(
-        factory=_new_registry, eq=False, repr=False, metadata=rule(_registry_check)
+    metrics_registry: CollectorRegistry = field(
+        factory=_new_registry,
+        eq=False,
+        repr=False,
+        document=False,
+        rule=duck(("register", "collect"), "a prometheus_client CollectorRegistry"),
+        doc="Where the manager's metrics are registered (a new one per config, never the global one).",
     )
 
     @staticmethod
@@ -177,11 +210,15 @@ class KvManagerRuntimeConfigBuilder(Builder[KvManagerRuntimeConfig]):
         return self._set("nixl", NixlOptions.ENABLED)
 
     def use_nixl_agent(self, agent: object) -> KvManagerRuntimeConfigBuilder:
+        """Custom setter (upstream's): use the caller's NIXL agent. Its shape is checked at ``build()``."""
         if agent is None:
             return self._reject(
                 "nixl",
                 "use_nixl_agent() needs an agent, got None; use enable_nixl() to let the manager create one",
             )
+        refused = _agent_shape(agent)
+        if refused is not None:
+            return self._reject("nixl", f"use_nixl_agent() needs a NIXL agent: {refused}")
         return self._set("nixl", NixlOptions.enabled_with_agent(agent))
 
     def disable_nixl(self) -> KvManagerRuntimeConfigBuilder:

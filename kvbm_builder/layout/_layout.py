@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import attrs
 
 from ..config.protocols import Storage, StorageKind
-from ..errors import LayoutError
+from ..errors import LayoutError, StorageTooSmallError
 from ._math import LayoutSpec, align_up
 
 
@@ -20,17 +20,6 @@ class MemoryRegion:
     size: int
     kind: StorageKind
     storage_index: int
-
-
-class StorageTooSmallError(LayoutError):
-    """A given storage cannot hold its part of the layout; ``storage_index``, ``size`` and ``required`` say how."""
-
-    def __init__(self, message: str, storage_index: int, size: int, required: int) -> None:
-        self.storage_index, self.size, self.required = storage_index, size, required
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (str(self), self.storage_index, self.size, self.required))
 
 
 class Layout:

@@ -11,33 +11,12 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..config._rules import Validated, instance, integer, one_of, power_of_two, rule
+from ..config.fields import Validated, same_as
 from ..config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate, LayoutType
-from ..config.model import DTYPE_WIDTHS, KvManagerModelConfig
-from ..errors import ConfigError, LayoutError, Problem
-
-#: The most bytes one allocation, one file and one tier may span: the C calls take signed 64-bit sizes and offsets.
-MAX_BYTES = 2**63 - 1
-
-
-def align_up(value: int, alignment: int) -> int:
-    """The smallest multiple of ``alignment`` (a power of two) that is >= ``value``."""
-    return (value + alignment - 1) & -alignment
-
-
-class LayoutIndexError(LayoutError, IndexError):
-    """A block, layer or outer index outside ``0 .. bound - 1``; ``axis``, ``index`` and ``bound`` say which."""
-
-    def __init__(self, axis: str, index: int, bound: int) -> None:
-        self.axis, self.index, self.bound = axis, index, bound
-        if index < 0:
-            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
-        else:
-            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
-        super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.axis, self.index, self.bound))
+from ..config.model import KvManagerModelConfig
+from ..config.sizes import MAX_BYTES as MAX_BYTES
+from ..config.sizes import align_up as align_up
+from ..errors import ConfigError, LayoutError, LayoutIndexError, Problem
 
 
 def _checked(axis: str, value: int, bound: int) -> int:
@@ -59,16 +38,15 @@ class LayoutSpec(Validated):
 
     _kvbm_root: ClassVar[str] = "layout_spec"
 
-    num_blocks: int = attrs.field(metadata=rule(integer(min=1)))
-    num_layers: int = attrs.field(metadata=rule(integer(min=1)))
-    outer_dim: int = attrs.field(metadata=rule(integer(min=1, max=2)))
-    page_size: int = attrs.field(metadata=rule(integer(min=1)))
-    inner_dim: int = attrs.field(metadata=rule(integer(min=1)))
-    dtype_width_bytes: int = attrs.field(metadata=rule(one_of(DTYPE_WIDTHS)))
-    layout_type: LayoutType = attrs.field(
-        metadata=rule(instance(LayoutType, what="a LayoutType (FullyContiguous() or LayerSeparate(...))"))
-    )
-    alignment: int = attrs.field(default=1, metadata=rule(power_of_two))
+    # each field is the configuration's own, rule and all: described once, in config
+    num_blocks: int = same_as(KvManagerLayoutConfig, "num_blocks")
+    num_layers: int = same_as(KvManagerModelConfig, "num_layers")
+    outer_dim: int = same_as(KvManagerModelConfig, "outer_dim")
+    page_size: int = same_as(KvManagerModelConfig, "page_size")
+    inner_dim: int = same_as(KvManagerModelConfig, "inner_dim")
+    dtype_width_bytes: int = same_as(KvManagerModelConfig, "dtype_width_bytes")
+    layout_type: LayoutType = same_as(KvManagerLayoutConfig, "layout_type")
+    alignment: int = same_as(KvManagerLayoutConfig, "alignment", default=1)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # every field's own rule first: the sizes below need good fields

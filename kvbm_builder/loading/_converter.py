@@ -1,766 +1,43 @@
-"""The one cattrs converter: the only place that knows the dict form of the configuration.
+"""The one cattrs converter: the dict form of the configuration, both ways, derived from the config fields.
 
-The dict form uses the field names of the config classes. Where a document differs from Python:
+A document uses the field names of the config classes, and each value is judged by its field's own rule. Where a
+document differs from Python: a tier gives ``num_blocks`` or a byte budget ``size`` (``"16GiB"``, ``"16GB"``, a
+byte count; :func:`budget_blocks` is the one size rule); a tier's ``allocator`` is a table with a ``kind``
+(``device``, ``pinned``, ``system``, ``disk``; left out, the tier's own); runtime objects cannot come from a document.
 
-- a tier names its size either as ``num_blocks`` or as a byte budget ``size`` (``"16GiB"``, ``"16GB"``, a byte
-  count): exactly one of the two; the budget becomes ``floor(size / bytes per block)`` blocks, counting each
-  block's alignment padding;
-- a tier's ``allocator`` is a table: ``{kind = "device", device_id = 0}``, ``{kind = "pinned", ...}``,
-  ``{kind = "system"}`` or ``{kind = "disk", directory = "/tmp/kvbm", ...}``; ``kind`` may be left out where the
-  tier implies it (device, pinned, disk);
-- layouts, event sources and modes accept upstream's spellings; ``runtime.nixl`` is ``"enabled"`` or ``"disabled"``;
-- runtime objects (agents, registries, tokens, executors, storages, filters, event managers) cannot come from a
-  document: the error says which builder setter takes them.
-
-Loading is strict: no coercion (``"false"`` is not a bool, ``2.7`` is not an int, ``true`` is not a count) and
-unknown keys are errors. Each table is structured key by key; a value that fails becomes an :class:`Invalid`
-holding its problems, the others go through the class's builder, whose rules are the only rules. So one load
-reports every problem of the document, and a document and a builder chain that mean the same thing give equal
-configs and equal errors.
+cattrs' detailed validation reads each table key by key and collects what fails; what was read goes through the
+class's builder, whose rules are the only rules, so every problem of a document is reported at once, rendered from
+cattrs' exception groups to ``$.path: message`` lines, as a builder chain meaning the same would report them.
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, NewType, TypedDict, TypeVar, Union, cast, get_args, get_origin, overload
+import difflib
+import enum
+import functools
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, NewType, TypedDict, TypeVar, cast, overload
 
 import attrs
 import cattrs
+from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen.typeddicts import make_dict_structure_fn
 
-from ..config._rules import Validated, is_int, show
-from ..config.allocators import DeviceAllocator, DiskAllocator, PinnedAllocator, PinningMode, SystemAllocator
-from ..config.consolidator import ConsolidatorMode, EventSource, KvEventConsolidatorConfig
-from ..config.layout import _CHOICES, BlockParallelismStrategy, FullyContiguous, KvManagerLayoutConfig, LayoutType
+from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
+from ..config.consolidator import KvEventConsolidatorConfig
+from ..config.fields import KEY, Validated, specs
+from ..config.layout import CHOICES, BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
-from ..config.runtime import U64_MAX, KvManagerRuntimeConfig, NixlMode, NixlOptions
+from ..config.runtime import KvManagerRuntimeConfig, NixlMode, NixlOptions
 from ..config.sizes import parse_size
-from ..errors import ConfigError, Problem, UninitializedFieldError
-from ._render import key_name, show_value, unknown_key
+from ..errors import ConfigError, Problem, RuntimeObjectError, RuntimeObjectWarning, UninitializedFieldError, show
 
-__all__ = ["FORMS", "ByteSize", "Form", "Key", "converter", "dump", "kind_of", "load"]
+__all__ = ["LOADABLE", "budget_blocks", "converter", "document_error", "dump", "load", "tier_from_table"]
 
 C = TypeVar("C")
-
-ByteSize = NewType("ByteSize", int)
-"""A byte budget: ``"16GiB"`` (2^30), ``"16GB"`` (10^9), ``"512 MiB"`` or a byte count."""
-
-# What a tier's `allocator` table may hold. Only hook lookups use these types.
-DeviceTierAllocator = NewType("DeviceTierAllocator", object)
-HostTierAllocator = NewType("HostTierAllocator", object)
-DiskTierAllocator = NewType("DiskTierAllocator", object)
-AnyAllocator = NewType("AnyAllocator", object)
-
-
-@attrs.frozen
-class Invalid:
-    """A document value that could not be structured; ``problems`` say why, with paths relative to the value;
-    ``missing`` names the required fields it left out (they make the load an UninitializedFieldError)."""
-
-    problems: tuple[Problem, ...]
-    missing: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class Key:
-    """One key of a table: the type its value is structured as, what it means, and JSON-schema facets."""
-
-    type: Any
-    doc: str
-    schema: Mapping[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen(eq=False)
-class Form:
-    """The dict form of one config class (for layouts: of one tier's layout)."""
-
-    name: str
-    target: type
-    doc: str
-    keys: Mapping[str, Key]
-    runtime_only: Mapping[str, str] = attrs.field(factory=dict)
-    section: Any = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        # every value is captured as itself or Invalid, so one bad value never hides the problems of others
-        fields = {name: Union[key.type, Invalid] for name, key in self.keys.items()}  # noqa: UP007
-        object.__setattr__(self, "section", cast(Any, TypedDict)(f"{self.name}Table", fields, total=False))
-
-    @property
-    def kind(self) -> str | None:
-        """For an allocator form, its ``kind`` (``device``, ``pinned``, ``system``, ``disk``)."""
-        storage_kind = getattr(self.target, "storage_kind", None)
-        return storage_kind.value if isinstance(storage_kind, StorageKind) else None
-
-
-def _setter(target: type, name: str) -> str:
-    return f"set it in Python with {target.__name__}.builder().{name}(...)"
-
-
-_NON_NEGATIVE = {"type": "integer", "minimum": 0}
-
-MODEL = Form(
-    "Model",
-    KvManagerModelConfig,
-    "The shape of one KV block: [num_layers, outer_dim, page_size, inner_dim] elements.",
-    {
-        "num_layers": Key(int, "Attention layers of the model.", {"minimum": 1}),
-        "outer_dim": Key(int, "2 = separate K and V; 1 = MLA or fused KV.", {"enum": [1, 2]}),
-        "page_size": Key(int, "Tokens per block.", {"minimum": 1}),
-        "inner_dim": Key(
-            int, "Elements per token per outer index per layer, e.g. kv_heads * head_dim.", {"minimum": 1}
-        ),
-        "dtype_width_bytes": Key(int, "Bytes per element (2 for bf16 and fp16).", {"enum": [1, 2, 4, 8], "default": 2}),
-    },
-)
-
-RUNTIME = Form(
-    "Runtime",
-    KvManagerRuntimeConfig,
-    "Who the manager is, and whether it uses NIXL.",
-    {
-        "worker_id": Key(
-            int, "This worker's id (a u64); also the NIXL agent's name.", {"minimum": 0, "maximum": U64_MAX}
-        ),
-        "nixl": Key(
-            NixlOptions,
-            "'enabled': the manager creates its own NIXL agent; 'disabled': no NIXL.",
-            {"default": "enabled"},
-        ),
-    },
-    {
-        "cancellation_token": _setter(KvManagerRuntimeConfig, "cancellation_token"),
-        "async_runtime": _setter(KvManagerRuntimeConfig, "async_runtime"),
-        "metrics_registry": _setter(KvManagerRuntimeConfig, "metrics_registry"),
-    },
-)
-
-CONSOLIDATOR = Form(
-    "Consolidator",
-    KvEventConsolidatorConfig,
-    "Deduplicates the KV events of the engine (G1) and of KVBM (G2, G3).",
-    {
-        "engine_event_endpoint": Key(
-            str, "Where the engine publishes its KV events.", {"default": "tcp://localhost:5557"}
-        ),
-        "consolidated_event_endpoint": Key(
-            str, "Where consolidated events are published.", {"default": "tcp://*:5558"}
-        ),
-        "engine_source": Key(
-            EventSource,
-            "Who publishes the engine events: vllm (or gpu), trtllm (or tensorrt-llm); case-insensitive.",
-            {"default": "vllm"},
-        ),
-        "mode": Key(ConsolidatorMode, "dedup or passthrough.", {"default": "dedup"}),
-    },
-)
-
-_DEVICE_ID = Key(int, "The GPU ordinal.", {"minimum": 0, "default": 0})
-
-DEVICE_ALLOCATOR = Form(
-    "DeviceAllocator", DeviceAllocator, "G1: exact allocations in GPU memory.", {"device_id": _DEVICE_ID}
-)
-PINNED_ALLOCATOR = Form(
-    "PinnedAllocator",
-    PinnedAllocator,
-    "G2: page-locked host memory.",
-    {
-        "device_id": Key(int, "The GPU that copies to and from this memory.", {"minimum": 0, "default": 0}),
-        "mode": Key(
-            PinningMode,
-            "register: mmap, parallel first touch, then cudaHostRegister (fast); host_alloc: cudaHostAlloc.",
-            {"default": "register"},
-        ),
-        "huge_pages": Key(bool, "Back the tier with huge pages (DYN_KVBM_USE_HUGE_PAGES).", {"default": False}),
-        "numa": Key(bool, "Place memory on the GPU's NUMA node (DYN_KVBM_ENABLE_NUMA).", {"default": False}),
-        "threads": Key(
-            int | None, "Threads that first-touch the pages (mode register).", {"minimum": 1, "maximum": 1024}
-        ),
-    },
-    {"progress": "set it in Python: PinnedAllocator(progress=callback)"},
-)
-SYSTEM_ALLOCATOR = Form("SystemAllocator", SystemAllocator, "G2 without CUDA: ordinary page-aligned host memory.", {})
-DISK_ALLOCATOR = Form(
-    "DiskAllocator",
-    DiskAllocator,
-    "G3: one file in a directory, removed when released.",
-    {
-        "directory": Key(str, "Where the cache file is created (DYN_KVBM_DISK_CACHE_DIR).", {"default": "/tmp/"}),
-        "o_direct": Key(
-            bool, "Open the file with O_DIRECT (DYN_KVBM_DISK_DISABLE_O_DIRECT turns it off).", {"default": True}
-        ),
-        "zerofill_fallback": Key(
-            bool,
-            "Zero-fill when the file system refuses fallocate (DYN_KVBM_DISK_ZEROFILL_FALLBACK).",
-            {"default": False},
-        ),
-    },
-)
-ALLOCATOR_FORMS = (DEVICE_ALLOCATOR, PINNED_ALLOCATOR, SYSTEM_ALLOCATOR, DISK_ALLOCATOR)
-
-
-@attrs.frozen(eq=False)
-class AllocatorSlot:
-    """The allocators a tier's ``allocator`` table may describe; ``default`` applies when ``kind`` is left out."""
-
-    accepted: tuple[Form, ...]
-    default: Form | None
-    tier: Tier | None
-
-
-SLOTS: dict[Any, AllocatorSlot] = {
-    DeviceTierAllocator: AllocatorSlot((DEVICE_ALLOCATOR,), DEVICE_ALLOCATOR, Tier.G1),
-    HostTierAllocator: AllocatorSlot((PINNED_ALLOCATOR, SYSTEM_ALLOCATOR), PINNED_ALLOCATOR, Tier.G2),
-    DiskTierAllocator: AllocatorSlot((DISK_ALLOCATOR,), DISK_ALLOCATOR, Tier.G3),
-    AnyAllocator: AllocatorSlot(ALLOCATOR_FORMS, None, None),
-}
-
-
-def _layout_form(name: str, slot: Any, what: str) -> Form:
-    return Form(
-        name,
-        KvManagerLayoutConfig,
-        f"{what}: how many blocks, in what layout, backed by what memory.",
-        {
-            "num_blocks": Key(int, "Blocks in this tier (or give `size`).", {"minimum": 1}),
-            "size": Key(
-                ByteSize,
-                "A byte budget instead of num_blocks: '16GiB' (2^30), '16GB' (10^9) or a byte count; "
-                "blocks = floor(size / bytes per block, alignment padding included).",
-            ),
-            "layout_type": Key(
-                LayoutType,
-                "FullyContiguous, LayerSeparateOuterContiguous or LayerSeparateBlockContiguous "
-                "(case, '_' and '-' ignored), or {LayerSeparate = {outer_contiguous = true}}.",
-                {"default": "FullyContiguous"},
-            ),
-            "alignment": Key(int, "Each block starts on a multiple of this (a power of two).", {"default": 1}),
-            "allocator": Key(slot, "How this tier's memory is made."),
-            "logical": Key(
-                BlockParallelismStrategy | None,
-                "Blocks sharded across workers under a leader, instead of an allocator.",
-            ),
-        },
-        {
-            "storage": _setter(KvManagerLayoutConfig, "storage") + " (memory allocated beforehand)",
-            "offload_filter": _setter(KvManagerLayoutConfig, "offload_filter"),
-        },
-    )
-
-
-LAYOUTS: dict[Tier | None, Form] = {
-    Tier.G1: _layout_form("DeviceLayout", DeviceTierAllocator, "The device tier (G1, GPU memory)"),
-    Tier.G2: _layout_form("HostLayout", HostTierAllocator, "The host tier (G2, pinned or system memory)"),
-    Tier.G3: _layout_form("DiskLayout", DiskTierAllocator, "The disk tier (G3, a file)"),
-    None: _layout_form("Layout", AnyAllocator, "A tier"),
-}
-
-MANAGER = Form(
-    "KvBlockManagerConfig",
-    KvBlockManagerConfig,
-    "A KV block manager: runtime, model, up to three tiers and the event consolidator.",
-    {
-        "runtime": Key(KvManagerRuntimeConfig, RUNTIME.doc),
-        "model": Key(KvManagerModelConfig, MODEL.doc),
-        "device_layout": Key(LAYOUTS[Tier.G1].section | None, LAYOUTS[Tier.G1].doc),
-        "host_layout": Key(LAYOUTS[Tier.G2].section | None, LAYOUTS[Tier.G2].doc),
-        "disk_layout": Key(LAYOUTS[Tier.G3].section | None, LAYOUTS[Tier.G3].doc),
-        "consolidator_config": Key(KvEventConsolidatorConfig | None, CONSOLIDATOR.doc),
-    },
-    {
-        "event_manager": _setter(KvBlockManagerConfig, "event_manager"),
-        "block_reset_channel": _setter(KvBlockManagerConfig, "block_reset_channel"),
-        "kvbm_metrics": _setter(KvBlockManagerConfig, "kvbm_metrics"),
-    },
-)
-
-FORMS: tuple[Form, ...] = (MANAGER, RUNTIME, MODEL, *LAYOUTS.values(), *ALLOCATOR_FORMS, CONSOLIDATOR)
-"""Every table of the dict form."""
-
-converter = cattrs.Converter(detailed_validation=False, forbid_extra_keys=False)
-"""The converter. Structuring raises :class:`~kvbm_builder.errors.ConfigError` with paths relative to the value."""
-
-
-def _fail(message: str, *path: str | int) -> ConfigError:
-    return ConfigError([Problem(path, message)])
-
-
-# ---- scalars: no coercion, messages worded as the builders' rules word them --------------------------------------
-
-
-def _int(value: object, _: object) -> int:
-    # no bound of the loader's own: the builders' rules decide (a size is bounded by the layout's 2**63 - 1 bytes)
-    if not is_int(value):
-        raise _fail(f"must be an integer, got {show_value(value)}")
-    assert isinstance(value, int)
-    return value
-
-
-def _bool(value: object, _: object) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(f"must be true or false, got {show_value(value)}")
-    return value
-
-
-def _str(value: object, _: object) -> str:
-    if not isinstance(value, str):
-        raise _fail(f"must be a string, got {show_value(value)}")
-    return value
-
-
-def _size(value: object, _: object) -> int:
-    if isinstance(value, (str, int)):
-        return _int(parse_size(value), None)
-    raise _fail(f"must be a size such as '16GiB' or a byte count, got {show_value(value)}")
-
-
-def _words(value: object) -> str:
-    return value.lower().replace("_", "").replace("-", "") if isinstance(value, str) else ""
-
-
-def _named(parse: Callable[[object], C], example: str) -> Callable[[object, object], C]:
-    """A hook from a class's own parser, which sees only scalars (it shows what it refuses in its message)."""
-
-    def hook(value: object, _: object) -> C:
-        if not isinstance(value, (str, int, float, type(None))):
-            raise _fail(f"must be a name such as {example}, got {show_value(value)}")
-        return parse(value)
-
-    return hook
-
-
-def _flat(value: object) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and len(value) <= 4
-        and all(isinstance(k, str) and isinstance(v, (str, int, float, type(None))) for k, v in value.items())
-    )
-
-
-def _layout_type(value: object, _: object) -> LayoutType:
-    if isinstance(value, str):
-        return LayoutType.parse(value)
-    if isinstance(value, Mapping) and len(value) == 1 and _flat(next(iter(value.values()))):
-        ((name, _body),) = value.items()
-        if isinstance(name, str):
-            return LayoutType.parse(value)
-    raise _fail(
-        f"must be a layout name ({', '.join(LayoutType.ACCEPTED)}) or "
-        f"{{'LayerSeparate': {{'outer_contiguous': true}}}}, got {show_value(value)}"
-    )
-
-
-_PINNING_MODES = {_words(mode.value): mode for mode in PinningMode}
-_STRATEGIES = {_words(strategy.name): strategy for strategy in BlockParallelismStrategy}
-
-
-def _pinning_mode(value: object) -> PinningMode:
-    mode = _PINNING_MODES.get(_words(value))
-    if mode is None:
-        raise _fail(f"must be 'register' or 'host_alloc', got {show_value(value)}")
-    return mode
-
-
-def _strategy(value: object) -> BlockParallelismStrategy:
-    strategy = _STRATEGIES.get(_words(value))
-    if strategy is None:
-        raise _fail(f"must be 'LeaderWorkerSharded' (or null), got {show_value(value)}")
-    return strategy
-
-
-def _nixl(value: object) -> NixlOptions:
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word == "enabled":
-        return NixlOptions.ENABLED
-    if word == "disabled":
-        return NixlOptions.DISABLED
-    if _words(value) == "enabledwithagent":
-        raise _fail(
-            "an agent cannot come from a document; set it in Python with "
-            "KvManagerRuntimeConfig.builder().use_nixl_agent(agent), or write 'enabled' to let the manager create one"
-        )
-    raise _fail(f"must be 'enabled' or 'disabled', got {show_value(value)}")
-
-
-converter.register_structure_hook(int, _int)
-converter.register_structure_hook(bool, _bool)
-converter.register_structure_hook(str, _str)
-converter.register_structure_hook(ByteSize, _size)
-converter.register_structure_hook(LayoutType, _layout_type)
-converter.register_structure_hook(EventSource, _named(EventSource.parse, "'vllm'"))
-converter.register_structure_hook(ConsolidatorMode, _named(ConsolidatorMode.parse, "'dedup'"))
-converter.register_structure_hook(PinningMode, _named(_pinning_mode, "'register'"))
-converter.register_structure_hook(BlockParallelismStrategy, _named(_strategy, "'LeaderWorkerSharded'"))
-converter.register_structure_hook(NixlOptions, _named(_nixl, "'enabled'"))
-
-
-# ---- capture: a value that fails is kept as Invalid, so its neighbours are still checked -------------------------
-
-
-def _is_captured(t: Any) -> bool:
-    return get_origin(t) in (Union, types.UnionType) and Invalid in get_args(t)
-
-
-def _captured_hook(t: Any) -> Callable[[object, object], object]:
-    rest = tuple(arg for arg in get_args(t) if arg is not Invalid)
-    inner: Any = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007
-    hook = converter.get_structure_hook(inner)
-    plain = inner if inner in (str, bool, int) else None  # values of exactly these types pass as they are
-
-    def capture(value: object, _: object) -> object:
-        if type(value) is plain:
-            return value
-        try:
-            return hook(value, inner)
-        except ConfigError as err:
-            return Invalid(err.problems, getattr(err, "missing", ()))
-
-    return capture
-
-
-converter.register_structure_hook_factory(_is_captured, _captured_hook)
-
-# ---- tables ------------------------------------------------------------------------------------------------------
-
-
-@attrs.define
-class Table:
-    """One table of a document, structured key by key: what to give the builder (a stand-in for each value that
-    failed), the problems found so far (paths from the table), the keys whose values failed, and the required
-    fields left out (here or in a table inside)."""
-
-    values: dict[str, Any]
-    problems: list[Problem]
-    failed: set[str]
-    missing: list[str] = attrs.field(factory=list)
-
-    def error(self) -> ConfigError:
-        """The table's problems as one error: an UninitializedFieldError when a required field was left out."""
-        if self.missing:
-            return UninitializedFieldError(self.problems, "", self.missing)
-        return ConfigError(self.problems)
-
-
-class _StandIn:
-    """Stands in for a value that failed: its builder setter is still called, so the key counts as set (no
-    "must be initialized", no "must provide either ..."), and what the builder says about the stand-in is
-    replaced by the value's own problems."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<invalid>"
-
-
-STAND_IN = _StandIn()
-
-
-def _table_hook(form: Form) -> Callable[[object, object], Table]:
-    keys = form.keys
-    allowed = tuple(keys)
-    made: list[Callable[[Any, Any], dict[Any, Any]]] = []  # generated on first use: its hooks exist by then
-
-    def hook(value: object, _: object) -> Table:
-        if type(value) is not dict and not isinstance(value, Mapping):
-            raise _fail(f"must be a table of keys and values, got {show_value(value)}")
-        if not made:
-            made.append(
-                make_dict_structure_fn(
-                    form.section, converter, _cattrs_forbid_extra_keys=False, _cattrs_detailed_validation=False
-                )
-            )
-        values = made[0](value if type(value) is dict else dict(value), form.section)
-        table = Table(values, [], set())
-        for key in [key for key, item in values.items() if key not in keys or type(item) is Invalid]:
-            item = values.pop(key)
-            name = key_name(key)
-            if key in keys:
-                table.problems.extend(p.under(name) for p in item.problems)
-                table.missing.extend(item.missing)
-                values[name] = STAND_IN
-                table.failed.add(name)
-            else:
-                table.problems.append(unknown_key(key, allowed, form.runtime_only))
-        return table
-
-    return hook
-
-
-_TABLES = {form: _table_hook(form) for form in FORMS}
-
-
-def _verdict(err: ConfigError, failed: Collection[str]) -> list[Problem]:
-    return [p for p in err.problems if not (p.path and p.path[0] in failed)]
-
-
-def _built(builder: Any, table: Table) -> Any:
-    """``builder.build()``, or None with its problems (except those about stand-ins) added to the table's."""
-    try:
-        return builder.build()
-    except ConfigError as err:
-        table.problems.extend(_verdict(err, table.failed))
-        if isinstance(err, UninitializedFieldError):
-            table.missing.extend(err.missing)
-        return None
-
-
-_SETTERS: dict[type, dict[str, Callable[[Any, object], Any]]] = {}
-
-
-def _setters(builder_type: type) -> dict[str, Callable[[Any, object], Any]]:
-    """The public methods of a builder class, looked up once: calling them unbound is the same call, cheaper."""
-    found = _SETTERS.get(builder_type)
-    if found is None:
-        found = {name: getattr(builder_type, name) for name in dir(builder_type) if not name.startswith("_")}
-        _SETTERS[builder_type] = found
-    return found
-
-
-def _apply(builder: Any, values: Mapping[str, object]) -> Any:
-    """Each value through the builder setter of the same name (the dict form's keys are the builders' setters)."""
-    setters = _setters(type(builder))
-    for name, value in values.items():
-        builder = setters[name](builder, value)
-    return builder
-
-
-def _config_hook(form: Form) -> Callable[[object, object], object]:
-    table = _TABLES[form]
-    target = form.target
-    new_builder = getattr(target, "builder", None)
-
-    def hook(value: object, _: object) -> object:
-        parsed = table(value, form.section)
-        values, problems = parsed.values, parsed.problems
-        if new_builder is not None:
-            built = _built(_apply(new_builder(), values), parsed)
-        else:  # the allocators are plain data without a builder: their constructor checks every field
-            try:
-                built = target(**values)
-            except ConfigError as err:
-                problems.extend(_verdict(err, parsed.failed))
-        if problems:
-            raise parsed.error()
-        return built
-
-    return hook
-
-
-def _exactly(cls: object) -> Callable[[object], bool]:
-    # by predicate: registering an attrs class directly makes cattrs resolve its annotations, and the config
-    # classes name runtime types they import only for type checkers
-    return lambda t: t is cls
-
-
-_CONFIG_HOOKS = {form: _config_hook(form) for form in (MODEL, RUNTIME, CONSOLIDATOR, *ALLOCATOR_FORMS)}
-for _form, _hook in _CONFIG_HOOKS.items():
-    if _form not in ALLOCATOR_FORMS:
-        converter.register_structure_hook_func(_exactly(_form.target), _hook)
-for _layout in LAYOUTS.values():
-    converter.register_structure_hook(_layout.section, _TABLES[_layout])
-
-
-def kind_of(value: object) -> StorageKind | None:
-    """The storage kind a document's allocator ``kind`` names (:meth:`StorageKind.parse`: ``'pinned'``, ``'DISK'``,
-    ``' System '``), or None when it names none. Every reader of ``kind`` in loading uses this one rule."""
-    try:
-        return StorageKind.parse(value)
-    except ConfigError:
-        return None
-
-
-def _direct_allocator_hook(form: Form) -> Callable[[object, object], object]:
-    """An allocator class loaded by itself: its table may name its own ``kind`` (as :func:`dump` writes it)."""
-    hook = _CONFIG_HOOKS[form]
-    target = form.target
-
-    def direct(value: object, _: object) -> object:
-        if not isinstance(value, Mapping) or "kind" not in value:
-            return hook(value, target)
-        kind = value["kind"]
-        rest = {k: v for k, v in value.items() if k != "kind"}
-        if kind_of(kind) is getattr(target, "storage_kind", None):
-            return hook(rest, target)
-        problems = [
-            Problem(("kind",), f"must be '{form.kind}' for a {target.__name__}, or left out; got {show_value(kind)}")
-        ]
-        try:
-            hook(rest, target)
-        except ConfigError as err:
-            problems.extend(err.problems)
-        raise ConfigError(problems)
-
-    return direct
-
-
-for _form in ALLOCATOR_FORMS:
-    converter.register_structure_hook_func(_exactly(_form.target), _direct_allocator_hook(_form))
-
-
-def _allocator_hook(slot: AllocatorSlot) -> Callable[[object, object], object]:
-    kinds = {cast(Any, form.target).storage_kind: form for form in ALLOCATOR_FORMS}
-    accepted = " or ".join(str(form.kind) for form in slot.accepted)
-
-    def hook(value: object, _: object) -> object:
-        if not isinstance(value, Mapping):
-            example = "{kind = 'pinned'}" if slot.default is None else f"{{kind = '{slot.default.kind}'}}"
-            raise _fail(f"must be an allocator table such as {example}, got {show_value(value)}")
-        if "kind" not in value:
-            if slot.default is None:
-                raise _fail(f"must be given: {', '.join(str(form.kind) for form in ALLOCATOR_FORMS)}", "kind")
-            form = slot.default
-        else:
-            kind = value["kind"]
-            found = kinds.get(kind_of(kind))
-            if found is None:
-                raise _fail(f"must be {accepted}, got {show_value(kind)}", "kind")
-            # a kind the tier does not take is the manager's rule (tier_problems): reported at `<tier>.allocator`,
-            # as for a builder chain
-            form = found
-        return _CONFIG_HOOKS[form]({k: v for k, v in value.items() if k != "kind"}, form.target)
-
-    return hook
-
-
-for _slot_type, _slot in SLOTS.items():
-    converter.register_structure_hook(_slot_type, _allocator_hook(_slot))
-
-
-# ---- layouts and the manager: a byte budget needs the model ------------------------------------------------------
-
-
-_FULLY_CONTIGUOUS = FullyContiguous()  # the layout's default
-
-
-def build_layout(
-    table: Table, model: object, *, standalone: bool = False, seen: dict[object, int | Problem | None] | None = None
-) -> tuple[KvManagerLayoutConfig[Any] | None, list[Problem]]:
-    """A tier's table through the layout builder. ``size`` becomes ``num_blocks`` with ``model``'s block bytes;
-    when the model is missing or invalid, its own problems say why the tier could not be sized. ``seen`` keeps
-    the block bytes of layouts already sized in this load (tiers often share one)."""
-    values, problems, failed = table.values, table.problems, table.failed  # the table is this call's to use up
-    given_size = "size" in values
-    size = values.pop("size", None)
-    if "num_blocks" in values and given_size:
-        problems.append(Problem(("size",), "give either `num_blocks` or `size`, not both"))
-    elif "num_blocks" not in values:
-        values["num_blocks"] = STAND_IN
-        failed.add("num_blocks")
-        if not given_size:
-            problems.append(Problem((), "needs `num_blocks`, or `size` as a byte budget such as '16GiB'"))
-        elif standalone:
-            problems.append(
-                Problem(
-                    ("size",),
-                    "a byte budget needs the model to count blocks: give `num_blocks`, "
-                    "or load this tier as part of a KvBlockManagerConfig",
-                )
-            )
-        elif isinstance(size, int) and isinstance(model, KvManagerModelConfig):
-            shape = (values.get("layout_type", _FULLY_CONTIGUOUS), values.get("alignment", 1))
-            block_bytes = seen[shape] if seen is not None and shape in seen else _block_bytes(model, *shape)
-            if seen is not None:
-                seen[shape] = block_bytes
-            if isinstance(block_bytes, Problem):
-                problems.append(block_bytes)
-            elif block_bytes is not None and size < block_bytes:
-                problems.append(
-                    Problem(
-                        ("size",),
-                        f"{size} bytes hold no whole block of {block_bytes} bytes; raise it, or give num_blocks",
-                    )
-                )
-            elif block_bytes is not None:
-                count = size // block_bytes
-                too_big = _spec_problem(model, count, *shape) if count * block_bytes > _LARGE else None
-                if isinstance(too_big, Problem):
-                    problems.append(too_big)
-                else:
-                    values["num_blocks"] = count
-                    failed.discard("num_blocks")
-    layout = _built(_apply(KvManagerLayoutConfig.builder(), values), table)
-    return (None, problems) if problems else (layout, problems)
-
-
-_LARGE = 1 << 62  # below this, padding before each allocation cannot take a tier past the layout's 2**63 - 1 bytes
-
-
-def _spec_problem(model: KvManagerModelConfig, num_blocks: int, layout_type: object, alignment: object) -> Any:
-    """The LayoutSpec of ``num_blocks`` blocks, or its problem: under ``size`` when it is too large (a problem of
-    its own), None when its layout or alignment is invalid (the builder says why)."""
-    from ..layout import LayoutSpec
-
-    try:
-        return LayoutSpec(
-            num_blocks=num_blocks,
-            num_layers=model.num_layers,
-            outer_dim=model.outer_dim,
-            page_size=model.page_size,
-            inner_dim=model.inner_dim,
-            dtype_width_bytes=model.dtype_width_bytes,
-            layout_type=cast(LayoutType, layout_type),
-            alignment=cast(int, alignment),
-        )
-    except ConfigError as err:
-        whole = [p for p in err.problems if not p.path]  # field problems are the builder's to report
-        if not whole:
-            return None
-        what = "one block of this layout is too large" if num_blocks == 1 else f"{num_blocks} blocks are too many"
-        return Problem(("size",), f"{what}: {whole[0].message}" + ("" if num_blocks == 1 else "; lower the size"))
-
-
-def _block_bytes(model: KvManagerModelConfig, layout_type: object, alignment: object) -> int | Problem | None:
-    """Bytes per block of this tier, alignment padding included; a problem under ``size`` when one block is
-    already too large; None when its layout or alignment is invalid (the builder says why)."""
-    spec = _spec_problem(model, 1, layout_type, alignment)
-    return spec if spec is None or isinstance(spec, Problem) else cast(int, spec.block_bytes)
-
-
-_SLOTS = tuple(tier.slot for tier in Tier)
-
-
-def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
-    table = _TABLES[MANAGER](value, MANAGER.section)
-    values, problems, failed = table.values, table.problems, table.failed
-    consolidator = values.pop("consolidator_config", None)
-    seen: dict[object, int | Problem | None] = {}
-    for slot in _SLOTS:
-        tier_table = values.get(slot)
-        if isinstance(tier_table, Table):
-            layout, tier_problems = build_layout(tier_table, values.get("model"), seen=seen)
-            problems.extend(p.under(slot) for p in tier_problems)
-            table.missing.extend(tier_table.missing)
-            values[slot] = STAND_IN if layout is None else layout
-            if layout is None:
-                failed.add(slot)
-    config = _built(_apply(KvBlockManagerConfig.builder(), values), table)
-    if isinstance(consolidator, KvEventConsolidatorConfig):
-        # the manager's setter takes upstream's three arguments, a table may also set `mode`: check it the same way
-        problems.extend(KvBlockManagerConfig.check_values({"consolidator_config": consolidator}))
-        if config is not None and not problems:
-            config = attrs.evolve(config, consolidator_config=consolidator)
-    if problems:
-        # in the document's order (tiers are checked after the model they need); missing tables last
-        order: dict[object, int] = {key_name(key): i for i, key in enumerate(cast(Mapping[Any, Any], value))}
-        problems.sort(key=lambda p: order.get(p.path[0], len(order)) if p.path else -1)
-        raise table.error()
-    return cast(KvBlockManagerConfig, config)
-
-
-def _standalone_layout_hook(value: object, _: object) -> KvManagerLayoutConfig[Any]:
-    form = LAYOUTS[None]
-    table = _TABLES[form](value, form.section)
-    layout, _ = build_layout(table, None, standalone=True)
-    if layout is None:
-        raise table.error()
-    return layout
-
-
-converter.register_structure_hook_func(_exactly(KvBlockManagerConfig), _manager_hook)
-converter.register_structure_hook_func(_exactly(KvManagerLayoutConfig), _standalone_layout_hook)
 
 LOADABLE: tuple[type, ...] = (
     KvBlockManagerConfig,
@@ -768,11 +45,414 @@ LOADABLE: tuple[type, ...] = (
     KvManagerModelConfig,
     KvManagerLayoutConfig,
     KvEventConsolidatorConfig,
-    DeviceAllocator,
-    PinnedAllocator,
-    SystemAllocator,
-    DiskAllocator,
+    *BUILTIN_ALLOCATORS,
 )
+
+converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=True)
+
+#: A value the config field's own rule judges (no coercion: the builder sees exactly what the document holds).
+Raw = NewType("Raw", object)
+#: A byte budget: ``"16GiB"`` (2^30), ``"16GB"`` (10^9), ``"512 MiB"`` or a byte count.
+ByteSize = NewType("ByteSize", int)
+converter.register_structure_hook(Raw, lambda value, _: value)
+converter.register_structure_hook(ByteSize, lambda value, _: parse_size(value))
+
+
+# ---- tables: cattrs reads each key and collects what fails; the builder judges the rest --------------------------
+
+
+class Table(NamedTuple):
+    """What cattrs made of one table: the values it read, what failed (cattrs' exceptions, with notes) and the
+    keys of the values that failed, which the builder counts as set but says nothing more about."""
+
+    values: dict[str, Any]
+    errors: list[Exception]
+    failed: frozenset[str]
+
+
+@attrs.frozen
+class View:
+    """The keys a document may give for one class (or one tier). cattrs structures the tables inside it (a TypedDict
+    of them); the other values go to the builder as they are, and the field's own rule judges them."""
+
+    target: type
+    keys: dict[str, Any]  # key -> the type its value is structured as
+    runtime_only: tuple[str, ...]
+    typed: Any = attrs.field(init=False)
+    read: Callable[[Mapping[str, Any], Any], dict[str, Any]] = attrs.field(init=False)
+    allowed: frozenset[str] = attrs.field(init=False)
+    nested: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        nested = {key: t for key, t in self.keys.items() if t is not Raw}
+        typed = cast(Any, TypedDict)(f"{self.target.__name__}Document", nested, total=False)
+        object.__setattr__(self, "typed", typed)
+        object.__setattr__(self, "read", make_dict_structure_fn(typed, converter, _cattrs_forbid_extra_keys=False))
+        object.__setattr__(self, "allowed", frozenset(self.keys))
+        object.__setattr__(self, "nested", bool(nested))
+        _VIEWS[typed] = self
+
+    def table(self, value: object) -> Table:
+        if type(value) is not dict and not isinstance(value, Mapping):
+            raise document_error(f"must be a table of keys and values, got {show(value)}")
+        document = value if type(value) is dict else dict(value)  # cattrs copies it: the caller's stays as it is
+        unknown = document.keys() - self.allowed
+        errors: list[Exception] = [ForbiddenExtraKeysError("", self.typed, unknown)] if unknown else []
+        failed: frozenset[str] = _NO_KEYS
+        try:  # a table of values only (a model, an allocator) has nothing for cattrs to structure
+            values = self.read(document, self.typed) if self.nested else dict(document)
+        except ClassValidationError as group:
+            failed = frozenset(note.name for _, note in group.group_exceptions()[0])
+            values = self.read({k: v for k, v in document.items() if k not in failed}, self.typed)
+            errors[:0] = group.exceptions
+        for key in unknown:
+            del values[key]
+        return Table(values, errors, failed)
+
+    def unknown(self, key: object) -> Problem:
+        """The problem with a key the table does not take: how to set a runtime object, or a did-you-mean."""
+        name = key if isinstance(key, str) else show(key)
+        if key in self.runtime_only:
+            return Problem((name,), f"cannot come from a document: set it in Python with {_setter(self.target, name)}")
+        close = difflib.get_close_matches(key, list(self.keys), n=1) if isinstance(key, str) and len(key) < 64 else []
+        if close:
+            return Problem((name,), f"unknown key; did you mean `{close[0]}`?")
+        listed = ", ".join(f"`{k}`" for k in self.keys)
+        return Problem(
+            (name,), f"unknown key; expected one of: {listed}" if listed else "unknown key; this table takes no keys"
+        )
+
+
+_VIEWS: dict[Any, View] = {}
+_NO_KEYS: frozenset[str] = frozenset()
+
+
+def _setter(target: type, name: str) -> str:
+    return (
+        f"{target.__name__}.builder().{name}(...)" if hasattr(target, "builder") else f"{target.__name__}({name}=...)"
+    )
+
+
+def document_error(message: str, *path: str | int) -> ConfigError:
+    return ConfigError([Problem(path, message)])
+
+
+def _noted(exc: Exception, name: str) -> Exception:
+    note = AttributeValidationNote(f"@ attribute {name}", name, object)
+    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]  # add_note: 3.11+
+    return exc
+
+
+def _note_name(exc: BaseException) -> str | None:
+    note = next((n for n in getattr(exc, "__notes__", ()) if isinstance(n, AttributeValidationNote)), None)
+    return None if note is None else note.name
+
+
+@functools.cache
+def _required(target: type) -> frozenset[str]:
+    return frozenset(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
+
+
+_CHOICES = frozenset(CHOICES)
+
+
+def _built(target: type, table: Table, values: Mapping[str, Any], problems: Sequence[Problem] = ()) -> Any:
+    """The config from ``values`` through its builder (a class without one: its constructor), then every problem of
+    the table at once, as one exception group."""
+    # the usual case: everything was read, nothing is missing, the builder would add nothing (for a layout: when
+    # exactly one memory choice was made); on a problem, the builder says it as for a chain of setters
+    complete = not (table.errors or problems or table.failed) and values.keys() >= _required(target)
+    if complete and (target is not KvManagerLayoutConfig or len(values.keys() & _CHOICES) == 1):
+        try:  # (try, not contextlib.suppress: this runs for every table of every load)
+            return target(**values)
+        except ConfigError:
+            pass
+    errors = [*table.errors, *([ConfigError(problems)] if problems else [])]
+    built = None
+    try:
+        if hasattr(target, "builder"):
+            builder = target.builder()
+            for name, value in values.items():
+                builder.set(name, value)
+            for name in table.failed:
+                builder.mark_invalid(name)
+            built = builder.build()
+        else:
+            built = target(**{k: v for k, v in values.items() if k not in table.failed})
+    except ConfigError as err:  # what it says of a value that could not be read was said already
+        kept = [p for p in err.problems if not (p.path and p.path[0] in table.failed)]
+        missing = getattr(err, "missing", ())
+        errors.append(UninitializedFieldError(kept, "", missing) if missing else ConfigError(kept))
+    if errors:
+        raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
+    return built
+
+
+def _view(target: type, **special: Any) -> View:
+    described = specs(target)
+    keys = {name: special.get(name, Raw) for name, spec in described.items() if spec.document}
+    keys.update({k: v for k, v in special.items() if k not in described})
+    return View(target, keys, tuple(name for name, spec in described.items() if not spec.document))
+
+
+def _load(view: View, value: object) -> Any:
+    table = view.table(value)
+    return _built(view.target, table, table.values)
+
+
+# ---- allocators: a table with a kind -------------------------------------------------------------------------------
+
+_ALLOCATOR_VIEWS = {cls: _view(cls) for cls in BUILTIN_ALLOCATORS}
+#: The view of each config class loaded by itself (the tiers' views are TIER_VIEWS).
+CLASS_VIEWS: dict[type, View] = dict(_ALLOCATOR_VIEWS)
+
+
+_VIEW_OF_KIND = {kind.value: _ALLOCATOR_VIEWS[cls] for kind, cls in ALLOCATOR_OF_KIND.items()}
+
+
+def _kind_of(value: object) -> StorageKind | None:
+    try:
+        return StorageKind.parse(value)
+    except ConfigError:
+        return None
+
+
+def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
+    """A tier's ``allocator`` table (``tier=None``: a layout loaded by itself, which must say its kind)."""
+    accepted = [kind.value for kind in StorageKind if tier is None or kind in tier.accepts]
+
+    def hook(value: object, _: object) -> Any:
+        if type(value) is not dict and not isinstance(value, Mapping):
+            example = f"{{kind = '{tier.default_kind.value if tier else 'pinned'}'}}"
+            raise document_error(f"must be an allocator table such as {example}, got {show(value)}")
+        rest = dict(value)
+        given = rest.pop("kind", None if tier is None else tier.default_kind.value)
+        if given is None:
+            raise document_error(f"must be given: {', '.join(accepted)}", "kind")
+        # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator` as for a builder
+        view = _VIEW_OF_KIND.get(given) if type(given) is str else None  # the usual spelling, without parsing it
+        if view is None:
+            kind = _kind_of(given)
+            if kind is None:
+                raise document_error(f"must be {' or '.join(accepted)}, got {show(given)}", "kind")
+            view = _VIEW_OF_KIND[kind.value]
+        table = view.table(rest)
+        return _built(view.target, table, table.values)
+
+    return hook
+
+
+def _own_allocator_hook(cls: type) -> Callable[[object, object], Any]:
+    """An allocator loaded by itself: its table may name its own ``kind`` (as :func:`dump` writes it)."""
+    view = _ALLOCATOR_VIEWS[cls]
+    own = cast(Any, cls).storage_kind
+
+    def hook(value: object, _: object) -> Any:
+        if not isinstance(value, Mapping) or "kind" not in value:
+            return _load(view, value)
+        rest = {k: v for k, v in value.items() if k != "kind"}
+        if _kind_of(value["kind"]) is own:
+            return _load(view, rest)
+        wrong = document_error(f"must be '{own.value}' for a {cls.__name__}, or left out; got {show(value['kind'])}")
+        table = view.table(rest)
+        return _built(cls, table._replace(errors=[_noted(wrong, "kind"), *table.errors]), table.values)
+
+    return hook
+
+
+# ---- tiers: a byte budget needs the model ------------------------------------------------------------------------
+
+_FULLY_CONTIGUOUS = LayoutType.parse("FullyContiguous")
+TierAllocator = {tier: NewType(f"{tier.name}Allocator", object) for tier in Tier}
+AnyAllocator = NewType("AnyAllocator", object)
+for _tier, _slot_type in TierAllocator.items():
+    converter.register_structure_hook(_slot_type, _allocator_hook(_tier))
+converter.register_structure_hook(AnyAllocator, _allocator_hook(None))
+
+TIER_VIEWS: dict[Tier | None, View] = {
+    tier: _view(KvManagerLayoutConfig, size=ByteSize, allocator=TierAllocator[tier]) for tier in Tier
+}
+TIER_VIEWS[None] = _view(KvManagerLayoutConfig, size=ByteSize, allocator=AnyAllocator)
+
+
+def _spec(model: KvManagerModelConfig, num_blocks: int, layout_type: Any, alignment: Any) -> Any:
+    from ..layout import LayoutSpec
+
+    shape = attrs.asdict(model, recurse=False)
+    return LayoutSpec(num_blocks=num_blocks, **shape, layout_type=layout_type, alignment=alignment)
+
+
+def budget_blocks(
+    size: int,
+    model: KvManagerModelConfig,
+    layout_type: object = None,
+    alignment: object = 1,
+    seen: dict[Any, Any] | None = None,
+) -> int | Problem | None:
+    """The one size rule: how many blocks of ``model`` a byte budget holds in a tier of this layout, alignment
+    padding included (``floor(size / block bytes)``; at alignment 1 upstream's ``floor(GB * 1e9 / bytes per
+    block)``). A problem under ``size`` when the budget holds no block or too many; None when the layout or the
+    alignment is itself invalid (the layout's builder says why)."""
+    shape = (layout_type if layout_type is not None else _FULLY_CONTIGUOUS, alignment)
+    key = (shape[0], alignment) if type(alignment) is int and isinstance(shape[0], LayoutType) else None
+    if seen is not None and key in seen:  # tiers of one document often share their shape
+        block_bytes = seen[key]
+    else:
+        try:
+            block_bytes = _spec(model, 1, *shape).block_bytes
+        except ConfigError as err:
+            whole = [p for p in err.problems if not p.path]  # field problems are the builder's to report
+            return Problem(("size",), f"one block of this layout is too large: {whole[0].message}") if whole else None
+        if seen is not None and key is not None:
+            seen[key] = block_bytes
+    if size < block_bytes:
+        return Problem(
+            ("size",), f"{size} bytes hold no whole block of {block_bytes} bytes; raise it, or give num_blocks"
+        )
+    count: int = size // block_bytes
+    if count * block_bytes > 1 << 62:  # below this, padding before each allocation cannot pass 2**63 - 1 bytes
+        try:
+            _spec(model, count, *shape)
+        except ConfigError as err:
+            whole = [p for p in err.problems if not p.path]
+            return Problem(("size",), f"{count} blocks are too many: {whole[0].message}; lower the size")
+    return count
+
+
+def tier_from_table(
+    table: Table, model: object, tier: Tier | None, seen: dict[Any, Any] | None = None
+) -> KvManagerLayoutConfig[Any]:
+    """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
+    missing or invalid, its own problems say why the tier could not be sized."""
+    values = dict(table.values)
+    size = values.pop("size", None)
+    given_size = size is not None or "size" in table.failed
+    failed = set(table.failed) - {"size"}
+    problems: list[Problem] = []
+    if ("num_blocks" in values or "num_blocks" in failed) and given_size:
+        problems.append(Problem(("size",), "give either `num_blocks` or `size`, not both"))
+    elif "num_blocks" not in values and "num_blocks" not in failed:
+        failed.add("num_blocks")
+        if not given_size:
+            problems.append(Problem((), "needs `num_blocks`, or `size` as a byte budget such as '16GiB'"))
+        elif tier is None and size is not None:
+            why = "a byte budget needs the model to count blocks: give `num_blocks`, or load this tier as part of a "
+            problems.append(Problem(("size",), why + "KvBlockManagerConfig"))
+        elif size is not None and isinstance(model, KvManagerModelConfig):
+            if "layout_type" in values:  # read once: the layout's own converter takes it as it is
+                values["layout_type"] = _parsed_layout(values["layout_type"])
+            counted = budget_blocks(size, model, values.get("layout_type"), values.get("alignment", 1), seen)
+            if isinstance(counted, Problem):
+                problems.append(counted)
+            elif counted is not None:
+                values["num_blocks"] = counted
+                failed.discard("num_blocks")
+    if failed != table.failed:
+        table = table._replace(failed=frozenset(failed))
+    layout: KvManagerLayoutConfig[Any] = _built(KvManagerLayoutConfig, table, values, problems)
+    return layout
+
+
+def _parsed_layout(value: object) -> object:
+    try:
+        return LayoutType.parse(value)
+    except ConfigError:
+        return value
+
+
+TierTable = {tier: NewType(f"{tier.name}Table", object) for tier in Tier}
+for _tier, _table_type in TierTable.items():
+    converter.register_structure_hook(
+        _table_type, functools.partial(lambda v, value, _: v.table(value), TIER_VIEWS[_tier])
+    )
+
+
+def _exactly(cls: type) -> Callable[[Any], bool]:
+    # by predicate: registering an attrs class directly makes cattrs resolve its annotations, and the config
+    # classes name runtime types they import only for type checkers
+    return lambda t: t is cls
+
+
+def _register(cls: type) -> None:
+    view = CLASS_VIEWS[cls] = _view(cls)
+    converter.register_structure_hook_func(_exactly(cls), lambda value, _: _load(view, value))
+
+
+for _config in (KvManagerRuntimeConfig, KvManagerModelConfig, KvEventConsolidatorConfig):
+    _register(_config)
+
+MANAGER_VIEW = _view(
+    KvBlockManagerConfig,
+    runtime=KvManagerRuntimeConfig,
+    model=KvManagerModelConfig,
+    consolidator_config=KvEventConsolidatorConfig | None,
+    **{tier.slot: TierTable[tier] | None for tier in Tier},
+)
+
+
+_SLOTS = tuple((tier, tier.slot) for tier in Tier)
+_ORDER = {key: i for i, key in enumerate(MANAGER_VIEW.keys)}
+
+
+def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
+    table = MANAGER_VIEW.table(value)
+    values, errors, failed = dict(table.values), list(table.errors), set(table.failed)
+    model = values.get("model")
+    seen: dict[Any, Any] = {}
+    for tier, slot in _SLOTS:
+        tier_table = values.get(slot)
+        if isinstance(tier_table, Table):
+            try:
+                values[slot] = tier_from_table(tier_table, model, tier, seen)
+            except ClassValidationError as group:
+                errors.append(_noted(group, slot))
+                del values[slot]
+                failed.add(slot)
+    if errors:  # the document's tables in their order
+        errors.sort(key=lambda exc: _ORDER.get(_note_name(exc) or "", len(_ORDER)))
+    config: KvBlockManagerConfig = _built(KvBlockManagerConfig, Table(values, errors, frozenset(failed)), values)
+    return config
+
+
+def _standalone_tier_hook(value: object, _: object) -> KvManagerLayoutConfig[Any]:
+    return tier_from_table(TIER_VIEWS[None].table(value), None, None)
+
+
+converter.register_structure_hook_func(_exactly(KvBlockManagerConfig), _manager_hook)
+converter.register_structure_hook_func(_exactly(KvManagerLayoutConfig), _standalone_tier_hook)
+for _allocator in BUILTIN_ALLOCATORS:
+    converter.register_structure_hook_func(_exactly(_allocator), _own_allocator_hook(_allocator))
+
+
+# ---- exception groups into problems -------------------------------------------------------------------------------
+
+
+def problems_of(exc: BaseException, path: tuple[str | int, ...] = ()) -> tuple[list[Problem], list[str]]:
+    """The problems (with paths from the document's root) and the missing fields that ``exc`` holds."""
+    problems: list[Problem] = []
+    missing: list[str] = []
+    if isinstance(exc, ClassValidationError):
+        for sub in exc.exceptions:
+            name = _note_name(sub)
+            found, lacking = problems_of(sub, path if name is None else (*path, name))
+            problems += found
+            missing += lacking
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        view = _VIEWS[exc.cl]
+        problems += [view.unknown(key).under(*path) for key in sorted(exc.extra_fields, key=str)]
+    elif isinstance(exc, ConfigError):
+        problems += [p.under(*path) for p in exc.problems]
+        missing += getattr(exc, "missing", ())
+    else:  # a hook of ours failed unexpectedly: say so, with the path, rather than crash the whole load
+        problems.append(Problem(path, f"cannot be read: {type(exc).__name__}: {show(str(exc), typed=False)}"))
+    return problems, missing
+
+
+def rendered(exc: BaseException, root: str = "$") -> ConfigError:
+    """One ConfigError (an UninitializedFieldError when a required field was left out) for everything in ``exc``."""
+    problems, missing = problems_of(exc)
+    problems = list(dict.fromkeys(problems))
+    return UninitializedFieldError(problems, root, missing) if missing else ConfigError(problems, root)
 
 
 @overload
@@ -786,113 +466,72 @@ def load(mapping: Mapping[str, Any], cls: type[Any] = KvBlockManagerConfig) -> A
     ``$.model.num_layers: must be >= 1, got 0``.
     """
     if cls not in LOADABLE:
-        raise ConfigError(
-            [
-                Problem(
-                    (),
-                    f"cannot load a {getattr(cls, '__name__', cls)!s}; loadable: "
-                    + ", ".join(c.__name__ for c in LOADABLE),
-                )
-            ]
-        )
+        loadable = ", ".join(c.__name__ for c in LOADABLE)
+        raise ConfigError([Problem((), f"cannot load a {getattr(cls, '__name__', show(cls))}; loadable: {loadable}")])
     try:
-        loaded = converter.structure(mapping, cls)
-    except ConfigError as err:
-        raise err.rerooted("$") from None  # keeps the class: UninitializedFieldError when a field was left out
-    if loaded is None:  # a safety net: every path that builds nothing records why
-        raise ConfigError([Problem((), NOTHING_BUILT)], "$")
-    return loaded
-
-
-NOTHING_BUILT = (
-    "the document could not be loaded, yet no problem was recorded; this is a bug in kvbm_builder.loading: "
-    "please report it with the document"
-)
+        return converter.structure(mapping, cls)
+    except (ClassValidationError, ConfigError) as exc:
+        raise rendered(exc) from None
 
 
 # ---- dump: the dict form of a config -----------------------------------------------------------------------------
 
 
-def _unstructure_hook(form: Form) -> Callable[[Any], dict[str, Any]]:
-    fields = attrs.fields_dict(form.target)
-    written = [name for name in form.keys if name in fields]  # `size` exists only in documents
-
-    def hook(obj: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {} if form.kind is None else {"kind": form.kind}
-        problems: list[Problem] = []
-        for name in written:
-            value = getattr(obj, name)
-            if value is None and fields[name].default is None:
-                continue
-            try:
-                out[name] = _dumped(value, name)
-            except ConfigError as err:
-                problems.extend(p.under(name) for p in err.problems)
-        for name in form.runtime_only:
-            field = fields[name]
-            # runtime objects that take no part in equality are not part of the configuration's value
-            if field.eq and getattr(obj, name) != field.default:
-                problems.append(Problem((name,), f"cannot be written to a document; {form.runtime_only[name]}"))
-        if form.target is KvManagerLayoutConfig and all(getattr(obj, n) is None for n in _CHOICES):
-            out["logical"] = None  # upstream's rule: `logical(None)` was chosen; keep it loadable
-        if problems:
-            raise ConfigError(problems)
-        return out
-
-    return hook
+def _dumped(value: object) -> Any:
+    """A field's value as a document writes it."""
+    if value is None or type(value) in (int, bool, str):
+        return value
+    if isinstance(value, LayoutType):
+        return value.to_upstream()
+    if isinstance(value, NixlOptions) and value.mode is NixlMode.ENABLED_WITH_AGENT:
+        why = "a caller's NIXL agent cannot be written to a document; write 'enabled' to let the manager make one"
+        raise RuntimeObjectError([Problem((), why)])
+    if isinstance(value, (NixlOptions, BlockParallelismStrategy)):
+        return value.mode.value if isinstance(value, NixlOptions) else value.name
+    if type(value) in LOADABLE:
+        return dump(cast(Validated, value), _root=False)
+    if isinstance(value, enum.Enum):
+        return value.value
+    why = "cannot be written to a document; only the built-in allocators (and names of layouts and modes) can"
+    raise RuntimeObjectError([Problem((), f"{show(value)} {why}")])
 
 
-_WRITABLE = (
-    int,
-    bool,
-    str,
-    LayoutType,
-    EventSource,
-    ConsolidatorMode,
-    PinningMode,
-    BlockParallelismStrategy,
-    NixlOptions,
-    *LOADABLE,
-)
-
-
-def _dumped(value: object, name: str) -> Any:
-    if not isinstance(value, _WRITABLE):
-        raise _fail(f"{show(value)} cannot be written to a document; only the built-in allocators and layouts can")
-    return converter.unstructure(value)
-
-
-def _dump_nixl(options: NixlOptions) -> str:
-    if options.mode is NixlMode.ENABLED_WITH_AGENT:
-        raise _fail(
-            "a caller's NIXL agent cannot be written to a document; write 'enabled' to let the manager make one"
-        )
-    return str(options.mode.value)
-
-
-for _form in (MANAGER, RUNTIME, MODEL, LAYOUTS[None], CONSOLIDATOR, *ALLOCATOR_FORMS):
-    converter.register_unstructure_hook_func(_exactly(_form.target), _unstructure_hook(_form))
-converter.register_unstructure_hook_func(
-    lambda t: isinstance(t, type) and issubclass(t, LayoutType), lambda v: v.to_upstream()
-)
-converter.register_unstructure_hook(NixlOptions, _dump_nixl)
-converter.register_unstructure_hook(BlockParallelismStrategy, lambda v: v.name)
-for _enum in (EventSource, ConsolidatorMode, PinningMode):
-    converter.register_unstructure_hook(_enum, lambda v: v.value)
-
-
-def dump(config: Validated) -> dict[str, Any]:
+def dump(config: Validated, *, _root: bool = True) -> dict[str, Any]:
     """The dict form of ``config``: plain JSON-able data, which :func:`load` turns back into an equal config.
 
-    Runtime objects that take no part in equality (tokens, registries, executors, event managers, filters,
-    progress callbacks) are left out. Values a document cannot describe (pre-allocated storage, a custom
-    allocator, a caller's NIXL agent) raise :class:`~kvbm_builder.errors.ConfigError` naming them.
+    One rule for what a document cannot hold, from each field's description: a runtime object whose absence would
+    describe another cache (memory given as ``storage``, a caller's allocator or NIXL agent) is refused with a
+    :class:`~kvbm_builder.errors.RuntimeObjectError` naming it; one a caller attached (an event manager, an offload
+    filter, a progress callback, an executor) is left out with a :class:`~kvbm_builder.errors.RuntimeObjectWarning`;
+    the token and registry every runtime config makes for itself are left out silently (a loaded one makes its own).
     """
-    if not isinstance(config, LOADABLE):
-        raise ConfigError(
-            [Problem((), f"cannot dump {show(config)}; dumpable: " + ", ".join(c.__name__ for c in LOADABLE))]
+    cls = type(config)
+    if cls not in LOADABLE:
+        loadable = ", ".join(c.__name__ for c in LOADABLE)
+        raise ConfigError([Problem((), f"cannot dump {show(config)}; dumpable: {loadable}")])
+    out: dict[str, Any] = {"kind": cast(Any, cls).storage_kind.value} if cls in BUILTIN_ALLOCATORS else {}
+    problems: list[Problem] = []
+    left_out: list[str] = []
+    for field in attrs.fields(cast(Any, cls)):
+        value = getattr(config, field.name)
+        if (value is None and field.default is None) or isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+            continue  # an unset option; a token or registry a runtime config made for itself
+        if not field.metadata[KEY].document:
+            if field.eq:
+                why = f"cannot be written to a document; set it in Python with {_setter(cls, field.name)}"
+                problems.append(Problem((field.name,), why))
+            else:
+                left_out.append(f"{cls.__name__}.{field.name}")
+            continue
+        try:
+            out[field.name] = _dumped(value)
+        except RuntimeObjectError as err:
+            problems.extend(p.under(field.name) for p in err.problems)
+    if left_out:
+        why = "a document cannot hold runtime objects; set them again in Python on the loaded config"
+        warnings.warn(
+            RuntimeObjectWarning(f"dump() left out {', '.join(left_out)}: {why}"), stacklevel=3 if _root else 4
         )
-    try:
-        return cast(dict[str, Any], converter.unstructure(config))
-    except ConfigError as err:
-        raise ConfigError(err.problems, "$") from None
+    if problems:
+        raise RuntimeObjectError(problems, "$" if _root else "")
+    return out

@@ -1,38 +1,32 @@
 """A JSON Schema (draft 2020-12) of the dict form, for editors: completion, descriptions, unknown keys flagged.
 
-It is generated from the same tables the converter structures (``FORMS``), so it cannot drift from what
-:func:`~kvbm_builder.loading.load` accepts. The schema is looser than the loader where JSON Schema cannot say a rule
-(a power of two, case-insensitive names, a byte budget that must hold one block); the loader remains the judge.
+It is generated from the config fields themselves (each field's doc, default and rule facets) and the loader's
+views of them, so it cannot drift from what :func:`~kvbm_builder.loading.load` accepts. It is looser than the
+loader where JSON Schema cannot say a rule (a power of two, a byte budget that must hold one block); the loader
+remains the judge.
 """
 
 from __future__ import annotations
 
 import re
-import types
-from typing import Any, Union, get_args, get_origin
+from typing import Any, cast
 
 import attrs
 
-from ..config.allocators import PinningMode
-from ..config.consolidator import ConsolidatorMode, EventSource
-from ..config.layout import BlockParallelismStrategy, LayoutType
-from ..config.runtime import NixlOptions
-from ._converter import FORMS, LAYOUTS, SLOTS, ByteSize, Form
+from ..config.allocators import BUILTIN_ALLOCATORS
+from ..config.consolidator import KvEventConsolidatorConfig
+from ..config.fields import KEY, Spec
+from ..config.manager import KvBlockManagerConfig
+from ..config.model import KvManagerModelConfig
+from ..config.protocols import Tier
+from ..config.runtime import KvManagerRuntimeConfig
+from ..config.sizes import SIZE_PATTERN
+from ._converter import CLASS_VIEWS, MANAGER_VIEW, TIER_VIEWS, View
 
-__all__ = ["NAMES", "SIZE_PATTERN", "json_schema", "name_pattern"]
+__all__ = ["json_schema", "name_pattern"]
 
-SIZE_PATTERN = r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*([kKmMgGtT][iI]?[bB]|[bB])?\s*$"
-
-# The names each type's parser accepts, and how it reads them: "words" ignores case, `_` and `-` anywhere (layouts,
-# upstream's rule); "trim" ignores case and surrounding spaces; "trim-dash" also reads `_` as `-`.
-NAMES: dict[object, tuple[tuple[str, ...], str]] = {
-    LayoutType: (("FullyContiguous", "LayerSeparateOuterContiguous", "LayerSeparateBlockContiguous"), "words"),
-    PinningMode: (("register", "host_alloc"), "words"),
-    BlockParallelismStrategy: (("LeaderWorkerSharded",), "words"),
-    NixlOptions: (("enabled", "disabled"), "trim"),
-    ConsolidatorMode: (("dedup", "passthrough"), "trim"),
-    EventSource: (("vllm", "gpu", "trtllm", "tensorrt-llm"), "trim-dash"),  # kvbm: never valid in a document
-}
+_NAMES = {KvManagerRuntimeConfig: "Runtime", KvManagerModelConfig: "Model", KvEventConsolidatorConfig: "Consolidator"}
+_TIER_NAMES = {Tier.G1: "DeviceLayout", Tier.G2: "HostLayout", Tier.G3: "DiskLayout", None: "Layout"}
 
 
 def _letter(ch: str, style: str) -> str:
@@ -42,7 +36,9 @@ def _letter(ch: str, style: str) -> str:
 
 
 def name_pattern(words: tuple[str, ...], style: str) -> str:
-    """A regular expression (ECMA-262 and Python alike) matching the spellings a parser of that style accepts."""
+    """A regular expression (ECMA-262 and Python alike) matching the spellings a parser of that style accepts:
+    ``words`` ignores case, ``_`` and ``-`` anywhere; ``trim`` ignores case and surrounding spaces; ``trim-dash``
+    also reads ``_`` as ``-``."""
     if style == "words":
         stems = ["[-_]*".join(_letter(ch, style) for ch in word if ch not in "-_") for word in words]
         return f"^[-_]*({'|'.join(stems)})[-_]*$"
@@ -50,88 +46,69 @@ def name_pattern(words: tuple[str, ...], style: str) -> str:
     return f"^\\s*({'|'.join(stems)})\\s*$"
 
 
-def _names(t: object) -> dict[str, Any]:
-    words, style = NAMES[t]
-    return {"type": "string", "pattern": name_pattern(words, style), "examples": list(words)}
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/$defs/{name}"}
 
 
-def _ref(form: Form) -> dict[str, Any]:
-    return {"$ref": f"#/$defs/{form.name}"}
-
-
-def _type_schema(t: Any) -> dict[str, Any]:
-    by_target = {form.target: form for form in FORMS if form.target is not LAYOUTS[None].target}
-    by_section = {form.section: form for form in LAYOUTS.values()}
-    if get_origin(t) in (Union, types.UnionType):
-        args = [a for a in get_args(t) if a is not type(None)]
-        inner = _type_schema(args[0])
-        return {"anyOf": [inner, {"type": "null"}]} if len(args) == 1 else {"anyOf": [_type_schema(a) for a in args]}
-    if t is bool:
-        return {"type": "boolean"}
-    if t is int:
-        return {"type": "integer"}
-    if t is str:
-        return {"type": "string"}
-    if t is ByteSize:
-        return {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}]}
-    if t is LayoutType:
-        return {
-            "anyOf": [
-                _names(LayoutType),
-                {
-                    "type": "object",
-                    "properties": {
-                        "LayerSeparate": {
-                            "type": "object",
-                            "properties": {"outer_contiguous": {"type": "boolean"}},
-                            "required": ["outer_contiguous"],
-                            "additionalProperties": False,
-                        }
-                    },
-                    "required": ["LayerSeparate"],
-                    "additionalProperties": False,
-                },
-            ]
+_LAYER_SEPARATE = {
+    "type": "object",
+    "properties": {
+        "LayerSeparate": {
+            "type": "object",
+            "properties": {"outer_contiguous": {"type": "boolean"}},
+            "required": ["outer_contiguous"],
+            "additionalProperties": False,
         }
-    if t in NAMES:
-        return _names(t)
-    if t in SLOTS:
-        slot = SLOTS[t]
-        choices = [
-            _ref(form) if form is slot.default else {**_ref(form), "required": ["kind"]} for form in slot.accepted
-        ]
-        return choices[0] if len(choices) == 1 else {"anyOf": choices}
-    if t in by_section:
-        return _ref(by_section[t])
-    if t in by_target:
-        return _ref(by_target[t])
-    return {"type": "string"}
+    },
+    "required": ["LayerSeparate"],
+    "additionalProperties": False,
+}
 
 
-def _table_schema(form: Form) -> dict[str, Any]:
+def _facets(schema: dict[str, Any]) -> dict[str, Any]:
+    """A rule's facets as JSON Schema: names become a pattern, a config class a reference."""
+    out = dict(schema)
+    names = out.pop("names", None)
+    nullable = out.pop("nullable", False)
+    if names is not None:
+        out = {"type": "string", "pattern": name_pattern(*names), "examples": list(names[0])}
+        if names[0][0] == "FullyContiguous":
+            out = {"anyOf": [out, _LAYER_SEPARATE]}
+    cls = out.pop("class", None)
+    if cls is not None:
+        out = _ref(_NAMES.get(cls, cls.__name__))
+    if "anyOf" in out:
+        out["anyOf"] = [_facets(part) for part in out["anyOf"]]
+    return {"anyOf": [out, {"type": "null"}]} if nullable else out
+
+
+def _table(view: View, doc: str, kind: str | None = None) -> dict[str, Any]:
     properties: dict[str, Any] = {}
-    if form.kind is not None:
+    if kind is not None:
         properties["kind"] = {
             "description": "Which allocator this table describes.",
             "type": "string",
-            "pattern": name_pattern((form.kind,), "trim"),
-            "examples": [form.kind],
+            "pattern": name_pattern((kind,), "trim"),
+            "examples": [kind],
         }
-    for name, key in form.keys.items():
-        facets = dict(key.schema)
-        schema = {"enum": facets.pop("enum")} if "enum" in facets else _type_schema(key.type)
-        if "minimum" in facets or "maximum" in facets:
-            schema = {**schema, **{k: facets.pop(k) for k in ("minimum", "maximum") if k in facets}}
-        properties[name] = {"description": key.doc, **schema, **facets}
-    fields = {f.name: f for f in attrs.fields(form.target)}
-    required = [name for name in form.keys if name in fields and fields[name].default is attrs.NOTHING]
-    out: dict[str, Any] = {"type": "object", "description": form.doc, "properties": properties}
-    if form.target is LAYOUTS[None].target:
-        required = [name for name in required if name != "num_blocks"]
-        out["allOf"] = [
-            {"oneOf": [{"required": ["num_blocks"]}, {"required": ["size"]}]},
-            {"oneOf": [{"required": ["allocator"]}, {"required": ["logical"]}]},
-        ]
+    fields = attrs.fields_dict(cast(Any, view.target))
+    for key in view.keys:
+        field = fields.get(key)
+        if field is None:  # `size`: a document's own key
+            properties[key] = {
+                "description": "A byte budget instead of num_blocks: '16GiB' (2^30), '16GB' (10^9) or a byte count; "
+                "blocks = floor(size / bytes per block, alignment padding included).",
+                "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}],
+            }
+            continue
+        spec: Spec = field.metadata[KEY]
+        schema = _facets(dict(spec.rule.schema)) if spec.rule is not None else {}
+        default = field.default
+        if default is not None and default is not attrs.NOTHING and type(default) in (int, bool, str):
+            schema["default"] = default
+        properties[key] = {"description": spec.doc, **schema}
+    required = [k for k in view.keys if k in fields and fields[k].default is attrs.NOTHING and k != "num_blocks"]
+    out: dict[str, Any] = {"type": "object", "description": doc, "properties": properties}
     if required:
         out["required"] = required
     out["additionalProperties"] = False
@@ -140,9 +117,43 @@ def _table_schema(form: Form) -> dict[str, Any]:
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a :class:`~kvbm_builder.KvBlockManagerConfig` document."""
+    manager_fields = attrs.fields_dict(KvBlockManagerConfig)
+    defs: dict[str, Any] = {"KvBlockManagerConfig": _table(MANAGER_VIEW, cast(str, KvBlockManagerConfig.__doc__))}
+    manager = defs["KvBlockManagerConfig"]["properties"]
+    for slot in Tier:
+        manager[slot.slot] = {
+            "description": manager[slot.slot]["description"],
+            "anyOf": [_ref(_TIER_NAMES[slot]), {"type": "null"}],
+        }
+    for cls, name in _NAMES.items():
+        defs[name] = _table(
+            CLASS_VIEWS[cls],
+            manager_fields["model"].metadata[KEY].doc if cls is KvManagerModelConfig else (cls.__doc__ or ""),
+        )
+    for tier, view in TIER_VIEWS.items():
+        table = _table(
+            view, f"{tier.words if tier else 'A tier'}: how many blocks, in what layout, backed by what memory."
+        )
+        kinds = {cast(Any, c).storage_kind: c.__name__ for c in BUILTIN_ALLOCATORS}
+        accepted = [(k, name) for k, name in kinds.items() if tier is None or k in tier.accepts]
+        choices = [
+            _ref(name) if tier is not None and k is tier.default_kind else {**_ref(name), "required": ["kind"]}
+            for k, name in accepted
+        ]
+        table["properties"]["allocator"] = {
+            "description": "How this tier's memory is made.",
+            **(choices[0] if len(choices) == 1 else {"anyOf": choices}),
+        }
+        table["allOf"] = [
+            {"oneOf": [{"required": ["num_blocks"]}, {"required": ["size"]}]},
+            {"oneOf": [{"required": ["allocator"]}, {"required": ["logical"]}]},
+        ]
+        defs[_TIER_NAMES[tier]] = table
+    for cls in BUILTIN_ALLOCATORS:
+        defs[cls.__name__] = _table(CLASS_VIEWS[cls], (cls.__doc__ or "").splitlines()[0], cls.storage_kind.value)  # type: ignore[attr-defined]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "kvbm-builder configuration",
-        "$ref": f"#/$defs/{FORMS[0].name}",
-        "$defs": {form.name: _table_schema(form) for form in FORMS},
+        "$ref": "#/$defs/KvBlockManagerConfig",
+        "$defs": defs,
     }

@@ -4,18 +4,23 @@
 runtime config's ``metrics_registry``; one set per manager). :class:`NullKvbmMetrics` has the same methods and does
 nothing, for metrics switched off. :meth:`KvbmMetrics.serve` serves the registry over HTTP (:class:`MetricsServer`).
 
+A :class:`~kvbm_builder.KvBlockManager` counts into the config's ``kvbm_metrics``, or into KvbmMetrics of its own on
+``runtime.metrics_registry`` (window: ``KvbmSettings.cache_stats_max_requests``); it serves them when
+``DYN_KVBM_METRICS`` is true or ``manager.serve_metrics()`` is called, and closes the endpoint when it closes.
+
 What a scrape shows (Prometheus text format 0.0.4; ``d``/``h`` in upstream's names are ambiguous, the labels are not):
 
 - upstream's names, so its dashboards keep working: ``kvbm_offload_blocks_d2h`` (G1->G2), ``kvbm_offload_blocks_h2d``
   (G2->G3), ``kvbm_offload_blocks_d2d`` (G1->G3), ``kvbm_onboard_blocks_h2d`` (G2->G1), ``kvbm_onboard_blocks_d2d``
-  (G3->G1), ``kvbm_matched_tokens``; gauges ``kvbm_host_cache_hit_rate``, ``kvbm_disk_cache_hit_rate`` over the last
-  ``DYN_KVBM_CACHE_STATS_MAX_REQUESTS`` requests (default 1000) that asked for tokens;
+  (G3->G1), ``kvbm_matched_tokens`` (tokens found in G2 and G3); gauges ``kvbm_host_cache_hit_rate``,
+  ``kvbm_disk_cache_hit_rate``: as upstream, the tokens G2 (G3) matched over those the device tier did not hold, over
+  the last ``DYN_KVBM_CACHE_STATS_MAX_REQUESTS`` requests (default 1000) that left any to look up below the device;
 - by Prometheus' conventions: ``kvbm_transfer_blocks_total``, ``kvbm_transfer_bytes_total``,
   ``kvbm_transfer_failures_total`` and the histogram ``kvbm_transfer_duration_seconds``, each by ``src_tier`` and
   ``dst_tier``; ``kvbm_offload_skipped_blocks_total{dst_tier, reason="tier_full"|"filter"}``;
-  ``kvbm_requested_tokens_total`` and ``kvbm_tier_matched_tokens_total{tier}`` (a token hit rate is their ratio);
-  gauges ``kvbm_tier_blocks{tier, state="free"|"active"|"inactive"}`` (read at scrape time from the manager's
-  callback) and ``kvbm_tier_allocated_bytes{tier}``.
+  ``kvbm_requested_tokens_total`` and ``kvbm_tier_matched_tokens_total{tier}``, G1 included (a tier's token hit rate
+  is their ratio); gauges ``kvbm_tier_blocks{tier, state="free"|"active"|"inactive"}`` (read at scrape time from the
+  manager's callback) and ``kvbm_tier_allocated_bytes{tier}``.
 
 Transfers are counted when they complete, never when queued; a failed one counts in ``kvbm_transfer_failures_total``
 and nowhere as moved.

@@ -249,12 +249,15 @@ class KvbmMetrics:
             self._skipped[key] = self._skipped.get(key, 0) + num_blocks
 
     def record_lookup(self, requested_tokens: int, matched_tokens_by_tier: Mapping[Tier, int]) -> None:
-        """One request's lookup: ``requested_tokens`` asked for, and how many of them each tier holds.
+        """One request's lookup across the tiers: ``requested_tokens`` asked for, and how many of them each tier
+        holds (G1 included; each matched token counts under the one tier it will be read from, so the matches add up
+        to at most ``requested_tokens``).
 
-        Each matched token counts under one tier (the one it will be read from), so the matches add up to at most
-        ``requested_tokens``. The host and disk hit rates are G2's and G3's matches over the requested tokens of the
-        last ``cache_stats_max_requests`` requests (a request that asked for nothing is left out). For upstream's
-        meaning, pass only what the device tier did not already hold: upstream counts host and disk hits of those.
+        ``kvbm_requested_tokens_total`` and ``kvbm_tier_matched_tokens_total{tier}`` count them all (a token hit
+        rate per tier is their ratio). Upstream's ``kvbm_matched_tokens`` and hit-rate gauges keep upstream's
+        meaning, which is about the tokens the device tier did not hold: the host (disk) hit rate is G2's (G3's)
+        matched tokens over the requested tokens less G1's, summed over the last ``cache_stats_max_requests``
+        requests that left anything to look up below the device.
         """
         requested = _count(requested_tokens, "requested_tokens")
         matched = {
@@ -266,11 +269,12 @@ class KvbmMetrics:
                 f"matched_tokens_by_tier adds up to {sum(matched.values())} tokens, more than the {requested} "
                 "requested_tokens: count each matched token under one tier, out of those requested"
             )
+        below_device = requested - matched.get(Tier.G1, 0)
         with self._lock:
             self._requested_tokens += requested
             for tier, n in matched.items():
                 self._matched_tokens[tier] += n
-            self._window.record(requested, matched.get(Tier.G2, 0), matched.get(Tier.G3, 0))
+            self._window.record(below_device, matched.get(Tier.G2, 0), matched.get(Tier.G3, 0))
 
     def set_allocated_bytes(self, tier: Tier, nbytes: int) -> None:
         """The bytes allocated for ``tier`` (0 once released)."""
@@ -281,6 +285,11 @@ class KvbmMetrics:
     def set_block_counts_source(self, source: BlockCountsSource | None) -> None:
         """Report blocks per tier by state at each scrape from ``source()`` (None: stop reporting them)."""
         self._block_counts = source
+
+    @property
+    def block_counts_source(self) -> BlockCountsSource | None:
+        """What reports blocks per tier at each scrape (a block manager's pools while one is fed by it)."""
+        return self._block_counts
 
     # ---- serving -----------------------------------------------------------------------------------------------
 
@@ -299,7 +308,7 @@ class KvbmMetrics:
         with self._lock:
             closed = self._closed
             if not closed:
-                self._servers.append(server)
+                self._servers = [*(s for s in self._servers if not s.closed), server]
         if closed:  # closed while the server was starting
             server.close()
             raise MetricsError("these KvbmMetrics were closed while /metrics was starting")
@@ -378,9 +387,14 @@ class KvbmMetrics:
         for pair, name in UPSTREAM_BLOCK_COUNTERS.items():
             upstream_counter(name, _UPSTREAM_HELP[pair] + _COUNTED, snap.directions[pair].blocks)
         upstream_counter(
-            _MATCHED_TOKENS, "Tokens found in the cache tiers by lookups", sum(snap.matched_tokens.values())
+            _MATCHED_TOKENS,
+            "Tokens found in the host (G2) and disk (G3) tiers by lookups",
+            snap.matched_tokens[Tier.G2] + snap.matched_tokens[Tier.G3],
         )
-        window = f" over the last {self.cache_stats_max_requests} requests that asked for tokens"
+        window = (
+            f" (its matched tokens over those the device tier did not hold) over the last "
+            f"{self.cache_stats_max_requests} requests that left tokens to look up below the device"
+        )
         out.append(
             GaugeMetricFamily("kvbm_host_cache_hit_rate", "Host (G2) cache hit rate" + window, snap.host_hit_rate)
         )
@@ -462,7 +476,8 @@ class _Collector:
 
 
 class NullKvbmMetrics:
-    """Metrics switched off (``DYN_KVBM_METRICS`` false): every method of :class:`KvbmMetrics`, doing nothing.
+    """Metrics switched off: every method of :class:`KvbmMetrics`, doing nothing. Set it as the config's
+    ``kvbm_metrics`` and the manager counts nothing, registers nothing and serves nothing.
 
     Silent by design, so the manager records unconditionally; :meth:`serve` starts nothing and returns None.
     """
@@ -470,6 +485,7 @@ class NullKvbmMetrics:
     enabled: ClassVar[bool] = False
     registry: ClassVar[None] = None
     closed: ClassVar[bool] = False
+    block_counts_source: ClassVar[None] = None
 
     def record_transfer(self, src: Tier, dst: Tier, num_blocks: int, nbytes: int, seconds: float, ok: bool) -> None:
         pass

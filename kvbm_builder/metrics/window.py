@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from collections import deque
 
-from ..config.env import DYN_KVBM_CACHE_STATS_MAX_REQUESTS
+from ..config.env import DEFAULT_CACHE_STATS_MAX_REQUESTS, DYN_KVBM_CACHE_STATS_MAX_REQUESTS
 
-DEFAULT_CACHE_STATS_MAX_REQUESTS = 1000
-"""Upstream's default window (``DYN_KVBM_CACHE_STATS_MAX_REQUESTS``)."""
+__all__ = ["DEFAULT_CACHE_STATS_MAX_REQUESTS", "HitRateWindow"]
 
 
 class HitRateWindow:

@@ -5,10 +5,11 @@ Each ``allocate_*`` returns an owned storage that satisfies :class:`kvbm_builder
 the context-manager protocol. Importing this package imports neither cupy nor nixl.
 """
 
-from ._base import OwnedStorage, StorageBufferError, StorageClosedError
+from ..errors import DiskReservationWarning, StorageBufferError, StorageClosedError
+from ._base import OwnedStorage
 from ._cuda import cuda_available, cuda_unavailable_reason
 from .device import DeviceStorage, allocate_device
-from .disk import DiskReservationWarning, DiskStorage, allocate_disk
+from .disk import DiskStorage, allocate_disk
 from .dispatch import allocate
 from .pinned import PinnedStorage, PinTuning, allocate_pinned
 from .system import SystemStorage, allocate_system

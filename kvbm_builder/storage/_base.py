@@ -11,20 +11,11 @@ from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from ..config.protocols import StorageKind
-from ..config.sizes import format_bytes
-from ..errors import AllocationError, KvbmError
-from ..layout._math import MAX_BYTES
+from ..config.sizes import MAX_BYTES, format_bytes
+from ..errors import AllocationError, MissingDependencyError, StorageClosedError
 
 log = logging.getLogger("kvbm_builder.storage")
 _S = TypeVar("_S", bound="OwnedStorage")
-
-
-class StorageClosedError(KvbmError, ValueError):
-    """A storage was used after ``close()``: its memory or file is gone."""
-
-
-class StorageBufferError(KvbmError, TypeError):
-    """A storage's read or write was given something that is not a contiguous (writable, to read into) buffer."""
 
 
 def add_note(error: BaseException, text: str) -> None:
@@ -35,20 +26,11 @@ def add_note(error: BaseException, text: str) -> None:
         log.error(text)
 
 
-def human(nbytes: int) -> str:
-    """``4096`` -> ``4096 bytes``, ``3145728`` -> ``3.0 MiB``; large sizes in both GiB and GB."""
-    if nbytes >= 2**30:
-        return format_bytes(nbytes)
-    if nbytes >= 2**20:
-        return f"{nbytes / 2**20:.1f} MiB"
-    return f"{nbytes} bytes"
-
-
 def check_size(size: object, kind: StorageKind, *, limit: int = MAX_BYTES) -> int:
     """``size`` when it is a byte count one storage can hold: positive, and at most ``limit`` (2**63 - 1, what
     the C calls take: beyond it ctypes would wrap the number silently and map far less than asked)."""
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise KvbmError(f"{kind.tier.words}: size must be a positive number of bytes, got {size!r}")
+        raise AllocationError(f"{kind.tier.words}: size must be a positive number of bytes, got {size!r}")
     if size > limit:
         raise AllocationError(
             f"{kind.tier.words}: cannot allocate {size} bytes: one storage holds at most {limit} bytes; "
@@ -168,7 +150,7 @@ class OwnedStorage:
 
     def __repr__(self) -> str:
         state = "closed" if getattr(self, "_closed", True) else "open"
-        return f"{type(self).__name__}({human(self._size)} at 0x{self._addr:x}{self._repr_extra()}, {state})"
+        return f"{type(self).__name__}({format_bytes(self._size)} at 0x{self._addr:x}{self._repr_extra()}, {state})"
 
 
 def numpy_view(memory: object, offset: int, size: int, owner: OwnedStorage) -> Any:
@@ -181,7 +163,7 @@ def numpy_view(memory: object, offset: int, size: int, owner: OwnedStorage) -> A
     try:
         import numpy as np
     except ImportError as exc:
-        raise KvbmError(f"as_numpy() needs numpy: pip install numpy ({exc})") from exc
+        raise MissingDependencyError(f"as_numpy() needs numpy: pip install numpy ({exc})") from exc
     raw = (ctypes.c_uint8 * size).from_buffer(memory, offset)  # type: ignore[arg-type]
     raw._kvbm_owner = owner  # type: ignore[attr-defined]  # the view's base holds the storage too
     return np.frombuffer(raw, dtype=np.uint8)  # type: ignore[call-overload]  # a ctypes array is a buffer
@@ -191,5 +173,5 @@ def torch_from_numpy(array: Any) -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise KvbmError(f"as_torch() needs torch: pip install torch ({exc})") from exc
+        raise MissingDependencyError(f"as_torch() needs torch: pip install torch ({exc})") from exc
     return torch.from_numpy(array)

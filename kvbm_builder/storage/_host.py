@@ -17,18 +17,15 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from ..config.sizes import align_up, format_bytes
 from ..errors import AllocationError
 from . import _libc
-from ._base import OwnedStorage, human, numpy_view, torch_from_numpy
+from ._base import OwnedStorage, numpy_view, torch_from_numpy
 
 log = logging.getLogger("kvbm_builder.storage")
 
 _PCI_BUS_ID = re.compile(r"^([0-9a-fA-F]+):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 _THP_ALIGN = 2 * 2**20
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 # --- machine facts ------------------------------------------------------------------------------------
@@ -50,7 +47,7 @@ def meminfo(key: str) -> int | None:
 
 def mem_available_words() -> str:
     available = meminfo("MemAvailable")
-    return "unknown" if available is None else human(available)
+    return "unknown" if available is None else format_bytes(available)
 
 
 def huge_page_size() -> int:
@@ -136,7 +133,7 @@ def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) 
     falling back (with a warning saying how to reserve the pool) to transparent huge pages."""
     if hugetlb:
         page = huge_page_size()
-        length = round_up(size, page)
+        length = align_up(size, page)
         try:
             memory = _libc.map_anonymous(length, hugetlb=True)
         except OSError as exc:
@@ -146,29 +143,29 @@ def map_host(size: int, tier: str, *, hugetlb: bool = False, thp: bool = False) 
                 "needed and HugePages_Free is %s; reserve them with `sysctl vm.nr_hugepages=%d` (or turn "
                 "huge_pages / DYN_KVBM_USE_HUGE_PAGES off). Using transparent huge pages (MADV_HUGEPAGE) instead.",
                 tier,
-                human(length),
+                format_bytes(length),
                 exc.strerror,
                 length // page,
-                human(page),
+                format_bytes(page),
                 "unknown" if free is None else free,
                 length // page,
             )
             thp = True
         else:
             return _owned(memory, lambda base: HostMapping(memory, base, 0, length, page, "hugetlb"))
-    length = round_up(size, _libc.PAGE_SIZE)
+    length = align_up(size, _libc.PAGE_SIZE)
     # huge pages need 2 MiB aligned ranges: map a little more and use the aligned part (the rest is never touched)
     align = _THP_ALIGN if thp and length >= _THP_ALIGN else _libc.PAGE_SIZE
     try:
         memory = _libc.map_anonymous(length + align - _libc.PAGE_SIZE)
     except OSError as exc:
         raise AllocationError(
-            f"{tier}: cannot map {human(length)} of host memory ({exc.strerror}); MemAvailable is "
+            f"{tier}: cannot map {format_bytes(length)} of host memory ({exc.strerror}); MemAvailable is "
             f"{mem_available_words()}: make the tier smaller (num_blocks, DYN_KVBM_CPU_CACHE_GB) or free memory"
         ) from exc
 
     def aligned(base: int) -> HostMapping:
-        start = round_up(base, align)
+        start = align_up(base, align)
         pages = "4k"
         if thp:
             try:
@@ -210,7 +207,7 @@ def place(mapping: HostMapping, node: int, tier: str, *, strict: bool) -> None:
 def chunks(length: int, chunk: int, align: int) -> list[tuple[int, int]]:
     """``(offset, length)`` pieces covering ``[0, length)``; every piece but the last is ``chunk`` bytes,
     rounded up to ``align``."""
-    step = max(align, round_up(chunk, align))
+    step = max(align, align_up(chunk, align))
     return [(off, min(step, length - off)) for off in range(0, length, step)]
 
 
@@ -360,7 +357,7 @@ def _populate_error(tier: str, mapping: HostMapping, exc: OSError) -> Allocation
         else f"MemAvailable is {mem_available_words()}; make the tier smaller or free memory"
     )
     return AllocationError(
-        f"{tier}: could not populate {human(mapping.length)} of host memory "
+        f"{tier}: could not populate {format_bytes(mapping.length)} of host memory "
         f"(madvise(MADV_POPULATE_WRITE): {exc.strerror}); {hint}"
     )
 

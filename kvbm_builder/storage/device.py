@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from ..config.protocols import StorageKind
-from ..errors import AllocationError, KvbmError
+from ..config.sizes import format_bytes
+from ..errors import AllocationError, MissingDependencyError
 from . import _cuda
-from ._base import OwnedStorage, check_size, human
+from ._base import OwnedStorage, check_size
 
 _TIER = StorageKind.DEVICE.tier.words
 
@@ -43,7 +44,7 @@ class DeviceStorage(OwnedStorage):
         try:
             from torch.utils.dlpack import from_dlpack
         except ImportError as exc:
-            raise KvbmError(f"as_torch() needs torch: pip install torch ({exc})") from exc
+            raise MissingDependencyError(f"as_torch() needs torch: pip install torch ({exc})") from exc
         return from_dlpack(array)
 
     def _release(self) -> None:
@@ -81,13 +82,13 @@ def allocate_device(size: int, device_id: int) -> DeviceStorage:
 def _malloc_error(cupy: Any, size: int, device_id: int, exc: Exception) -> AllocationError:
     try:
         free, total = cupy.cuda.runtime.memGetInfo()
-        memory = f"{human(free)} free of {human(total)} (cudaMemGetInfo)"
+        memory = f"{format_bytes(free)} free of {format_bytes(total)} (cudaMemGetInfo)"
     except Exception:
         memory = "free memory unknown"
     if _cuda.cuda_error_code(exc) == _cuda.ERROR_MEMORY_ALLOCATION:
         return AllocationError(
-            f"{_TIER}: out of memory on GPU {device_id}: asked for {human(size)}, {memory}. "
+            f"{_TIER}: out of memory on GPU {device_id}: asked for {format_bytes(size)}, {memory}. "
             "Lower num_blocks of device_layout, or free GPU memory (other processes; a framework's "
             "cache, e.g. torch.cuda.empty_cache(); a lower gpu_memory_utilization)"
         )
-    return AllocationError(f"{_TIER}: cudaMalloc of {human(size)} on GPU {device_id} failed: {exc}; {memory}")
+    return AllocationError(f"{_TIER}: cudaMalloc of {format_bytes(size)} on GPU {device_id} failed: {exc}; {memory}")

@@ -28,25 +28,21 @@ from contextlib import contextmanager, suppress
 from typing import ClassVar
 
 from ..config.allocators import DiskAllocator
+from ..config.env import DYN_KVBM_DISK_CACHE_DIR
 from ..config.protocols import StorageKind
-from ..errors import DiskStorageError, LayoutError
-from ..layout._math import MAX_BYTES
+from ..config.sizes import MAX_BYTES, align_up, format_bytes
+from ..errors import DiskReservationWarning, DiskStorageError, LayoutError, StorageBufferError
 from . import _libc
-from ._base import OwnedStorage, StorageBufferError, add_note, check_size, human, log
-from ._host import round_up
+from ._base import OwnedStorage, add_note, check_size, log
 
 _TIER = StorageKind.DISK.tier.words
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical block size; 4096 covers all.
 ALIGNMENT = 4096
 _BOUNCE = 8 * 2**20
-_DIR_VAR = "DYN_KVBM_DISK_CACHE_DIR"
+_DIR_VAR = DYN_KVBM_DISK_CACHE_DIR
 _NO_O_DIRECT = "set DYN_KVBM_DISK_DISABLE_O_DIRECT=1 (o_direct=false)"
 #: Buffer formats (PEP 3118) of plain numbers and bytes: what a file can hold and give back bit for bit.
 _PLAIN = re.compile(r"[@=<>!]?(?:[bBhHiIlLqQnNefdc]|Z[fdg])")
-
-
-class DiskReservationWarning(UserWarning):
-    """The file system could not reserve the disk tier's space: the file was truncated to size instead."""
 
 
 class DiskStorage(OwnedStorage):
@@ -116,7 +112,7 @@ class DiskStorage(OwnedStorage):
         with _aligned_buffer(_BOUNCE) as bounce:
             window = start
             while window < end:
-                span = min(_BOUNCE, round_up(end, ALIGNMENT) - window)
+                span = min(_BOUNCE, align_up(end, ALIGNMENT) - window)
                 lo, hi = max(offset, window), min(end, window + span)
                 part = memoryview(bounce)[:span]
                 try:
@@ -208,7 +204,7 @@ def allocate_disk(size: int, spec: DiskAllocator) -> DiskStorage:
                 _libc.set_o_direct(file.fileno())
             except OSError as exc:
                 raise _open_error(path, directory, exc, o_direct=True) from exc
-        file_size = round_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
+        file_size = align_up(size, ALIGNMENT)  # O_DIRECT reads and writes whole blocks, up to the last one
         reserved = _reserve(file.fileno(), path, directory, file_size, spec)
         storage = DiskStorage(path, file, size, o_direct=spec.o_direct, reserved=reserved)
     except BaseException as failure:
@@ -308,7 +304,7 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
                     "where the file system says fallocate is unsupported (EOPNOTSUPP), which this is not"
                 )
             raise DiskStorageError(
-                f"{_TIER}: cannot reserve {human(file_size)} for {path} (step: fallocate): {exc.strerror} "
+                f"{_TIER}: cannot reserve {format_bytes(file_size)} for {path} (step: fallocate): {exc.strerror} "
                 f"({_code(exc)}, {fs_type(directory)}); {what}"
             ) from exc
     if spec.zerofill_fallback:
@@ -336,7 +332,7 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
         raise DiskStorageError(f"{_TIER}: cannot size {path} (step: ftruncate): {exc.strerror}") from exc
     warnings.warn(
         f"{_TIER}: the file system of {directory!r} ({fs_type(directory)}) does not support fallocate, so the "
-        f"{human(file_size)} of {path} are not reserved and writes may fail later when the disk fills; "
+        f"{format_bytes(file_size)} of {path} are not reserved and writes may fail later when the disk fills; "
         "set DYN_KVBM_DISK_ZEROFILL_FALLBACK=1 (zerofill_fallback=true) to reserve them by writing zeros",
         DiskReservationWarning,
         stacklevel=3,
@@ -347,11 +343,11 @@ def _reserve(fd: int, path: str, directory: str, file_size: int, spec: DiskAlloc
 def _no_space(path: str, directory: str, needed: int, step: str) -> DiskStorageError:
     try:
         st = os.statvfs(directory)
-        free = human(st.f_bavail * st.f_frsize)
+        free = format_bytes(st.f_bavail * st.f_frsize)
     except OSError:
         free = "unknown"
     return DiskStorageError(
-        f"{_TIER}: not enough space for {path} (step: {step}): {human(needed)} needed, {free} free in "
+        f"{_TIER}: not enough space for {path} (step: {step}): {format_bytes(needed)} needed, {free} free in "
         f"{directory!r}; make the disk tier smaller (DYN_KVBM_DISK_CACHE_GB, num_blocks) or point {_DIR_VAR} "
         "at a larger file system"
     )

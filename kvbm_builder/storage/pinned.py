@@ -30,12 +30,13 @@ from typing import Any, ClassVar
 
 import attrs
 
-from ..config._rules import Validated, integer, rule
-from ..config.allocators import PinnedAllocator, PinningMode, true_or_false
+from ..config.allocators import PinnedAllocator, PinningMode
+from ..config.fields import Validated, field, integer, true_or_false
 from ..config.protocols import StorageKind
+from ..config.sizes import format_bytes
 from ..errors import AllocationError
 from . import _cuda, _host, _libc
-from ._base import check_size, human
+from ._base import check_size
 
 log = logging.getLogger("kvbm_builder.storage")
 
@@ -67,9 +68,11 @@ class PinTuning(Validated):
 
     _kvbm_root: ClassVar[str] = "tuning"
 
-    populate_chunk_bytes: int = attrs.field(default=16 * MiB, metadata=rule(integer(min=4096)))
-    transparent_huge_pages: bool = attrs.field(default=True, metadata=true_or_false)
-    write_combined: bool = attrs.field(default=False, metadata=true_or_false)
+    populate_chunk_bytes: int = field(
+        default=16 * MiB, rule=integer(min=4096), doc="Bytes one thread populates at a time."
+    )
+    transparent_huge_pages: bool = field(default=True, rule=true_or_false, doc="madvise(MADV_HUGEPAGE) the mapping.")
+    write_combined: bool = field(default=False, rule=true_or_false, doc="cudaHostAllocWriteCombined (host_alloc).")
 
 
 class PinnedStorage(_host.HostStorage):
@@ -298,7 +301,7 @@ def _unregister(cupy: Any, gpu: int, ptrs: Sequence[int], *, maybe: bool = False
 
 def _pin_error(call: str, size: int, exc: Exception) -> AllocationError:
     return AllocationError(
-        f"{_TIER}: {call} of {human(size)} failed: {exc}. RLIMIT_MEMLOCK is "
+        f"{_TIER}: {call} of {format_bytes(size)} failed: {exc}. RLIMIT_MEMLOCK is "
         f"{_host.memlock_limit()}: raise it (`ulimit -l unlimited`; in a container `--ulimit memlock=-1`); "
         f"MemAvailable is {_host.mem_available_words()}: a smaller tier (num_blocks, DYN_KVBM_CPU_CACHE_GB) may fit"
     )

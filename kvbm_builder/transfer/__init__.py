@@ -4,6 +4,7 @@
   awaitable) at once; ``copy(...)`` waits; listeners receive a :class:`TransferRecord` per finished submit.
 - :class:`TransferError`: a transfer that failed or was refused, naming the tiers, the blocks and the step.
 - :func:`region_table`: the coalesced (source, target, size) runs of a transfer, pure arithmetic.
+- :class:`KernelConfig`: how the GPU copy kernels are launched (the defaults are the measured best).
 
 Importing this package imports neither numpy nor cupy; they are imported by the first transfer that needs them.
 """
@@ -13,12 +14,21 @@ from typing import TYPE_CHECKING
 from ._engine import TransferEngine
 from ._errors import TransferError, TransferRecord
 from ._future import TransferFuture
+from ._kernel import KernelConfig
 
 if TYPE_CHECKING:
     from ._table import RegionTable as RegionTable
     from ._table import region_table as region_table
 
-__all__ = ["RegionTable", "TransferEngine", "TransferError", "TransferFuture", "TransferRecord", "region_table"]
+__all__ = [
+    "KernelConfig",
+    "RegionTable",
+    "TransferEngine",
+    "TransferError",
+    "TransferFuture",
+    "TransferRecord",
+    "region_table",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -1,11 +1,20 @@
-"""The GPU side of transfers: the batched copy kernel, the engine's streams, and its pinned buffers.
+"""The GPU side of transfers: the copy kernels, the engine's streams, and its pinned and GPU buffers.
 
 cupy is imported here, at module level: this module is imported only when a transfer touches a GPU.
 
-Each in-flight slot owns one non-blocking CUDA stream and two *lanes*. A lane is a pinned table buffer (the
-kernel's (src, dst, size) triples), a device table buffer, a pinned staging buffer (made on first use) and an event.
-A plain device transfer uses one lane; a staged one (through pinned memory, to pageable memory or disk)
-alternates between both, so the GPU copies one chunk while the CPU reads or writes the other.
+Four ways to move a batch between GPU memory and GPU or pinned host memory (``copy_kernel.cu`` has the kernels):
+
+- ``kernel``: ``kvbm_copy_blocks``, one launch per batch. The host writes only the two layouts' strides and base
+  addresses and the batch's block ids (a few hundred bytes, copied to the GPU ahead of the kernel); the GPU works
+  out every region's address and copies it with 16-byte accesses, reading or writing pinned host memory directly.
+- ``table``: ``kvbm_copy`` over a table of every run's (src, dst, size), the general form (for comparison).
+- ``memcpy``: one ``cudaMemcpyAsync`` per run, when runs are few and large (the copy engine at full speed).
+- ``bounce``: the kernel gathers (or scatters) the device side into GPU scratch memory, chunk by chunk, and the copy
+  engine moves each chunk to or from the host blocks, the two overlapping on two streams.
+
+Each in-flight slot owns two non-blocking streams and two *lanes*. A lane is a pinned parameter or table buffer,
+its GPU copy, a pinned staging buffer (pageable memory and disk go through it), a GPU scratch buffer (``bounce``)
+and events. A plain batch uses one lane; a staged or bounced one alternates between both.
 """
 
 from __future__ import annotations
@@ -19,68 +28,97 @@ from typing import Any
 import cupy
 import numpy as np
 
+from ..config.layout import FullyContiguous
 from ..config.protocols import Storage, StorageKind
-from ..storage import _cuda as storage_cuda
+from ..layout import Layout
 from ._hostio import StepError
+from ._kernel import KernelConfig
 from ._table import RegionTable
 
-__all__ = ["CudaContext", "Lane", "Slot"]
+__all__ = ["CudaContext", "GpuSide", "KernelConfig", "Lane", "Slot"]
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction from the pointers (UVA)
 _HOST_ALLOC_PORTABLE_MAPPED = 0x01 | 0x02  # cudaHostAllocPortable | cudaHostAllocMapped
 _TYPE_HOST, _TYPE_DEVICE = 1, 2  # cudaMemoryTypeHost, cudaMemoryTypeDevice
 _KERNEL_SOURCE = Path(__file__).with_name("copy_kernel.cu")
+_HEADER = 19  # words of kvbm_copy_blocks' parameter header
+_U64 = ctypes.c_uint64
 
 
-class KernelConfig:
-    """How the copy kernel is launched; the defaults are what ``benchmarks/bench_transfer.py`` found fastest."""
+class GpuSide:
+    """A layout as the GPU addresses it: ``base[layer or 0] + block * block + layer * layer + outer * outer``.
 
-    __slots__ = ("max_grid", "piece_bytes", "table_on_device", "threads", "unroll")
+    ``bases`` are device addresses (pinned host memory through its mapped alias); ``host_bases`` the same for
+    ``cudaMemcpyAsync``, which takes host pointers."""
+
+    __slots__ = ("bases", "block", "fully_contiguous", "host_bases", "layer", "outer", "separate")
 
     def __init__(
-        self,
-        *,
-        piece_bytes: int = 64 * 2**10,
-        threads: int = 256,
-        unroll: int = 4,
-        max_grid: int = 0,
-        table_on_device: bool = True,
+        self, block: int, layer: int, outer: int, separate: bool, bases: Any, host_bases: Any, fully: bool
     ) -> None:
-        self.piece_bytes = piece_bytes  # runs are cut into pieces of at most this, one thread block each
-        self.threads = threads
-        self.unroll = unroll
-        self.max_grid = max_grid  # 0: one thread block per piece; else a grid-stride loop over at most this many
-        self.table_on_device = table_on_device  # copy the table to GPU memory first, or read it from pinned memory
+        self.block, self.layer, self.outer, self.separate = block, layer, outer, separate
+        self.bases, self.host_bases, self.fully_contiguous = bases, host_bases, fully
 
-    def __repr__(self) -> str:
-        return (
-            f"KernelConfig(piece_bytes={self.piece_bytes}, threads={self.threads}, unroll={self.unroll}, "
-            f"max_grid={self.max_grid}, table_on_device={self.table_on_device})"
+    @classmethod
+    def of(cls, layout: Layout, delta: Any) -> GpuSide:
+        spec = layout.spec
+        fully = isinstance(spec.layout_type, FullyContiguous)
+        host = np.asarray(layout.base_addrs, dtype=np.uint64)
+        shift = 0 if delta is None else delta
+        bases = host + np.asarray(shift, dtype=np.int64).astype(np.uint64)
+        layer = spec.outer_dim * spec.region_bytes if fully else 0
+        return cls(spec.block_stride, layer, spec.outer_stride, not fully, bases, host, fully)
+
+    @classmethod
+    def packed(cls, addr: int, region_bytes: int, num_layers: int, outer_dim: int) -> GpuSide:
+        """Whole blocks back to back from ``addr`` (GPU scratch memory): FullyContiguous without padding."""
+        base = np.asarray([addr], dtype=np.uint64)
+        return cls(
+            num_layers * outer_dim * region_bytes, outer_dim * region_bytes, region_bytes, False, base, base, True
         )
 
 
 class Lane:
-    """One copy in flight on a slot's stream: its table buffers, its staging buffer and its event."""
+    """One copy in flight on a slot: its buffers and events (see the module's doc)."""
 
-    __slots__ = ("dev_table", "dev_table_bytes", "event", "host_table", "host_table_ptr", "staging")
+    __slots__ = (
+        "dev_params",
+        "dev_params_bytes",
+        "event",
+        "filled",
+        "params",
+        "params_dev_ptr",
+        "params_ptr",
+        "scratch",
+        "scratch_bytes",
+        "staging",
+        "used",
+    )
 
     def __init__(self) -> None:
-        self.event = cupy.cuda.Event(block=False, disable_timing=True)
-        self.host_table: Any = None  # numpy uint64 view over pinned memory
-        self.host_table_ptr = 0
-        self.dev_table = 0
-        self.dev_table_bytes = 0
+        self.event = cupy.cuda.Event(block=False, disable_timing=True)  # the lane's last copy is done
+        self.filled = cupy.cuda.Event(block=False, disable_timing=True)  # bounce: scratch holds a chunk
+        self.used = cupy.cuda.Event(block=False, disable_timing=True)  # bounce: scratch may be refilled
+        self.params: Any = None  # numpy uint64 view over pinned memory: kernel parameters or table
+        self.params_ptr = 0
+        self.params_dev_ptr = 0  # the GPU's address of the same pinned memory
+        self.dev_params = 0
+        self.dev_params_bytes = 0
+        self.scratch = 0
+        self.scratch_bytes = 0
         self.staging: Storage | None = None
 
 
 class Slot:
-    """One of ``max_concurrent`` places a batch runs in: a non-blocking stream and two lanes."""
+    """One of ``max_concurrent`` places a batch runs in: two non-blocking streams (kernels; DMA rounds of method
+    ``bounce``) and two lanes."""
 
-    __slots__ = ("index", "lanes", "stream")
+    __slots__ = ("dma", "index", "lanes", "stream")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.dma = cupy.cuda.Stream(non_blocking=True)
         self.lanes = (Lane(), Lane())
 
 
@@ -92,12 +130,11 @@ class CudaContext:
         self.config = config
         self.device = cupy.cuda.Device(device_id)
         self._lock = threading.Lock()
-        self._memory: dict[int, tuple[int, int, int]] = {}  # id(storage) -> (addr, size, device delta)
+        self._memory: dict[int, tuple[Any, ...]] = {}  # id(storage) -> (addr, size, kind, device delta)
         self._broken: BaseException | None = None
         with self.device:
-            self.kernel = _compile(config.unroll)
+            self.table_kernel, self.blocks_kernel = _compile(config.unroll)
             self.slots = [Slot(i) for i in range(slots)]
-            self.sm_count = int(cupy.cuda.runtime.deviceGetAttribute(16, device_id))  # MultiProcessorCount
 
     # --- memory checks -------------------------------------------------------------------------------------
 
@@ -106,8 +143,9 @@ class CudaContext:
         for mapped pinned memory (0 for device memory), or None when the GPU cannot address it directly."""
         key = id(storage)
         cached = self._memory.get(key)
-        if cached is not None and cached[:2] == (storage.addr, storage.size):
-            return cached[2]
+        if cached is not None and cached[:3] == (storage.addr, storage.size, storage.kind):
+            known: int | None = cached[3]
+            return known
         runtime = cupy.cuda.runtime
         with self.device:
             try:
@@ -137,96 +175,173 @@ class CudaContext:
         else:
             delta = None
         with self._lock:
-            self._memory[key] = (storage.addr, storage.size, delta if delta is not None else _NO_ALIAS)
+            self._memory[key] = (storage.addr, storage.size, storage.kind, delta)
         return delta
 
-    def forget(self, storage: Storage) -> None:
-        with self._lock:
-            self._memory.pop(id(storage), None)
+    # --- copies (each ends by recording the lane's event after its last step) ------------------------------
 
-    # --- copies --------------------------------------------------------------------------------------------
+    def enqueue_blocks(
+        self, slot: Slot, lane: Lane, src: GpuSide, s_ids: Any, dst: GpuSide, d_ids: Any, spec: Any
+    ) -> None:
+        """Method ``kernel``: one launch of ``kvbm_copy_blocks`` for the block pairs (``spec``: the model's shape)."""
+        with self.device, _step("copy kernel"):
+            words, pieces = _block_params(lane, 0, src, s_ids, dst, d_ids, spec, self.config.piece_bytes, self)
+            pointer = self._params_pointer(slot.stream, lane, words)
+            self._launch(self.blocks_kernel, slot.stream, pointer, pieces)
+            lane.event.record(slot.stream)
 
-    def enqueue(self, slot: Slot, lane: Lane, table: RegionTable, method: str, deltas: tuple[Any, Any]) -> None:
-        """Put the copies of ``table`` on the slot's stream (``kernel`` or ``memcpy``), then record the lane's
-        event. ``deltas`` are per-side arrays (or ints) added to addresses for the kernel (pinned host aliases)."""
+    def enqueue_table(self, slot: Slot, lane: Lane, table: RegionTable, deltas: tuple[Any, Any]) -> None:
+        """Method ``table``: one launch of ``kvbm_copy`` over every piece of ``table``."""
+        with self.device, _step("copy kernel"):
+            src, dst = _shifted(table, deltas)
+            src, dst, size = split_pieces(src, dst, table.size, self.config.piece_bytes)
+            n = int(size.shape[0])
+            buf = self._params(lane, 3 * max(n, 1))
+            rows = buf[: 3 * n].reshape(n, 3)
+            rows[:, 0], rows[:, 1], rows[:, 2] = src, dst, size
+            pointer = self._params_pointer(slot.stream, lane, 3 * n)
+            self._launch(self.table_kernel, slot.stream, pointer, n)
+            lane.event.record(slot.stream)
+
+    def enqueue_memcpy(self, slot: Slot, lane: Lane, table: RegionTable) -> None:
+        """Method ``memcpy``: one ``cudaMemcpyAsync`` per run (host pointers, as the table has them)."""
         runtime = cupy.cuda.runtime
-        stream = slot.stream
-        with self.device:
-            if method == "memcpy":
-                step = "cudaMemcpyAsync"
-                try:
-                    for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.size.tolist(), strict=True):
-                        runtime.memcpyAsync(d, s, n, _MEMCPY_DEFAULT, stream.ptr)
-                except runtime.CUDARuntimeError as exc:
-                    raise StepError(step, f"cudaMemcpyAsync failed: {exc}") from exc
-            else:
-                step = "copy kernel"
-                try:
-                    self._launch(stream, lane, table, deltas)
-                except runtime.CUDARuntimeError as exc:
-                    raise StepError(step, f"launching the copy kernel failed: {exc}") from exc
-            try:
-                lane.event.record(stream)
-            except runtime.CUDARuntimeError as exc:
-                raise StepError(step, f"recording the completion event failed: {exc}") from exc
+        with self.device, _step("cudaMemcpyAsync"):
+            ptr = slot.stream.ptr
+            for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.size.tolist(), strict=True):
+                runtime.memcpyAsync(d, s, n, _MEMCPY_DEFAULT, ptr)
+            lane.event.record(slot.stream)
 
-    def _launch(self, stream: Any, lane: Lane, table: RegionTable, deltas: tuple[Any, Any]) -> None:
-        config = self.config
-        src, dst, size = table.src, table.dst, table.size
-        if not isinstance(deltas[0], int) or deltas[0]:
-            src = src + (deltas[0] if isinstance(deltas[0], int) else deltas[0][table.src_storage])
-        if not isinstance(deltas[1], int) or deltas[1]:
-            dst = dst + (deltas[1] if isinstance(deltas[1], int) else deltas[1][table.dst_storage])
-        src, dst, size = split_pieces(src, dst, size, config.piece_bytes)
-        n = int(size.shape[0])
+    def enqueue_bounce(
+        self,
+        slot: Slot,
+        device: GpuSide,
+        device_ids: Any,
+        host: GpuSide,
+        host_ids: Any,
+        spec: Any,
+        *,
+        offload: bool,
+    ) -> None:
+        """Method ``bounce`` (``host`` FullyContiguous): chunks of blocks gathered into (or scattered from) GPU
+        scratch by the kernel on ``slot.stream`` and moved to (from) the host blocks by DMA on ``slot.dma``, with
+        two scratch buffers so that one chunk's kernel overlaps the other's DMA. Events order the two streams on
+        the GPU; the CPU queues everything and returns. The slot's first lane's event marks the end."""
+        runtime = cupy.cuda.runtime
+        block = spec.num_layers * spec.outer_dim * spec.region_bytes
+        per_chunk = max(1, self.config.bounce_bytes // block)
+        n = int(device_ids.shape[0])
+        starts = list(range(0, n, per_chunk))
+        lanes, first = slot.lanes, slot.lanes[0]
+        with self.device, _step("bounce copy"):
+            need = min(per_chunk, n) * block
+            for lane in lanes[: len(starts)]:
+                if lane.scratch_bytes < need:
+                    self._grow_scratch(lane, need)
+            scratch = [
+                GpuSide.packed(lane.scratch, spec.region_bytes, spec.num_layers, spec.outer_dim) for lane in lanes
+            ]
+            # every chunk's kernel parameters, one after another in the first lane's buffer
+            words, at, plans = 0, [], []
+            for c, start in enumerate(starts):
+                ids = device_ids[start : start + per_chunk]
+                local = np.arange(ids.shape[0], dtype=np.int64)
+                src, s_ids, dst, d_ids = (
+                    (device, ids, scratch[c % 2], local) if offload else (scratch[c % 2], local, device, ids)
+                )
+                used, pieces = _block_params(first, words, src, s_ids, dst, d_ids, spec, self.config.piece_bytes, self)
+                at.append(words)
+                plans.append(pieces)
+                words += used
+            base = self._params_pointer(slot.stream, first, words)
+            host_base, host_stride = int(host.host_bases[0]), host.block
+            kernel_stream, dma_stream = slot.stream, slot.dma
+            for c, start in enumerate(starts):
+                lane = lanes[c % 2]
+                extents = _extents(host_ids[start : start + per_chunk].tolist(), host_base, host_stride, block)
+                if offload:
+                    if c >= 2:
+                        kernel_stream.wait_event(lane.used)  # the DMA of chunk c - 2 has emptied this scratch
+                    self._launch(self.blocks_kernel, kernel_stream, base + 8 * at[c], plans[c])
+                    lane.filled.record(kernel_stream)
+                    dma_stream.wait_event(lane.filled)
+                    for h, k, nbytes in extents:
+                        runtime.memcpyAsync(h, lane.scratch + k * block, nbytes, _MEMCPY_DEFAULT, dma_stream.ptr)
+                    lane.used.record(dma_stream)
+                else:
+                    if c >= 2:
+                        dma_stream.wait_event(lane.used)  # the kernel of chunk c - 2 has read this scratch
+                    for h, k, nbytes in extents:
+                        runtime.memcpyAsync(lane.scratch + k * block, h, nbytes, _MEMCPY_DEFAULT, dma_stream.ptr)
+                    lane.filled.record(dma_stream)
+                    kernel_stream.wait_event(lane.filled)
+                    self._launch(self.blocks_kernel, kernel_stream, base + 8 * at[c], plans[c])
+                    lane.used.record(kernel_stream)
+            if offload:
+                first.event.record(dma_stream)
+            else:
+                first.event.record(kernel_stream)
+
+    def _launch(self, kernel: Any, stream: Any, pointer: int, n: int) -> None:
         if n == 0:
             return
-        host = self._host_table(lane, n)
-        host[:n, 0] = src
-        host[:n, 1] = dst
-        host[:n, 2] = size
-        nbytes = n * 24
-        if config.table_on_device:
-            if lane.dev_table_bytes < nbytes:
-                self._grow_device_table(lane, nbytes)
-            cupy.cuda.runtime.memcpyAsync(lane.dev_table, lane.host_table_ptr, nbytes, _MEMCPY_DEFAULT, stream.ptr)
-            table_ptr = lane.dev_table
-        else:
-            table_ptr = lane.host_table_ptr  # mapped pinned memory: the GPU reads the table over PCIe
+        config = self.config
         grid = n if config.max_grid <= 0 else min(n, config.max_grid)
-        self.kernel((grid,), (config.threads,), (np.uint64(table_ptr), np.uint32(n)), stream=stream)
+        kernel((grid,), (config.threads,), (np.uint64(pointer), np.uint32(n)), stream=stream)
 
-    def _host_table(self, lane: Lane, n: int) -> Any:
-        if lane.host_table is None or lane.host_table.shape[0] < n:
-            capacity = max(n, 4096)
-            old = lane.host_table_ptr
-            ptr = int(cupy.cuda.runtime.hostAlloc(capacity * 24, _HOST_ALLOC_PORTABLE_MAPPED))
-            lane.host_table_ptr = ptr
-            lane.host_table = np.ctypeslib.as_array((_U64 * (capacity * 3)).from_address(ptr)).reshape(capacity, 3)
+    def _params(self, lane: Lane, words: int) -> Any:
+        """The lane's pinned parameter buffer, at least ``words`` long (grown while the lane is idle)."""
+        if lane.params is None or lane.params.shape[0] < words:
+            capacity = max(words, 16384)
+            old = lane.params_ptr
+            runtime = cupy.cuda.runtime
+            ptr = int(runtime.hostAlloc(capacity * 8, _HOST_ALLOC_PORTABLE_MAPPED))
+            grown = np.ctypeslib.as_array((_U64 * capacity).from_address(ptr))
+            if lane.params is not None:  # keep what was written (bounce writes several chunks' parameters)
+                grown[: lane.params.shape[0]] = lane.params
+            lane.params_ptr = ptr
+            lane.params_dev_ptr = int(runtime.pointerGetAttributes(ptr).devicePointer or ptr)
+            lane.params = grown
             if old:
-                cupy.cuda.runtime.freeHost(old)
-        return lane.host_table
+                runtime.freeHost(old)
+        return lane.params
 
-    def _grow_device_table(self, lane: Lane, nbytes: int) -> None:
-        capacity = max(nbytes, 4096 * 24)
-        if lane.dev_table:
-            cupy.cuda.runtime.free(lane.dev_table)
-            lane.dev_table, lane.dev_table_bytes = 0, 0
-        lane.dev_table = int(cupy.cuda.runtime.malloc(capacity))
-        lane.dev_table_bytes = capacity
+    def _params_pointer(self, stream: Any, lane: Lane, words: int) -> int:
+        """Where the kernel reads the parameters written so far: mapped pinned memory, or a GPU copy."""
+        if not self.config.table_on_device:
+            return lane.params_dev_ptr
+        nbytes = max(words, 1) * 8
+        runtime = cupy.cuda.runtime
+        if lane.dev_params_bytes < nbytes:
+            if lane.dev_params:
+                runtime.free(lane.dev_params)
+                lane.dev_params, lane.dev_params_bytes = 0, 0
+            lane.dev_params = int(runtime.malloc(max(nbytes, 16384 * 8)))
+            lane.dev_params_bytes = max(nbytes, 16384 * 8)
+        runtime.memcpyAsync(lane.dev_params, lane.params_ptr, nbytes, _MEMCPY_DEFAULT, stream.ptr)
+        return lane.dev_params
+
+    def _grow_scratch(self, lane: Lane, nbytes: int) -> None:
+        runtime = cupy.cuda.runtime
+        if lane.scratch:
+            runtime.free(lane.scratch)
+            lane.scratch, lane.scratch_bytes = 0, 0
+        lane.scratch = int(runtime.malloc(nbytes))
+        lane.scratch_bytes = nbytes
 
     def wait(self, lane: Lane, step: str) -> None:
         """Block (without the GIL) until the lane's last copy finished; a CUDA error is raised as a StepError."""
         try:
-            lane.event.synchronize()
+            lane.event.synchronize()  # an event belongs to its context: no need to make the device current
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             self._broken = exc
             raise StepError(step, f"the GPU reported an error while copying: {exc}") from exc
 
     def synchronize(self, slot: Slot) -> None:
-        """Wait for everything on the slot's stream; errors are swallowed (the caller reports its own)."""
-        with contextlib.suppress(Exception):
+        """Wait for everything on the slot's streams; errors are swallowed (the caller reports its own)."""
+        with self.device, contextlib.suppress(Exception):
             slot.stream.synchronize()
+            slot.dma.synchronize()
 
     @property
     def broken(self) -> BaseException | None:
@@ -263,23 +378,118 @@ class CudaContext:
                             lane.staging.close()  # type: ignore[attr-defined]
                         finally:
                             lane.staging = None
-                    if lane.host_table_ptr:
-                        _quietly(runtime.freeHost, lane.host_table_ptr)
-                        lane.host_table_ptr, lane.host_table = 0, None
-                    if lane.dev_table:
-                        _quietly(runtime.free, lane.dev_table)
-                        lane.dev_table, lane.dev_table_bytes = 0, 0
+                    if lane.params_ptr:
+                        _quietly(runtime.freeHost, lane.params_ptr)
+                        lane.params_ptr, lane.params_dev_ptr, lane.params = 0, 0, None
+                    if lane.dev_params:
+                        _quietly(runtime.free, lane.dev_params)
+                        lane.dev_params, lane.dev_params_bytes = 0, 0
+                    if lane.scratch:
+                        _quietly(runtime.free, lane.scratch)
+                        lane.scratch, lane.scratch_bytes = 0, 0
             self.slots = []
         self._memory.clear()
 
 
-_NO_ALIAS: Any = None
-_U64 = ctypes.c_uint64
+@contextlib.contextmanager
+def _step(step: str) -> Any:
+    """CUDA errors while queueing work, as the StepError of ``step``."""
+    try:
+        yield
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise StepError(step, f"queueing the copy failed: {exc}") from exc
+
+
+def chunk_shape(src: GpuSide, dst: GpuSide, spec: Any) -> tuple[int, int, int]:
+    """(mode, chunks per block, chunk bytes): how much of a block is contiguous on both sides at once.
+
+    Mode 0: each region alone; 1: the outer regions of one layer together; 2: the whole block."""
+    r, layers, outer = spec.region_bytes, spec.num_layers, spec.outer_dim
+    outer_joins = outer == 1 or (src.outer == r and dst.outer == r)
+    layer_joins = outer_joins and (
+        layers == 1 or (not src.separate and not dst.separate and src.layer == outer * r and dst.layer == outer * r)
+    )
+    if layer_joins:
+        return 2, 1, layers * outer * r
+    if outer_joins:
+        return 1, layers, outer * r
+    return 0, layers * outer, r
+
+
+def _block_params(
+    lane: Lane,
+    at: int,
+    src: GpuSide,
+    s_ids: Any,
+    dst: GpuSide,
+    d_ids: Any,
+    spec: Any,
+    piece: int,
+    cuda: CudaContext,
+) -> tuple[int, int]:
+    """Write kvbm_copy_blocks' parameters at word ``at`` of the lane's buffer: (words used, pieces to copy)."""
+    mode, chunks, chunk_bytes = chunk_shape(src, dst, spec)
+    pieces_per_chunk = -(-chunk_bytes // piece)
+    n = int(s_ids.shape[0])
+    ls, ld = int(src.bases.shape[0]), int(dst.bases.shape[0])
+    words = _HEADER + ls + ld + 2 * n
+    buf = cuda._params(lane, at + words)
+    header = [
+        n,
+        chunks,
+        pieces_per_chunk,
+        chunk_bytes,
+        piece,
+        spec.outer_dim,
+        mode,
+        src.block,
+        src.layer,
+        src.outer,
+        int(src.separate),
+        dst.block,
+        dst.layer,
+        dst.outer,
+        int(dst.separate),
+        _HEADER,
+        _HEADER + ls,
+        _HEADER + ls + ld,
+        _HEADER + ls + ld + n,
+    ]
+    buf[at : at + _HEADER] = header
+    p = at + _HEADER
+    buf[p : p + ls] = src.bases
+    buf[p + ls : p + ls + ld] = dst.bases
+    buf[p + ls + ld : p + ls + ld + n] = s_ids
+    buf[p + ls + ld + n : at + words] = d_ids
+    return words, n * chunks * pieces_per_chunk
+
+
+def _extents(host_ids: list[int], base: int, stride: int, block: int) -> list[tuple[int, int, int]]:
+    """(host address, first scratch block, bytes) of the DMA copies for blocks placed 0, 1, ... in scratch:
+    neighbouring host blocks with no padding between them go as one copy."""
+    out: list[tuple[int, int, int]] = []
+    for k, h in enumerate(host_ids):
+        addr = base + h * stride
+        if out and stride == block and out[-1][0] + out[-1][2] == addr:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + block)
+        else:
+            out.append((addr, k, block))
+    return out
 
 
 def _quietly(call: Any, *args: Any) -> None:
     with contextlib.suppress(Exception):  # a context already torn down at exit: nothing left to free
         call(*args)
+
+
+def _shifted(table: RegionTable, deltas: tuple[Any, Any]) -> tuple[Any, Any]:
+    """The table's addresses as the GPU sees them: plus each side's delta (an int, or one per storage)."""
+    src, dst = table.src, table.dst
+    if not isinstance(deltas[0], int) or deltas[0]:
+        src = src + (deltas[0] if isinstance(deltas[0], int) else deltas[0][table.src_storage])
+    if not isinstance(deltas[1], int) or deltas[1]:
+        dst = dst + (deltas[1] if isinstance(deltas[1], int) else deltas[1][table.dst_storage])
+    return src, dst
 
 
 def split_pieces(src: Any, dst: Any, size: Any, piece: int) -> tuple[Any, Any, Any]:
@@ -293,21 +503,17 @@ def split_pieces(src: Any, dst: Any, size: Any, piece: int) -> tuple[Any, Any, A
     return src[run] + offset, dst[run] + offset, np.minimum(piece, size[run] - offset)
 
 
-_compiled: dict[tuple[int, int], Any] = {}
+_compiled: dict[tuple[int, int], tuple[Any, Any]] = {}
 _compile_lock = threading.Lock()
 
 
-def _compile(unroll: int) -> Any:
-    """The kernel for the current device, compiled once per process (and cached on disk by cupy)."""
+def _compile(unroll: int) -> tuple[Any, Any]:
+    """(kvbm_copy, kvbm_copy_blocks) for the current device, compiled once per process (cached on disk by cupy)."""
     key = (cupy.cuda.runtime.getDevice(), unroll)
     with _compile_lock:
-        kernel = _compiled.get(key)
-        if kernel is None:
+        kernels = _compiled.get(key)
+        if kernels is None:
             module = cupy.RawModule(code=_KERNEL_SOURCE.read_text(), options=(f"-DKVBM_UNROLL={unroll}",))
-            kernel = module.get_function("kvbm_copy")
-            _compiled[key] = kernel
-        return kernel
-
-
-def cuda_reason() -> str | None:
-    return storage_cuda.cuda_unavailable_reason()
+            kernels = (module.get_function("kvbm_copy"), module.get_function("kvbm_copy_blocks"))
+            _compiled[key] = kernels
+        return kernels

@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from ..config.layout import FullyContiguous
 from ..config.protocols import StorageKind
 from ..config.runtime import CancellationToken
@@ -38,9 +40,10 @@ from ..errors import ConfigError, Problem
 from ..layout import Layout, LayoutSpec
 from ._errors import TransferError, TransferRecord
 from ._future import TransferFuture
+from ._kernel import KernelConfig
 
 if TYPE_CHECKING:
-    from ._cuda import CudaContext, KernelConfig, Lane, Slot
+    from ._cuda import CudaContext, Lane, Slot
     from ._hostio import IoOp, StepError
 
 __all__ = ["TransferEngine"]
@@ -49,15 +52,26 @@ log = logging.getLogger("kvbm_builder.transfer")
 
 Listener = Callable[[TransferRecord], None]
 
-#: Runs at least this long (on average) go as one cudaMemcpyAsync each rather than through the kernel: the copy
-#: engine then runs at the PCIe ceiling and launches cost nothing next to the copies. Measured on an H200 by
-#: benchmarks/bench_transfer.py (see benchmarks/RESULTS.md).
+#: Layouts contiguous on both sides over at least this many bytes at a time (FullyContiguous to FullyContiguous)
+#: go as one cudaMemcpyAsync per run: the copy engine then beats the kernel (H200: 0.94 of the PCIe ceiling
+#: against 0.93 at 256 blocks of 4 MiB) and the launches cost nothing next to the copies. benchmarks/RESULTS.md.
 MEMCPY_MIN_RUN_BYTES = 2**20
 #: Bytes of one staging buffer (two per slot): the chunk the GPU copies while the CPU works on the other one.
 STAGING_BYTES = 16 * 2**20
 #: Threads that run the I/O operations of host and disk batches; disks want several requests in flight.
-IO_THREADS = 8
-_COPY_METHODS = ("auto", "kernel", "memcpy")
+IO_THREADS = 16
+#: How device batches with many small regions move, as benchmarks/bench_transfer.py measured them on an H200 (4 MiB
+#: blocks of 64 KiB regions, benchmarks/RESULTS.md): out of the GPU the kernel writes pinned memory directly (0.93
+#: of the ceiling at 256 blocks, as good as any other way). Into it, a submit of several batches goes ``bounce``:
+#: the copy engine reads the host blocks into GPU scratch and the kernel scatters them, while the other slots' batches
+#: overlap (0.95-0.96 at 256 blocks against 0.93 for the kernel reading pinned memory over PCIe); a single batch
+#: cannot overlap its DMA with anything and goes faster through the kernel (0.85 against 0.80 at 16 blocks).
+#: Device to device uses the kernel.
+SCATTERED_OFFLOAD = "kernel"
+SCATTERED_ONBOARD = "bounce"
+SCATTERED_ONBOARD_ONE_BATCH = "kernel"
+_COPY_METHODS = ("auto", "kernel", "table", "memcpy", "bounce")
+_STEPS = {"kernel": "copy kernel", "table": "copy kernel", "memcpy": "cudaMemcpyAsync", "bounce": "bounce copy"}
 _HOST_KINDS = (StorageKind.PINNED, StorageKind.SYSTEM)
 
 
@@ -72,9 +86,12 @@ class _Job:
         "error",
         "fds",
         "future",
-        "methods",
+        "launched",
+        "method",
+        "owned",
         "remaining",
         "route",
+        "sides",
         "src",
         "src_blocks",
         "started",
@@ -90,8 +107,11 @@ class _Job:
         self.remaining = 0
         self.batches = 0
         self.error: tuple[_Batch, StepError] | None = None
-        self.methods: set[str] = set()
+        self.method = route  # device batches: kernel, table, memcpy or bounce (chosen once per submit)
         self.deltas: tuple[Any, Any] = (None, None)
+        self.sides: tuple[Any, Any] = (None, None)  # GpuSide of each layout (device routes)
+        self.owned = False  # copy(): the calling thread finishes the device batches itself
+        self.launched: deque[tuple[_Batch, Any, str]] = deque()  # owned device batches queued on the GPU
         self.fds: dict[str, list[int]] = {}  # "src"/"dst" -> duplicated descriptors of a disk layout
 
     @property
@@ -124,8 +144,9 @@ class TransferEngine:
     ``close()`` is called, nothing new starts and transfers not finished fail. ``listeners`` receive a
     :class:`TransferRecord` for every finished submit, success or failure, on the engine's threads.
 
-    ``device_copy`` forces the copy method of device batches (``"kernel"`` or ``"memcpy"``; ``"auto"`` picks per
-    batch). ``staging_bytes`` sizes each of the two staging buffers of a slot; ``io_threads`` the I/O pool.
+    ``device_copy`` forces the copy method of device batches (``"kernel"``, ``"memcpy"`` or ``"bounce"``;
+    ``"auto"`` picks per batch). ``staging_bytes`` sizes each of the two staging buffers of a slot;
+    ``io_threads`` the I/O pool; ``kernel`` (a ``KernelConfig``) how the copy kernel is launched.
     """
 
     def __init__(
@@ -172,6 +193,7 @@ class TransferEngine:
         self._listeners: list[Listener] = list(listeners)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._launched = threading.Condition(self._lock)  # an owned job got a device batch queued, or finished
         self._pending: deque[_Batch] = deque()
         self._inflight = 0
         self._free_slots: list[int] = list(range(max_concurrent))
@@ -180,6 +202,8 @@ class TransferEngine:
         self._closer: threading.Thread | None = None
         self._cuda: CudaContext | None = None
         self._host_staging: dict[int, Any] = {}  # slot -> SystemStorage (disk <-> disk)
+        self._layout_sides: dict[int, tuple[Layout, Any, Any]] = {}  # id(layout) -> (layout, delta, GpuSide)
+        self._layout_infos: dict[int, tuple[Layout, StorageKind, frozenset[int]]] = {}
         self._workers: ThreadPoolExecutor | None = None
         self._io: ThreadPoolExecutor | None = None
         self._completions: queue.SimpleQueue[tuple[_Batch, Slot, str] | None] = queue.SimpleQueue()
@@ -218,11 +242,17 @@ class TransferEngine:
         Bad arguments (layouts of another shape, ids out of range, a target twice), a closed engine, a cancelled
         token or unusable memory raise :class:`TransferError` here; failures while copying come through the
         future."""
+        return self._submit(src, src_blocks, dst, dst_blocks, owned=False).future
+
+    def _submit(
+        self, src: Layout, src_blocks: Sequence[int], dst: Layout, dst_blocks: Sequence[int], *, owned: bool
+    ) -> _Job:
         from ._table import check_blocks
 
         s_ids, d_ids = check_blocks(src, src_blocks, dst, dst_blocks)
-        src_kind, dst_kind = _kind_of(src, "source"), _kind_of(dst, "target")
+        src_kind, dst_kind = self._layout_info(src, "source")[0], self._layout_info(dst, "target")[0]
         job = _Job(src, s_ids, dst, d_ids, _route(src_kind, dst_kind))
+        job.owned = owned and job.route == "device"
         reason = self._stop_reason()
         if reason is not None:
             raise self._refusal(job, reason, f"the engine is {reason}; make a new TransferEngine")
@@ -246,11 +276,33 @@ class TransferEngine:
             self._complete(job)
         else:
             self._pump()
-        return job.future
+        return job
 
     def copy(self, src: Layout, src_blocks: Sequence[int], dst: Layout, dst_blocks: Sequence[int]) -> TransferRecord:
-        """``submit(...).result()``: returns once every byte is in place, or raises the TransferError."""
-        return self.submit(src, src_blocks, dst, dst_blocks).result()
+        """``submit(...).result()``: returns once every byte is in place, or raises the TransferError.
+
+        For GPU batches the calling thread waits on their CUDA events and finishes them itself, so no other
+        thread has to wake up before it can return."""
+        job = self._submit(src, src_blocks, dst, dst_blocks, owned=True)
+        if job.owned:
+            try:
+                while True:
+                    with self._lock:
+                        while not job.launched and not job.future.done():
+                            self._launched.wait()
+                        if not job.launched:
+                            break
+                        item = job.launched.popleft()
+                    self._finish_device(*item)
+            except BaseException:  # interrupted: whatever is on the GPU is left to the completion thread
+                with self._lock:
+                    job.owned = False
+                    items = list(job.launched)
+                    job.launched.clear()
+                for item in items:
+                    self._completion_queue().put(item)
+                raise
+        return job.future.result()
 
     def close(self) -> None:
         """Stop: batches not started fail (step ``closed``), batches in flight finish or fail, then the engine's
@@ -350,31 +402,99 @@ class TransferEngine:
                         "cuda context",
                         f"an earlier copy left the CUDA context unusable ({cuda.broken}); restart the process",
                     )
-                job.deltas = (self._deltas(cuda, job.src, "source"), self._deltas(cuda, job.dst, "target"))
+                (d_src, side_src), (d_dst, side_dst) = (
+                    self._gpu_side(cuda, job.src, "source"),
+                    self._gpu_side(cuda, job.dst, "target"),
+                )
+                job.deltas, job.sides = (d_src, d_dst), (side_src, side_dst)
+                if job.route == "device":
+                    several = int(job.src_blocks.size) > self.max_batch_blocks
+                    job.method = self._device_method(
+                        job.src, job.dst, job.deltas, job.sides, bounce=True, several_batches=several
+                    )
             except StepError as exc:
                 raise self._refusal(job, exc.step, str(exc), exc.__cause__) from exc
 
-    def _deltas(self, cuda: CudaContext, layout: Layout, side: str) -> Any:
-        """What to add to the layout's addresses for the kernel: 0, one int per storage, or None (no alias)."""
+    def _gpu_side(self, cuda: CudaContext, layout: Layout, side: str) -> tuple[Any, Any]:
+        """(delta, GpuSide) of a layout: what to add to its addresses for the kernel (0, one int per storage, or
+        None when the GPU cannot address it: no kernel then) and its strides for the GPU. Checked once per layout
+        object (a tier's layout is submitted again and again)."""
+        from ._cuda import GpuSide
+
+        cached = self._layout_sides.get(id(layout))
+        if cached is not None and cached[0] is layout:
+            return cached[1], cached[2]
         kind = layout.storages[0].kind
-        if kind not in (StorageKind.DEVICE, StorageKind.PINNED):
-            return None
-        deltas = [cuda.device_delta(s, f"{side} storage {i} ({s!r})") for i, s in enumerate(layout.storages)]
-        if any(d is None for d in deltas):
-            return None
-        if all(d == deltas[0] for d in deltas):
-            return deltas[0]
-        import numpy as np
+        delta: Any = None
+        if kind in (StorageKind.DEVICE, StorageKind.PINNED):
+            deltas = [cuda.device_delta(s, f"{side} storage {i} ({s!r})") for i, s in enumerate(layout.storages)]
+            if any(d is None for d in deltas):
+                delta = None
+            elif all(d == deltas[0] for d in deltas):
+                delta = deltas[0]
+            else:
+                import numpy as np
 
-        return np.asarray(deltas, dtype=np.int64)
+                delta = np.asarray(deltas, dtype=np.int64)
+        gpu = GpuSide.of(layout, delta)
+        with self._lock:
+            if len(self._layout_sides) >= 64:  # a few tiers' layouts, plus staging: never many
+                self._layout_sides.clear()
+            self._layout_infos.clear()
+            self._layout_sides[id(layout)] = (layout, delta, gpu)
+        return delta, gpu
 
-    def _cuda_for(self, job: _Job) -> CudaContext:
-        devices = {
+    def _device_method(
+        self,
+        src: Layout,
+        dst: Layout,
+        deltas: tuple[Any, Any],
+        sides: tuple[Any, Any],
+        *,
+        bounce: bool,
+        several_batches: bool = False,
+    ) -> str:
+        """How device batches between these layouts move: the forced ``device_copy``, else ``memcpy`` when both
+        sides are contiguous over at least ``MEMCPY_MIN_RUN_BYTES`` at a time, else by direction (see above)."""
+        from ._cuda import chunk_shape
+
+        kinds = (src.storages[0].kind, dst.storages[0].kind)
+        pinned = sides[1] if kinds[1] is StorageKind.PINNED else sides[0] if kinds[0] is StorageKind.PINNED else None
+        can_bounce = bounce and pinned is not None and not pinned.separate and StorageKind.DEVICE in kinds
+        can_kernel = deltas[0] is not None and deltas[1] is not None
+        choice = self.device_copy
+        if choice == "auto":
+            if chunk_shape(sides[0], sides[1], src.spec)[2] >= MEMCPY_MIN_RUN_BYTES:
+                return "memcpy"
+            if kinds == (StorageKind.PINNED, StorageKind.DEVICE):
+                choice = SCATTERED_ONBOARD if several_batches else SCATTERED_ONBOARD_ONE_BATCH
+            else:
+                choice = SCATTERED_OFFLOAD
+        if choice == "bounce" and not can_bounce:
+            choice = "kernel"
+        if choice in ("kernel", "table") and not can_kernel:
+            choice = "bounce" if can_bounce else "memcpy"
+        return choice
+
+    def _layout_info(self, layout: Layout, side: str) -> tuple[StorageKind, frozenset[int]]:
+        """(storage kind, GPUs of its device storages) of a layout, worked out once per layout object."""
+        cached = self._layout_infos.get(id(layout))
+        if cached is not None and cached[0] is layout:
+            return cached[1], cached[2]
+        kind = _kind_of(layout, side)
+        devices = frozenset(
             int(s.device_id)  # type: ignore[attr-defined]
-            for layout in (job.src, job.dst)
             for s in layout.storages
             if s.kind is StorageKind.DEVICE
-        }
+        )
+        with self._lock:
+            if len(self._layout_infos) >= 64:
+                self._layout_infos.clear()
+            self._layout_infos[id(layout)] = (layout, kind, devices)
+        return kind, devices
+
+    def _cuda_for(self, job: _Job) -> CudaContext:
+        devices = self._layout_info(job.src, "source")[1] | self._layout_info(job.dst, "target")[1]
         with self._lock:
             if self._cuda is not None:
                 device = self._cuda.device_id
@@ -395,7 +515,7 @@ class TransferEngine:
                     require_cuda(job.src_kind.tier.words, device, "Device transfers need a GPU")
                 except Exception as exc:
                     raise self._refusal(job, "cuda context", str(exc), exc) from exc
-                from ._cuda import CudaContext, KernelConfig
+                from ._cuda import CudaContext
 
                 self._cuda = CudaContext(device, self.max_concurrent, self._kernel_config or KernelConfig())
             return self._cuda
@@ -492,12 +612,15 @@ class TransferEngine:
             nbytes=int(job.src_blocks.size) * spec.num_layers * spec.outer_dim * spec.region_bytes,
             seconds=seconds,
             error=error,
-            method="+".join(sorted(job.methods)) or job.route,
+            method=job.method,
         )
         if error is None:
             job.future.set_result(record)
         else:
             job.future.set_exception(error)
+        if job.owned:
+            with self._lock:
+                self._launched.notify_all()
         with self._lock:
             listeners = list(self._listeners)
         for listener in listeners:
@@ -509,32 +632,70 @@ class TransferEngine:
     # --- device batches ------------------------------------------------------------------------------------
 
     def _start_device(self, batch: _Batch) -> None:
-        from ._table import table_of
-
         job = batch.job
         cuda = self._cuda
         assert cuda is not None
         slot = cuda.slots[batch.slot]
-        lane = slot.lanes[0]
-        table = table_of(job.src, batch.s_ids, job.dst, batch.d_ids)
-        method = self._method(table, job.deltas)
+        method = job.method
         try:
-            cuda.enqueue(slot, lane, table, method, job.deltas)
+            self._enqueue(cuda, slot, slot.lanes[0], method, job.src, batch.s_ids, job.dst, batch.d_ids, job)
         except BaseException:
             cuda.synchronize(slot)  # what was queued before the failure has run: nothing moves after we report
             raise
+        item = (batch, slot, _STEPS[method])
         with self._lock:
-            job.methods.add(method)
-        self._completion_queue().put((batch, slot, "copy kernel" if method == "kernel" else "cudaMemcpyAsync"))
+            if job.owned:
+                job.launched.append(item)
+                self._launched.notify_all()
+                return
+        self._completion_queue().put(item)
 
-    def _method(self, table: Any, deltas: tuple[Any, Any]) -> str:
-        can_kernel = deltas[0] is not None and deltas[1] is not None
-        if self.device_copy == "memcpy" or not can_kernel:
-            return "memcpy"
-        if self.device_copy == "kernel":
-            return "kernel"
-        runs = len(table)
-        return "memcpy" if runs and table.nbytes >= MEMCPY_MIN_RUN_BYTES * runs else "kernel"
+    def _enqueue(
+        self,
+        cuda: CudaContext,
+        slot: Slot,
+        lane: Lane,
+        method: str,
+        src: Layout,
+        s_ids: Any,
+        dst: Layout,
+        d_ids: Any,
+        job: _Job,
+    ) -> None:
+        """Queue one device copy (``method``) between two layouts on the slot; the lane's event marks its end."""
+        if method in ("memcpy", "table"):
+            from ._table import table_of
+
+            table = table_of(src, s_ids, dst, d_ids)
+            if method == "memcpy":
+                cuda.enqueue_memcpy(slot, lane, table)
+            else:
+                deltas = (self._gpu_side(cuda, src, "source")[0], self._gpu_side(cuda, dst, "target")[0])
+                cuda.enqueue_table(slot, lane, table, deltas)
+            return
+        src_side, dst_side = self._gpu_side(cuda, src, "source")[1], self._gpu_side(cuda, dst, "target")[1]
+        if method == "bounce":
+            if dst.storages[0].kind is StorageKind.PINNED:
+                cuda.enqueue_bounce(slot, src_side, s_ids, dst_side, d_ids, src.spec, offload=True)
+            else:
+                cuda.enqueue_bounce(slot, dst_side, d_ids, src_side, s_ids, src.spec, offload=False)
+        else:
+            cuda.enqueue_blocks(slot, lane, src_side, s_ids, dst_side, d_ids, src.spec)
+
+    def _finish_device(self, batch: _Batch, slot: Slot, step: str) -> None:
+        """Wait for a device batch's event and finish it (on the completion thread, or the thread in copy())."""
+        from ._hostio import StepError
+
+        cuda = self._cuda
+        assert cuda is not None
+        error: StepError | None = None
+        try:
+            cuda.wait(slot.lanes[0], step)
+        except StepError as exc:
+            error = exc
+        except BaseException as exc:
+            error = _as_step_error(exc)
+        self._done(batch, error)
 
     def _completion_queue(self) -> queue.SimpleQueue[tuple[_Batch, Slot, str] | None]:
         with self._lock:
@@ -546,23 +707,11 @@ class TransferEngine:
         return self._completions
 
     def _complete_device_batches(self) -> None:
-        from ._hostio import StepError
-
-        cuda = self._cuda
-        assert cuda is not None
         while True:
             item = self._completions.get()
             if item is None:
                 return
-            batch, slot, step = item
-            error: StepError | None = None
-            try:
-                cuda.wait(slot.lanes[0], step)
-            except StepError as exc:
-                error = exc
-            except BaseException as exc:
-                error = _as_step_error(exc)
-            self._done(batch, error)
+            self._finish_device(*item)
 
     # --- batches on worker threads -------------------------------------------------------------------------
 
@@ -630,23 +779,13 @@ class TransferEngine:
         slot = cuda.slots[batch.slot]
         lanes = slot.lanes
         stages = [_Layout(spec, [cuda.staging(lane, spec.allocation_bytes)]) for lane in lanes]
-        stage_delta = [self._deltas(cuda, stage, "staging") for stage in stages]
         try:
             if src_gpu:  # GPU fills a staging buffer while the CPU drains the other
-                self._gpu_leg(cuda, slot, lanes[0], job.src, chunks[0][0], stages[0], job.deltas[0], stage_delta[0])
+                self._gpu_leg(cuda, slot, lanes[0], job.src, chunks[0][0], stages[0], job)
                 for k, (_, d_ids) in enumerate(chunks):
                     if k + 1 < len(chunks):
                         nxt = (k + 1) % 2
-                        self._gpu_leg(
-                            cuda,
-                            slot,
-                            lanes[nxt],
-                            job.src,
-                            chunks[k + 1][0],
-                            stages[nxt],
-                            job.deltas[0],
-                            stage_delta[nxt],
-                        )
+                        self._gpu_leg(cuda, slot, lanes[nxt], job.src, chunks[k + 1][0], stages[nxt], job)
                     cuda.wait(lanes[k % 2], "copy to staging")
                     self._check_stop()
                     ids = np.arange(d_ids.size, dtype=np.int64)
@@ -659,9 +798,7 @@ class TransferEngine:
                     self._check_stop()
                     ids = np.arange(s_ids.size, dtype=np.int64)
                     self._cpu_copy(job, job.src, s_ids, stages[k % 2], ids)
-                    self._gpu_leg(
-                        cuda, slot, lane, stages[k % 2], ids, job.dst, stage_delta[k % 2], job.deltas[1], d_ids
-                    )
+                    self._gpu_leg(cuda, slot, lane, stages[k % 2], ids, job.dst, job, d_ids)
                 for lane in lanes[: len(chunks)]:
                     cuda.wait(lane, "copy from staging")
         finally:
@@ -675,19 +812,17 @@ class TransferEngine:
         src: Layout,
         s_ids: Any,
         dst: Layout,
-        src_delta: Any,
-        dst_delta: Any,
+        job: _Job,
         d_ids: Any = None,
     ) -> None:
+        """One staged chunk's GPU copy (``d_ids`` None: into the staging layout's blocks 0..k-1)."""
         import numpy as np
 
-        from ._table import table_of
-
-        if d_ids is None:  # into staging: blocks 0..k-1
+        if d_ids is None:
             d_ids = np.arange(s_ids.size, dtype=np.int64)
-        table = table_of(src, s_ids, dst, d_ids)
-        method = self._method(table, (src_delta, dst_delta))
-        cuda.enqueue(slot, lane, table, method, (src_delta, dst_delta))
+        (d_src, s_side), (d_dst, t_side) = self._gpu_side(cuda, src, "source"), self._gpu_side(cuda, dst, "target")
+        method = self._device_method(src, dst, (d_src, d_dst), (s_side, t_side), bounce=False)  # lanes are taken
+        self._enqueue(cuda, slot, lane, method, src, s_ids, dst, d_ids, job)
 
     def _host_buffer(self, slot: int, nbytes: int) -> Any:
         from ..storage import allocate_system
@@ -719,6 +854,8 @@ class TransferEngine:
                     pool.shutdown(wait=True)
             if self._cuda is not None:
                 self._cuda.close()
+            self._layout_sides.clear()
+            self._layout_infos.clear()
             for buffer in self._host_staging.values():
                 buffer.close()
             self._host_staging.clear()
@@ -756,27 +893,8 @@ def _route(src: StorageKind, dst: StorageKind) -> str:
 
 def _staging_spec(spec: LayoutSpec, budget: int) -> LayoutSpec:
     """A FullyContiguous layout of the model's blocks, 4096-aligned (O_DIRECT), as many as fit in ``budget``."""
-    probe = LayoutSpec(
-        num_blocks=1,
-        num_layers=spec.num_layers,
-        outer_dim=spec.outer_dim,
-        page_size=spec.page_size,
-        inner_dim=spec.inner_dim,
-        dtype_width_bytes=spec.dtype_width_bytes,
-        layout_type=FullyContiguous(),
-        alignment=4096,
-    )
-    blocks = max(1, budget // probe.block_stride)
-    return LayoutSpec(
-        num_blocks=blocks,
-        num_layers=spec.num_layers,
-        outer_dim=spec.outer_dim,
-        page_size=spec.page_size,
-        inner_dim=spec.inner_dim,
-        dtype_width_bytes=spec.dtype_width_bytes,
-        layout_type=FullyContiguous(),
-        alignment=4096,
-    )
+    one = attrs.evolve(spec, num_blocks=1, layout_type=FullyContiguous(), alignment=4096)
+    return attrs.evolve(one, num_blocks=max(1, budget // one.block_stride))
 
 
 def _what(job: _Job) -> str:

@@ -26,8 +26,10 @@ from ._table import RegionTable
 
 __all__ = ["IoOp", "StepError", "host_copy_ops", "io_ops", "run_ops"]
 
-#: The most bytes one operation moves: large enough for full-speed I/O, small enough to spread over threads.
+#: The most bytes one I/O operation moves: large enough for full-speed I/O, small enough to spread over threads.
 MAX_OP_BYTES = 16 * 2**20
+#: The most bytes one memmove operation moves: a staging chunk spreads over several threads.
+MAX_COPY_BYTES = 2 * 2**20
 #: The most memory pieces one preadv/pwritev takes (IOV_MAX on Linux).
 IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
@@ -118,17 +120,17 @@ class _Skipped(Exception):
 
 
 def host_copy_ops(table: RegionTable) -> list[IoOp]:
-    """memmove operations of about ``MAX_OP_BYTES`` each (a long run is split)."""
+    """memmove operations of about ``MAX_COPY_BYTES`` each (a long run is split)."""
     src, dst, size = table.src.tolist(), table.dst.tolist(), table.size.tolist()
     ops: list[IoOp] = []
     group: list[tuple[int, int, int]] = []
     bytes_in_group = 0
     for s, d, n in zip(src, dst, size, strict=True):
-        for start in range(0, n, MAX_OP_BYTES):
-            piece = min(MAX_OP_BYTES, n - start)
+        for start in range(0, n, MAX_COPY_BYTES):
+            piece = min(MAX_COPY_BYTES, n - start)
             group.append((d + start, s + start, piece))
             bytes_in_group += piece
-            if bytes_in_group >= MAX_OP_BYTES:
+            if bytes_in_group >= MAX_COPY_BYTES:
                 ops.append(IoOp(bytes_in_group, _memmoves(group)))
                 group, bytes_in_group = [], 0
     if group:

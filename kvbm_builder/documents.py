@@ -1,4 +1,7 @@
-"""Documents on disk: JSON, TOML or YAML chosen by suffix, read strictly; and a small TOML writer.
+"""Documents on disk: JSON, TOML or YAML chosen by suffix, read strictly; and TOML out, through tomli-w.
+
+This is the one place that reads configuration files: whatever a file may hold (sizes, nesting, encodings, YAML's
+tags) is judged here, before any document reaches :mod:`kvbm_builder.loading`.
 
 Anything that stops a file from becoming a document (a missing file, a directory, an empty file, bad syntax, a
 duplicate key, an unknown suffix) is a one-line :class:`~kvbm_builder.errors.LoadError` naming the file.
@@ -7,21 +10,15 @@ duplicate key, an unknown suffix) is a one-line :class:`~kvbm_builder.errors.Loa
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any
 
-from ..config.manager import KvBlockManagerConfig
-from ..errors import ConfigError, LoadError, Problem
-from ._converter import load
+from .errors import ConfigError, LoadError, Problem, show
 
-__all__ = ["SUFFIXES", "load_file", "read_document", "to_toml"]
-
-C = TypeVar("C")
+__all__ = ["SUFFIXES", "read_document", "to_toml"]
 
 SUFFIXES = {".json": "JSON", ".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
 _YAML_EXTRA = "pip install 'kvbm-builder[yaml]'"
@@ -63,7 +60,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {show(key, typed=False)}")
         out[key] = value
     return out
 
@@ -84,10 +81,7 @@ def _parse_json(path: str | os.PathLike[str], text: str) -> object:
 
 
 def _parse_toml(path: str | os.PathLike[str], text: str) -> object:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - exercised on Python 3.10
-        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    tomllib = _toml()
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -157,7 +151,9 @@ def _strict_loader() -> Any:
     def boolean(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
         text = str(loader.construct_scalar(node))
         if text.lower() not in ("true", "false"):
-            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not true or false", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{show(text, typed=False)} is not true or false", node.start_mark
+            )
         return text.lower() == "true"
 
     def integer(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
@@ -182,7 +178,9 @@ def _strict_loader() -> Any:
                     None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
                 )
             if key in own:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {show(key, typed=False)}", key_node.start_mark
+                )
             own.add(key)
         loader.flatten_mapping(node)  # merged pairs first, then the mapping's own: later wins
         out: dict[Any, Any] = {}
@@ -205,83 +203,57 @@ def _strict_loader() -> Any:
 _PARSERS = {"JSON": _parse_json, "TOML": _parse_toml, "YAML": _parse_yaml}
 
 
-@overload
-def load_file(path: str | os.PathLike[str]) -> KvBlockManagerConfig: ...
-@overload
-def load_file(path: str | os.PathLike[str], cls: type[C]) -> C: ...
-def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfig) -> Any:
-    """A config from a JSON, TOML or YAML file (by suffix). The environment is not read: see ``from_env``.
-
-    Raises :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
-    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config.
-    """
-    return load(read_document(path), cls)
-
-
 # ---- writing TOML ------------------------------------------------------------------------------------------------
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
-
-def _key(key: str) -> str:
-    return (
-        key if _BARE_KEY.fullmatch(key) else _scalar(key, key)
-    )  # not match(): its "$" also matches before a final newline
-
-
-def _scalar(value: object, where: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return ("-" if value < 0 else "") + ("nan" if math.isnan(value) else "inf")
-        return repr(value)
-    if isinstance(value, str):
-        # JSON's escapes are TOML's, but JSON writes characters beyond U+FFFF as surrogate pairs, which TOML
-        # refuses; so keep them, and escape DEL, the one control character JSON leaves alone
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_key(k)} = {_scalar(v, f'{where}.{k}')}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_scalar(v, f"{where}[{i}]") for i, v in enumerate(value)) + "]"
+def _null(value: object, path: str) -> str | None:
+    """The dotted path of the first null in ``value`` (TOML has none), or None."""
     if value is None:
-        raise ConfigError([Problem((), f"{where} is null, which TOML cannot write; use JSON")])
-    raise ConfigError([Problem((), f"{where} holds a {type(value).__name__}, which TOML cannot write")])
+        return path
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            found = _null(inner, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    return None
 
 
 def to_toml(data: Mapping[str, Any], comments: Mapping[str, str] | None = None) -> str:
-    """``data`` (plain values, as :func:`dump` gives) as a TOML document; tables of tables become ``[a.b]``
-    sections, small leaf tables (e.g. ``layout_type``) stay inline. ``comments`` maps dotted paths of values to a
-    comment written after them (``show --sources``)."""
-    notes = comments or {}
-    out: list[str] = []
+    """``data`` (plain values, as :func:`dump` gives) as a TOML document, written by tomli-w. ``comments`` maps
+    dotted paths of values to a comment written after them (``show --sources``)."""
+    import tomli_w
 
-    def section(table: Mapping[str, Any], prefix: str) -> None:
-        scalars = [(k, v) for k, v in table.items() if not _is_table(v)]
-        tables = [(k, v) for k, v in table.items() if _is_table(v)]
-        if prefix and (scalars or not tables):
-            if out:
-                out.append("")
-            out.append(f"[{prefix}]")
-        for key, value in scalars:
-            dotted = f"{prefix}.{key}" if prefix else key
-            line = f"{_key(key)} = {_scalar(value, dotted)}"
-            out.append(f"{line}  # {notes[dotted]}" if dotted in notes else line)
-        for key, value in tables:
-            section(value, f"{prefix}.{_key(key)}" if prefix else _key(key))
-
-    section(data, "")
-    return "\n".join(out) + "\n"
+    null = _null(data, "")
+    if null is not None:
+        raise ConfigError([Problem((), f"{null} is null, which TOML cannot write; use JSON")])
+    text = tomli_w.dumps(data)
+    if not comments:
+        return text
+    lines, table = [], ""
+    for line in text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            table = ".".join(_keys(line[1:-1]))
+        elif " = " in line:
+            (key,) = _keys(line.partition(" = ")[0])
+            note = comments.get(f"{table}.{key}" if table else key)
+            line = f"{line}  # {note}" if note is not None else line
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
-def _is_table(value: object) -> bool:
-    """Tables become ``[sections]``, except a one-key table of a one-value table, upstream's layout form
-    ``{LayerSeparate = {outer_contiguous = true}}``, which reads better inline."""
-    if not isinstance(value, Mapping):
-        return False
-    if len(value) != 1:
-        return True
-    (inner,) = value.values()
-    return not (isinstance(inner, Mapping) and len(inner) == 1 and not isinstance(next(iter(inner.values())), Mapping))
+def _keys(dotted: str) -> list[str]:
+    """The keys of a TOML dotted key as tomli-w writes it (bare or quoted), read back by TOML itself."""
+    parsed: Any = _toml().loads(f"{dotted} = 0")
+    keys = []
+    while isinstance(parsed, dict):
+        ((key, parsed),) = parsed.items()
+        keys.append(key)
+    return keys
+
+
+def _toml() -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python 3.10
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+    return tomllib

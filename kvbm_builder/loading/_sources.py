@@ -1,0 +1,381 @@
+"""Where values come from: defaults < file < environment < explicit arguments, and which layer set each one.
+
+Each source gives changes to a document, each with its provenance: the file (:func:`load_file`,
+:func:`~kvbm_builder.documents.read_document`), the ``DYN_KVBM_*`` variables the config fields name
+(:func:`env_changes`; a size variable creates its tier with the tier's default allocator, an allocator variable acts
+on a tier whose allocator table is of its kind) and ``--set`` arguments (:func:`argument_changes`). They are merged
+into one document, structured once. Errors carry absolute paths: ``$.model.num_layers``, ``$env.DYN_KVBM_...`` (also
+when the value a variable set is what is wrong) and ``$arg.<key>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast, overload
+
+import attrs
+from cattrs.errors import ClassValidationError
+
+from ..config.allocators import ALLOCATOR_OF_KIND
+from ..config.env import EnvVar
+from ..config.fields import specs
+from ..config.layout import KvManagerLayoutConfig
+from ..config.manager import KvBlockManagerConfig
+from ..config.model import KvManagerModelConfig
+from ..config.protocols import StorageKind, Tier
+from ..config.settings import KvbmSettings
+from ..documents import read_document
+from ..errors import ConfigError, Problem, UninitializedFieldError, show
+from ._converter import TIER_VIEWS, budget_blocks, dump, load, problems_of, tier_from_table
+
+__all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
+
+C = TypeVar("C")
+
+Path = tuple[str, ...]
+
+
+@attrs.frozen
+class Change:
+    """Set ``path`` of the document to ``value`` (None removes it), on behalf of ``source``."""
+
+    path: Path
+    value: object
+    source: str
+
+
+def _reader(environ: Mapping[str, str], problems: list[Problem]) -> Callable[[EnvVar], object]:
+    """Reads each variable once, collecting every problem so that one call reports them all."""
+
+    @functools.cache
+    def read(var: EnvVar) -> object:
+        try:
+            return var.read(environ)
+        except ConfigError as err:
+            problems.extend(err.problems)
+            return None
+
+    return read
+
+
+_SIZED_TIERS = tuple((tier, specs(KvBlockManagerConfig)[tier.slot].env) for tier in Tier)
+
+
+def _allocator_kind(document: Mapping[str, Any], tier: Tier) -> object:
+    """The kind of ``tier``'s allocator table in ``document``: a StorageKind, the text when it names none, None when
+    the tier has no allocator table (or is no table: its own error is reported), ``Tier`` when it has no tier."""
+    table = document.get(tier.slot)
+    if table is None:
+        return Tier
+    allocator = table.get("allocator") if isinstance(table, Mapping) else None
+    if not isinstance(allocator, Mapping):
+        return None
+    kind = allocator.get("kind", tier.default_kind)
+    try:
+        return StorageKind.parse(kind)
+    except ConfigError:
+        return kind
+
+
+def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[list[Change], list[Problem]]:
+    """What the ``DYN_KVBM_*`` variables change in ``document`` (see the module's list), and their problems."""
+    problems: list[Problem] = []
+    read = _reader(environ, problems)
+    changes: list[Change] = []
+    kinds = {tier: _allocator_kind(document, tier) for tier in Tier}
+    for tier, sizing in _SIZED_TIERS:
+        for var in sizing:  # the block count first: it wins
+            value = read(var)
+            if value is None:
+                continue
+            if var.kind == "blocks":
+                changes.append(Change((tier.slot, "num_blocks"), value, f"env {var.name}"))
+            else:
+                changes.append(Change((tier.slot, "size"), math.floor(cast(Any, value) * 10**9), f"env {var.name}"))
+            if kinds[tier] is Tier:
+                changes.append(Change((tier.slot, "allocator", "kind"), tier.default_kind.value, f"env {var.name}"))
+                kinds[tier] = tier.default_kind
+            break
+    for tier, kind in kinds.items():
+        for other, cls in ALLOCATOR_OF_KIND.items():
+            if other not in tier.accepts:
+                continue
+            for name, spec in specs(cls).items():
+                for var in spec.env:
+                    value = read(var)
+                    if value is None:
+                        continue
+                    if kind is other:
+                        changes.append(Change((tier.slot, "allocator", name), value, f"env {var.name}"))
+                    elif isinstance(kind, StorageKind) and value != attrs.fields_dict(cls)[name].default:
+                        why = f"asks for {name}, but {tier.slot}'s allocator is {show(kind.value)}"
+                        problems.append(Problem(("$env", var.name), f"{why}; use kind '{other.value}'"))
+    return changes, problems
+
+
+def argument_changes(overrides: Mapping[str, object]) -> tuple[list[Change], list[Problem]]:
+    """Explicit arguments, ``{"host_layout.size": "8GiB", "disk_layout": None}``: dotted paths to values."""
+    changes: list[Change] = []
+    problems: list[Problem] = []
+    for key, value in overrides.items():
+        path = tuple(key.split(".")) if isinstance(key, str) else ()
+        if not path or not all(path):
+            problems.append(
+                Problem(("$arg", show(key, typed=False)), "must be a dotted path such as 'host_layout.size'")
+            )
+        else:
+            changes.append(Change(path, value, "argument"))
+    return changes, problems
+
+
+_SIBLING = {"size": "num_blocks", "num_blocks": "size"}  # a tier takes exactly one of the two
+_TIER_SLOTS = {tier.slot for tier in Tier}
+
+
+def apply_changes(document: Mapping[str, Any], changes: Iterable[Change], origins: dict[Path, str]) -> dict[str, Any]:
+    """``document`` with ``changes`` made, copying only the tables on their paths; ``origins`` records who set what.
+
+    A change goes through tables only: where its path meets a value that is not a table (``host_layout:
+    ["garbage"]``), that value is left in place, so that its own error is reported, and the change is dropped."""
+    out = dict(document)
+    for change in changes:
+        table = out
+        for key in change.path[:-1]:
+            inner = table.get(key)
+            if inner is not None and not isinstance(inner, Mapping):
+                break
+            table[key] = {} if inner is None else dict(inner)
+            table = table[key]
+        else:
+            for depth in range(1, len(change.path)):  # a value set where a table was, or inside one
+                origins.pop(change.path[:depth], None)
+            last = change.path[-1]
+            cleared = [change.path]
+            if len(change.path) == 2 and change.path[0] in _TIER_SLOTS and last in _SIBLING:
+                table.pop(_SIBLING[last], None)
+                cleared.append((change.path[0], _SIBLING[last]))
+            for gone in cleared:
+                for path in [p for p in origins if p[: len(gone)] == gone]:
+                    del origins[path]
+            if change.value is None:
+                table.pop(last, None)
+            else:
+                table[last] = change.value
+                origins[change.path] = change.source
+    return out
+
+
+def leaf_paths(value: object, prefix: Path = (), depth: int = 6) -> Iterable[Path]:
+    """Paths of the values in a document (a table deeper than ``depth`` counts as one value)."""
+    if isinstance(value, Mapping) and depth > 0:  # an empty table sets nothing
+        for key, inner in value.items():
+            yield from leaf_paths(inner, (*prefix, str(key)), depth - 1)
+    elif prefix:
+        yield prefix
+
+
+def _attributed(problem: Problem, origins: Mapping[Path, str]) -> Problem:
+    """A document problem, shown under the variable that set the value it is about, if one did."""
+    path = tuple(str(p) for p in problem.path)
+    for end in range(len(path), 0, -1):
+        source = origins.get(path[:end])
+        if source is not None and source.startswith("env "):
+            return Problem(("$env", source[4:]), f"{problem.message} (it sets {'.'.join(('$', *path))})")
+    return Problem(("$", *problem.path), problem.message)
+
+
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
+    """:class:`~kvbm_builder.config.KvbmSettings` from the ``DYN_KVBM_*`` variables its fields name; bad values
+    raise one ConfigError naming each variable."""
+    problems: list[Problem] = []
+    read = _reader(environ, problems)
+    values: dict[str, object] = {}
+    set_by: dict[str, str] = {}
+    for name, spec in specs(KvbmSettings).items():
+        for var in spec.env:
+            value = read(var)
+            if value is not None:
+                values[name], set_by[name] = value, var.name
+    if not problems:
+        try:
+            return KvbmSettings(**values)  # type: ignore[arg-type]
+        except ConfigError as err:
+            problems = [Problem(("$env", set_by[str(p.path[0])]), p.message) for p in err.problems]
+    raise ConfigError(problems)
+
+
+@overload
+def load_file(path: str | os.PathLike[str]) -> KvBlockManagerConfig: ...
+@overload
+def load_file(path: str | os.PathLike[str], cls: type[C]) -> C: ...
+def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfig) -> Any:
+    """A config from a JSON, TOML or YAML file (by suffix). The environment is not read: see ``from_env``.
+
+    Raises :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
+    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config.
+    """
+    return load(read_document(path), cls)
+
+
+# ---- resolving ---------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Resolved:
+    """A configuration resolved from its layers, with ``sources``: for the dotted path of every value in
+    ``dump(config)``, ``default``, the document's origin (``file``), ``env DYN_KVBM_...`` or ``argument``."""
+
+    config: KvBlockManagerConfig
+    settings: KvbmSettings
+    sources: Mapping[str, str]
+
+
+def resolve(
+    document: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, object] | None = None,
+    origin: str = "file",
+) -> Resolved:
+    """The configuration of ``document`` (its values labelled ``origin``), then the ``DYN_KVBM_*`` variables of
+    ``environ`` (pass ``{}`` to ignore them), then ``overrides`` (dotted paths, see :func:`argument_changes`).
+
+    Raises one :class:`~kvbm_builder.errors.ConfigError` with every problem of every layer (absolute paths).
+    """
+    base: Mapping[str, Any] = {} if document is None else document
+    origins: dict[Path, str] = {}
+    problems: list[Problem] = []
+    if isinstance(base, Mapping):
+        origins.update(dict.fromkeys(leaf_paths(base), origin))
+        env, env_problems = env_changes(base, environ)
+        args, arg_problems = argument_changes(overrides or {})
+        problems += env_problems + arg_problems
+        base = apply_changes(base, [*env, *args], origins)
+    settings = None
+    try:
+        settings = settings_from_env(environ)
+    except ConfigError as err:
+        problems += err.problems
+    config = None
+    missing: tuple[str, ...] = ()
+    try:
+        config = load(base)
+    except ConfigError as err:
+        problems.extend(_attributed(p, origins) for p in err.problems)
+        missing = getattr(err, "missing", ())
+    if problems or config is None or settings is None:
+        unique = dict.fromkeys(problems)
+        raise UninitializedFieldError(unique, "", missing) if missing else ConfigError(unique, "")
+    return Resolved(config, settings, _sources(dump(config), base, origins))
+
+
+def _sources(dumped: Mapping[str, Any], document: Mapping[str, Any], origins: Mapping[Path, str]) -> dict[str, str]:
+    sources: dict[str, str] = {}
+    for path in leaf_paths(dumped):
+        source = next((origins[path[:end]] for end in range(len(path), 0, -1) if path[:end] in origins), None)
+        size_path = (*path[:-1], "size")
+        if source is None and path[-1] == "num_blocks" and size_path in origins:
+            source = f"{origins[size_path]}, from size = {show(document[path[0]]['size'], typed=False)}"
+        sources[".".join(path)] = source or "default"
+    return sources
+
+
+def from_env(
+    environ: Mapping[str, str] = os.environ, base: KvBlockManagerConfig | Mapping[str, Any] | None = None
+) -> KvBlockManagerConfig:
+    """``base`` with the ``DYN_KVBM_*`` variables of ``environ`` applied (see the module's list).
+
+    ``base`` is a document (what :func:`load` takes; None is an empty one) or a built config. A built config is
+    changed with ``attrs.evolve`` on the tiers the variables touch, so every runtime object stays (event manager,
+    registry, agent, token, a tier's offload filter, an allocator's progress callback); resizing a tier whose
+    memory was given as ``storage`` is an error.
+    """
+    if not isinstance(base, KvBlockManagerConfig):
+        return resolve(base, environ=environ).config
+    shape = {
+        tier.slot: {"allocator": {"kind": cast(Any, layout.allocator).storage_kind.value}}
+        if type(layout.allocator) in ALLOCATOR_OF_KIND.values()
+        else {}
+        for tier, layout in base.tiers()
+    }
+    rebuilt, problems, origins = _changed_tiers(base, base.model, environ, shape)
+    try:
+        settings_from_env(environ)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(dict.fromkeys(problems))
+    if not rebuilt:
+        return base
+    try:
+        return attrs.evolve(base, **cast(dict[str, Any], rebuilt))
+    except ConfigError as err:
+        raise ConfigError([_attributed(p, origins) for p in err.problems]) from None
+
+
+def _changed_tiers(
+    base: object, model: KvManagerModelConfig, environ: Mapping[str, str], shape: Mapping[str, Any]
+) -> tuple[dict[str, KvManagerLayoutConfig[Any]], list[Problem], dict[Path, str]]:
+    """The tiers of ``base`` (or new ones) the variables change, the problems they raise and who set what."""
+    changes, problems = env_changes(shape, environ)
+    origins = {change.path: change.source for change in changes}
+    rebuilt: dict[str, KvManagerLayoutConfig[Any]] = {}
+    for tier in Tier:
+        mine = [c for c in changes if c.path[0] == tier.slot]
+        try:
+            if mine:
+                rebuilt[tier.slot] = _changed_tier(getattr(base, tier.slot, None), mine, model, tier)
+        except (ClassValidationError, ConfigError) as exc:
+            problems.extend(_attributed(p.under(tier.slot), origins) for p in problems_of(exc)[0])
+    return rebuilt, problems, origins
+
+
+def _changed_tier(
+    layout: KvManagerLayoutConfig[Any] | None, changes: list[Change], model: KvManagerModelConfig, tier: Tier
+) -> KvManagerLayoutConfig[Any]:
+    if layout is None:  # a tier the variables create, as they would in a document
+        table = apply_changes({}, changes, {})[tier.slot]
+        return tier_from_table(TIER_VIEWS[tier].table(table), model, tier)
+    kwargs: dict[str, Any] = {}
+    for change in changes:
+        if change.path[1:] == ("num_blocks",):
+            kwargs["num_blocks"] = change.value
+        elif change.path[1:] == ("size",):
+            counted = budget_blocks(cast(int, change.value), model, layout.layout_type, layout.alignment)
+            if isinstance(counted, Problem):
+                raise ConfigError([counted])
+            kwargs["num_blocks"] = counted
+    if "num_blocks" in kwargs and layout.storage is not None:
+        sized = next(c.path[1] for c in changes if c.path[1] in ("num_blocks", "size"))
+        raise ConfigError(
+            [Problem((sized,), "cannot resize a tier whose memory was given as `storage`; unset the variable")]
+        )
+    allocator = {c.path[2]: c.value for c in changes if len(c.path) == 3 and c.path[2] != "kind"}
+    if allocator:
+        kwargs["allocator"] = attrs.evolve(cast(Any, layout.allocator), **allocator)
+    return attrs.evolve(layout, **kwargs)
+
+
+# ---- the variables alone -----------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CacheSizes:
+    """Blocks of the CPU (G2) and disk (G3) tiers asked for by the environment (None: not asked for)."""
+
+    cpu_blocks: int | None
+    disk_blocks: int | None
+
+
+def cache_sizes_from_env(model: KvManagerModelConfig, environ: Mapping[str, str] | None = None) -> CacheSizes:
+    """The CPU and disk tier sizes that the ``DYN_KVBM_*`` variables ask for: a positive block count, else the GB
+    amount by the one size rule for a FullyContiguous tier at alignment 1 (upstream's
+    ``floor(GB * 1e9 / bytes_per_block)``). Example: 28 layers, outer 2, page 16, inner 1024, 2 bytes = 1,835,008
+    bytes per block; ``DYN_KVBM_CPU_CACHE_GB=4`` gives 2179 blocks."""
+    tiers, problems, _ = _changed_tiers(None, model, os.environ if environ is None else environ, {})
+    if problems:
+        raise ConfigError(problems)
+    return CacheSizes(*(tiers[t.slot].num_blocks if t.slot in tiers else None for t in (Tier.G2, Tier.G3)))

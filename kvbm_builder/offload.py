@@ -1,0 +1,953 @@
+"""Moving registered blocks between tiers: offload down (G1 -> G2 -> G3), onboard up, match a prefix across tiers.
+
+:class:`OffloadManager` is the part of :class:`~kvbm_builder.KvBlockManager` that decides what moves; the bytes are
+moved by a :class:`~kvbm_builder.transfer.TransferEngine`. The rules are upstream's (``offload.rs``), made visible:
+
+- **Offload**, per block: skip when the target tier already holds the hash (or a copy to it is under way): not a
+  sighting for the filter; then ask the source tier's ``offload_filter``; then take a target slot (a full target
+  tier skips the block and counts it, never silently); then queue it. Queued blocks go by priority (higher first,
+  first in first out within one priority), up to ``max_batch_blocks`` per transfer and ``max_concurrent``
+  transfers in flight. A completed copy registers the target block under the source block's hash (a store event);
+  a copy that landed in the host tier is then offered to the disk tier, through the host tier's filter.
+- **Onboard**: blocks of a lower tier are copied into slots of a higher tier (or found there already) and returned
+  as registered blocks of that tier.
+- A failed copy registers nothing: its target slots go back to the free list and the waiter gets the
+  :class:`~kvbm_builder.transfer.TransferError` (tiers, blocks, step). Source blocks are held while they are read.
+
+Every decision is counted (:meth:`OffloadManager.stats`) and told to listeners (:meth:`OffloadManager.add_listener`):
+:class:`OffloadSkipped`, :class:`Lookup` and the engine's :class:`~kvbm_builder.transfer.TransferRecord`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+from .blocks import BlockPool, FrequencyFilter, ImmutableBlock, MutableBlock, PoolCounts
+from .blocks.pool import MAX_PRIORITY
+from .config.protocols import EventManager, OffloadFilter, Tier
+from .config.runtime import CancellationToken
+from .errors import OffloadError, PoolExhaustedError
+from .layout import Layout
+from .transfer import TransferEngine, TransferError, TransferRecord
+
+if TYPE_CHECKING:
+    from .metrics import KvbmMetrics, NullKvbmMetrics
+    from .metrics import SkipReason as MetricsSkipReason
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BlockFuture",
+    "KvbmStats",
+    "Lookup",
+    "OffloadManager",
+    "OffloadResult",
+    "OffloadSkipped",
+    "PrefixMatch",
+    "SkipReason",
+]
+
+T = TypeVar("T")
+
+_LEVEL = {Tier.G1: 1, Tier.G2: 2, Tier.G3: 3}
+
+
+class BlockFuture(Future[T]):
+    """A ``concurrent.futures.Future`` that ``await`` also accepts (``await manager.onboard(...)``)."""
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+
+class SkipReason(enum.Enum):
+    """Why a block offered for offload was not copied."""
+
+    ALREADY_PRESENT = "already_present"  # the target tier holds the hash: nothing to do
+    IN_FLIGHT = "in_flight"  # a copy of the hash to the target tier is under way
+    FILTERED = "filtered"  # the source tier's offload filter said no
+    TARGET_FULL = "target_full"  # every block of the target tier is in use
+
+
+# the skips the metrics count, by the metrics' names (present and in-flight blocks need no copy: nothing was lost)
+_METRICS_REASONS: dict[SkipReason, MetricsSkipReason] = {
+    SkipReason.TARGET_FULL: "tier_full",
+    SkipReason.FILTERED: "filter",
+}
+
+
+@attrs.frozen
+class OffloadSkipped:
+    """One block not offloaded, and why (for listeners; also counted in :class:`KvbmStats`)."""
+
+    src_tier: Tier
+    dst_tier: Tier
+    reason: SkipReason
+    sequence_hash: int
+
+
+@attrs.frozen
+class Lookup:
+    """One prefix match: tokens asked for and tokens found in each tier (G1 first; a tier absent found none)."""
+
+    requested_tokens: int
+    matched_tokens: Mapping[Tier, int]
+
+
+Event = OffloadSkipped | Lookup | TransferRecord
+Listener = Callable[[Event], None]
+
+
+@attrs.frozen
+class OffloadResult:
+    """What one offload did with each block offered, by sequence hash.
+
+    ``offloaded`` blocks are registered in ``dst_tier`` (their copies completed); the other fields are the blocks
+    skipped, by reason. The tiers are None only for an offload of no blocks.
+    """
+
+    src_tier: Tier | None
+    dst_tier: Tier | None
+    offloaded: tuple[int, ...] = ()
+    already_present: tuple[int, ...] = ()
+    in_flight: tuple[int, ...] = ()
+    filtered: tuple[int, ...] = ()
+    target_full: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class KvbmStats:
+    """Counters since the manager started, and the blocks of each tier now. Plain data, for metrics.
+
+    - ``blocks``: each tier's :class:`~kvbm_builder.blocks.PoolCounts` (free, active, inactive);
+    - ``skipped``: blocks not offloaded, by (source tier, target tier, reason);
+    - ``moved_blocks`` / ``moved_bytes``: blocks and bytes whose copy completed, by (source tier, target tier),
+      offloads and onboards alike; ``failed_transfers``: transfers that failed, likewise;
+    - ``lookups``, ``requested_tokens`` and ``matched_tokens`` (per tier): prefix matches
+      (hit rate of a tier = matched / requested);
+    - ``pending_offloads``: blocks queued or being copied now.
+    """
+
+    blocks: Mapping[Tier, PoolCounts]
+    skipped: Mapping[tuple[Tier, Tier, SkipReason], int]
+    moved_blocks: Mapping[tuple[Tier, Tier], int]
+    moved_bytes: Mapping[tuple[Tier, Tier], int]
+    failed_transfers: Mapping[tuple[Tier, Tier], int]
+    lookups: int
+    requested_tokens: int
+    matched_tokens: Mapping[Tier, int]
+    pending_offloads: int
+
+
+class PrefixMatch:
+    """The blocks of a prefix found across tiers: ``device`` (G1) first, then ``host`` (G2), then ``disk`` (G3).
+
+    The blocks are held (they cannot be evicted) until :meth:`release` or the end of a ``with`` block; onboard the
+    host and disk parts to use them on the GPU.
+    """
+
+    def __init__(self, blocks: Mapping[Tier, list[ImmutableBlock]], requested_tokens: int, block_size: int) -> None:
+        self.by_tier: dict[Tier, list[ImmutableBlock]] = {tier: list(found) for tier, found in blocks.items()}
+        self.requested_tokens = requested_tokens
+        self.block_size = block_size
+
+    @property
+    def device(self) -> list[ImmutableBlock]:
+        return self.by_tier.get(Tier.G1, [])
+
+    @property
+    def host(self) -> list[ImmutableBlock]:
+        return self.by_tier.get(Tier.G2, [])
+
+    @property
+    def disk(self) -> list[ImmutableBlock]:
+        return self.by_tier.get(Tier.G3, [])
+
+    @property
+    def blocks(self) -> list[ImmutableBlock]:
+        """Every matched block, in prefix order."""
+        return [block for tier in sorted(self.by_tier, key=_LEVEL.__getitem__) for block in self.by_tier[tier]]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(found) for found in self.by_tier.values())
+
+    @property
+    def matched_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def release(self) -> None:
+        """Release every block still held (those onboarded from it are separate handles)."""
+        for block in self.blocks:
+            if not block.released:
+                block.release()
+
+    def __enter__(self) -> PrefixMatch:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{tier.name}: {len(found)}" for tier, found in self.by_tier.items())
+        return f"PrefixMatch({self.matched_tokens} of {self.requested_tokens} tokens; {parts})"
+
+
+class _Offload:
+    """One offload call (``future`` set) or one cascade to disk (``future`` None), and what became of its blocks."""
+
+    __slots__ = ("dst_tier", "errors", "future", "outstanding", "result", "src_tier")
+
+    def __init__(self, src_tier: Tier, dst_tier: Tier, future: BlockFuture[OffloadResult] | None) -> None:
+        self.src_tier, self.dst_tier, self.future = src_tier, dst_tier, future
+        self.outstanding = 0
+        self.errors: list[BaseException] = []
+        self.result: dict[str, list[int]] = {name: [] for name in ("offloaded", *(r.value for r in SkipReason))}
+
+
+class _Item:
+    """One block on its way: the source held, the target slot taken."""
+
+    __slots__ = ("dst", "request", "sequence_hash", "src")
+
+    def __init__(self, request: _Offload, src: ImmutableBlock, dst: MutableBlock) -> None:
+        self.request, self.src, self.dst = request, src, dst
+        self.sequence_hash = src.sequence_hash
+
+
+class _Onboard:
+    __slots__ = ("errors", "future", "out", "outstanding")
+
+    def __init__(self, out: list[ImmutableBlock | None], outstanding: int) -> None:
+        self.future: BlockFuture[list[ImmutableBlock]] = BlockFuture()
+        self.out = out
+        self.outstanding = outstanding
+        self.errors: list[BaseException] = []
+
+
+class OffloadManager:
+    """Pools, filters and the offload queue of a manager's tiers. Thread-safe; see the module's documentation.
+
+    Build one with :meth:`for_tiers`; :class:`~kvbm_builder.KvBlockManager` does.
+    """
+
+    def __init__(
+        self,
+        *,
+        layouts: Mapping[Tier, Layout],
+        pools: Mapping[Tier, BlockPool],
+        engine: TransferEngine,
+        targets: Mapping[Tier, Tier],
+        filters: Mapping[Tier, OffloadFilter],
+        cancellation_token: CancellationToken,
+        max_batch_blocks: int,
+        max_concurrent: int,
+        owned_filters: Sequence[FrequencyFilter] = (),
+    ) -> None:
+        self._layouts = dict(layouts)
+        self._pools = dict(pools)
+        self._engine = engine
+        self._targets = dict(targets)
+        self._filters = dict(filters)
+        self._token = cancellation_token
+        self._max_batch_blocks = max_batch_blocks
+        self._max_concurrent = max_concurrent
+        self._owned_filters = list(owned_filters)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queue: list[tuple[int, int, _Item]] = []  # heap of (-priority, arrival, item)
+        self._arrivals = itertools.count()
+        self._moving: set[tuple[Tier, int]] = set()  # (target tier, hash) of queued and in-flight copies
+        self._batches_in_flight = 0  # offload transfers submitted and not finished
+        self._callbacks_pending = 0  # transfers (offload and onboard) whose completion has not been handled
+        self._pumping = False
+        self._closed = False
+        self._listeners: list[Listener] = []
+        self._reporting: list[KvbmMetrics | NullKvbmMetrics] = []  # metrics fed by report_to()
+        self._skipped: Counter[tuple[Tier, Tier, SkipReason]] = Counter()
+        self._moved_blocks: Counter[tuple[Tier, Tier]] = Counter()
+        self._moved_bytes: Counter[tuple[Tier, Tier]] = Counter()
+        self._failed: Counter[tuple[Tier, Tier]] = Counter()
+        self._lookups = 0
+        self._requested_tokens = 0
+        self._matched_tokens: Counter[Tier] = Counter()
+
+    @classmethod
+    def for_tiers(
+        cls,
+        layouts: Mapping[Tier, Layout],
+        *,
+        block_size: int,
+        filters: Mapping[Tier, OffloadFilter | None],
+        event_manager: EventManager | None,
+        cancellation_token: CancellationToken,
+        max_batch_blocks: int = 16,
+        max_concurrent: int = 4,
+        bypass_cpu_cache: bool = False,
+        disk_offload_filter: bool = True,
+        device_id: int | None = None,
+    ) -> OffloadManager:
+        """Pools for the allocated tiers, upstream's offload paths and filters, and a transfer engine.
+
+        Paths: G1 -> G2 (G1 -> G3 instead when ``bypass_cpu_cache`` or there is no host tier), G2 -> G3.
+        ``filters`` are the tiers' configured ``offload_filter``; when the host tier has none and a disk tier exists,
+        a ``FrequencyFilter()`` guards the disk unless ``disk_offload_filter`` is false. Frequency filters that are
+        not ticking are started on ``cancellation_token`` and stopped by :meth:`close`.
+        """
+        pools = {
+            tier: BlockPool(tier, layout.spec.num_blocks, block_size=block_size, event_manager=event_manager)
+            for tier, layout in layouts.items()
+        }
+        targets: dict[Tier, Tier] = {}
+        if Tier.G1 in layouts:
+            if Tier.G2 in layouts and not (bypass_cpu_cache and Tier.G3 in layouts):
+                targets[Tier.G1] = Tier.G2
+            elif Tier.G3 in layouts:
+                targets[Tier.G1] = Tier.G3
+        if Tier.G2 in layouts and Tier.G3 in layouts:
+            targets[Tier.G2] = Tier.G3
+        chosen: dict[Tier, OffloadFilter] = {t: f for t, f in filters.items() if f is not None and t in targets}
+        if Tier.G2 in targets and Tier.G2 not in chosen and disk_offload_filter:
+            chosen[Tier.G2] = FrequencyFilter()
+        started = []
+        for offload_filter in chosen.values():
+            if isinstance(offload_filter, FrequencyFilter) and not offload_filter.running:
+                started.append(offload_filter.start(cancellation_token))
+        try:
+            engine = TransferEngine(
+                device_id=device_id,
+                max_batch_blocks=max_batch_blocks,
+                max_concurrent=max_concurrent,
+                cancellation_token=cancellation_token,
+            )
+        except BaseException:
+            for offload_filter in started:
+                offload_filter.stop()
+            raise
+        return cls(
+            layouts=layouts,
+            pools=pools,
+            engine=engine,
+            targets=targets,
+            filters=chosen,
+            cancellation_token=cancellation_token,
+            max_batch_blocks=max_batch_blocks,
+            max_concurrent=max_concurrent,
+            owned_filters=started,
+        )
+
+    # -- what it is -----------------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> TransferEngine:
+        return self._engine
+
+    @property
+    def pools(self) -> dict[Tier, BlockPool]:
+        return dict(self._pools)
+
+    def pool(self, tier: Tier) -> BlockPool:
+        found = self._pools.get(tier)
+        if found is None:
+            raise OffloadError(
+                f"the {tier.words} has no block pool: it is not configured, or it is logical (its blocks live on "
+                f"other workers); pools: {', '.join(t.name for t in self._pools) or 'none'}"
+            )
+        return found
+
+    def offload_target(self, tier: Tier) -> Tier | None:
+        """Where ``offload`` sends blocks of ``tier`` by default (None for the last tier)."""
+        return self._targets.get(tier)
+
+    def offload_filter(self, tier: Tier) -> OffloadFilter | None:
+        """The filter offloads from ``tier`` pass (configured, or the default frequency filter on the host tier)."""
+        return self._filters.get(tier)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with every :class:`OffloadSkipped`, :class:`Lookup` and ``TransferRecord``.
+
+        Listeners run on the thread that made the decision or finished the transfer; one that raises is logged.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+    def report_to(self, metrics: KvbmMetrics | NullKvbmMetrics) -> None:
+        """Feed ``metrics`` until :meth:`close`: each transfer when it completes (moved, or failed: never both),
+        offloads skipped because the target tier was full (``tier_full``) or its filter said no (``filter``), each
+        lookup (requested tokens and the tokens each tier matched), and the blocks of each tier by state, read from
+        the pools at each scrape. What listeners see is what is counted, before any waiter is woken."""
+
+        def record(event: Event) -> None:
+            if isinstance(event, TransferRecord):
+                metrics.record_transfer(
+                    event.src_tier, event.dst_tier, event.num_blocks, event.nbytes, event.seconds, event.ok
+                )
+            elif isinstance(event, OffloadSkipped):
+                reason = _METRICS_REASONS.get(event.reason)
+                if reason is not None:
+                    metrics.record_skipped(event.dst_tier, reason)
+            else:
+                metrics.record_lookup(event.requested_tokens, event.matched_tokens)
+
+        from .metrics import TierBlocks
+
+        def block_counts() -> dict[Tier, TierBlocks]:
+            return {tier: TierBlocks(c.free, c.active, c.inactive) for tier, c in self.block_counts().items()}
+
+        self.add_listener(record)
+        metrics.set_block_counts_source(block_counts)
+        self._reporting.append(metrics)
+
+    def block_counts(self) -> dict[Tier, PoolCounts]:
+        """Each open pool's blocks by state (free, active, inactive); thread-safe, for scrapes."""
+        return {tier: pool.counts() for tier, pool in self._pools.items() if not pool.closed}
+
+    def stats(self) -> KvbmStats:
+        blocks = self.block_counts()
+        with self._lock:
+            return KvbmStats(
+                blocks=blocks,
+                skipped=dict(self._skipped),
+                moved_blocks=dict(self._moved_blocks),
+                moved_bytes=dict(self._moved_bytes),
+                failed_transfers=dict(self._failed),
+                lookups=self._lookups,
+                requested_tokens=self._requested_tokens,
+                matched_tokens=dict(self._matched_tokens),
+                pending_offloads=len(self._moving),
+            )
+
+    # -- matching -------------------------------------------------------------------------------------------
+
+    def match(self, sequence_hashes: Sequence[int], *, requested_tokens: int, block_size: int) -> PrefixMatch:
+        """The longest prefix of ``sequence_hashes`` held across the tiers, G1 first, each tier continuing where
+        the one above stopped. Counted as one lookup of ``requested_tokens`` tokens."""
+        if self._closed:
+            raise OffloadError("cannot match: the manager is closed")
+        found: dict[Tier, list[ImmutableBlock]] = {}
+        start = 0
+        try:
+            for tier in sorted(self._pools, key=_LEVEL.__getitem__):
+                found[tier] = self._pools[tier].match(sequence_hashes[start:])
+                start += len(found[tier])
+        except BaseException:
+            PrefixMatch(found, requested_tokens, block_size).release()
+            raise
+        matched = {tier: len(blocks) * block_size for tier, blocks in found.items()}
+        with self._lock:
+            self._lookups += 1
+            self._requested_tokens += requested_tokens
+            self._matched_tokens.update(matched)
+        self._tell(Lookup(requested_tokens, matched))
+        return PrefixMatch(found, requested_tokens, block_size)
+
+    # -- offload --------------------------------------------------------------------------------------------
+
+    def offload(
+        self, blocks: Iterable[ImmutableBlock], *, to: Tier | None = None, priority: int | None = None
+    ) -> BlockFuture[OffloadResult]:
+        """Copy registered blocks of one tier to a lower tier (by default the tier's offload target).
+
+        Returns at once; the future gives the :class:`OffloadResult` once every copy finished, or raises the first
+        :class:`~kvbm_builder.transfer.TransferError`. ``priority`` orders this offload in the queue (default: each
+        block's own priority). The caller keeps its handles (release them when done; the copy holds its own).
+        """
+        blocks = list(blocks)
+        self._check_running("offload")
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY
+        ):
+            raise OffloadError(f"priority must be a whole number 0..{MAX_PRIORITY} or None, got {priority!r}")
+        future: BlockFuture[OffloadResult] = BlockFuture()
+        if not blocks:
+            future.set_result(OffloadResult(None, None))
+            return future
+        src_tier = self._tier_of(blocks, "offload")
+        dst_tier = to if to is not None else self._targets.get(src_tier)
+        if dst_tier is None:
+            raise OffloadError(
+                f"the {src_tier.words} has no lower tier to offload to"
+                + (": it is the last tier" if src_tier is Tier.G3 else "; configure a host or disk tier")
+            )
+        if not isinstance(dst_tier, Tier) or _LEVEL[dst_tier] <= _LEVEL[src_tier]:
+            raise OffloadError(f"offload moves blocks down: from the {src_tier.words} to a lower tier, not to {to!r}")
+        self.pool(dst_tier)
+        request = _Offload(src_tier, dst_tier, future)
+        self._admit(request, blocks, priority)
+        return future
+
+    def _admit(self, request: _Offload, blocks: Sequence[ImmutableBlock], priority: int | None) -> None:
+        """Upstream's order per block: present or in flight, filter, target slot; then queue what passed."""
+        src_tier, dst_tier = request.src_tier, request.dst_tier
+        dst_pool = self._pools[dst_tier]
+        offload_filter = self._filters.get(src_tier)
+        items: list[tuple[int, _Item]] = []
+        skipped: list[OffloadSkipped] = []
+        try:
+            for block in blocks:
+                sequence_hash = block.sequence_hash
+                key = (dst_tier, sequence_hash)
+                reason: SkipReason | None = None
+                if sequence_hash in dst_pool:
+                    reason = SkipReason.ALREADY_PRESENT
+                elif key in self._moving:
+                    reason = SkipReason.IN_FLIGHT
+                elif offload_filter is not None and not offload_filter.should_offload(sequence_hash):
+                    reason = SkipReason.FILTERED
+                if reason is None:
+                    try:
+                        slot = dst_pool.allocate(1)[0]
+                    except PoolExhaustedError:
+                        reason = SkipReason.TARGET_FULL
+                    else:
+                        with self._lock:
+                            if key in self._moving:  # another thread queued it meanwhile
+                                reason = SkipReason.IN_FLIGHT
+                            else:
+                                self._moving.add(key)
+                        if reason is not None:
+                            slot.release()
+                        else:
+                            item = _Item(request, block.clone(), slot)
+                            items.append((priority if priority is not None else block.priority, item))
+                if reason is not None:
+                    request.result[reason.value].append(sequence_hash)
+                    skipped.append(OffloadSkipped(src_tier, dst_tier, reason, sequence_hash))
+        except BaseException:
+            self._drop(item for _, item in items)
+            raise
+        with self._lock:
+            for event in skipped:
+                self._skipped[(event.src_tier, event.dst_tier, event.reason)] += 1
+            closed = self._closed
+            if not closed:
+                request.outstanding = len(items)
+                for item_priority, item in items:
+                    heapq.heappush(self._queue, (-item_priority, next(self._arrivals), item))
+        for event in skipped:
+            self._tell(event)
+        if closed:
+            self._drop(item for _, item in items)
+            error = self._stopped_error(request.src_tier, request.dst_tier, [i for _, i in items], "closed")
+            self._settle(request, [error] if items else [])
+            return
+        if not items:
+            self._settle(request, [])
+        self._pump()
+
+    def _pump(self) -> None:
+        """Submit queued blocks while fewer than ``max_concurrent`` offload transfers are in flight.
+
+        One thread pumps at a time; a pump asked for meanwhile is done by that thread's next round.
+        """
+        with self._lock:
+            if self._pumping:
+                return
+            self._pumping = True
+        try:
+            while True:
+                with self._lock:
+                    cancelled = bool(self._queue) and not self._closed and self._token.is_cancelled()
+                    if cancelled or self._closed or not self._queue or self._batches_in_flight >= self._max_concurrent:
+                        self._pumping = False
+                        break
+                    first = heapq.heappop(self._queue)[2]
+                    batch = [first]
+                    route = (first.request.src_tier, first.request.dst_tier)
+                    while (
+                        self._queue
+                        and len(batch) < self._max_batch_blocks
+                        and (self._queue[0][2].request.src_tier, self._queue[0][2].request.dst_tier) == route
+                    ):
+                        batch.append(heapq.heappop(self._queue)[2])
+                    self._batches_in_flight += 1
+                    self._callbacks_pending += 1
+                self._submit(batch)
+        except BaseException:
+            with self._lock:
+                self._pumping = False
+            raise
+        if cancelled:  # the engine would refuse each one: fail what waits at once
+            self._fail_queued("cancelled")
+
+    def _fail_queued(self, step: str) -> None:
+        """Release what every queued block holds and fail its offload (nothing of it is registered)."""
+        with self._lock:
+            queued = [entry[2] for entry in sorted(self._queue)]
+            self._queue.clear()
+        by_request: dict[int, tuple[_Offload, list[_Item]]] = {}
+        for item in queued:
+            by_request.setdefault(id(item.request), (item.request, []))[1].append(item)
+        self._drop(queued)
+        for request, items in by_request.values():
+            error = self._stopped_error(request.src_tier, request.dst_tier, items, step)
+            with self._lock:
+                request.outstanding -= len(items)
+                request.errors.append(error)
+                done = request.outstanding == 0
+                self._idle.notify_all()
+            if done:
+                self._settle(request, request.errors)
+
+    def _submit(self, batch: list[_Item]) -> None:
+        src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
+        started = time.perf_counter()
+        try:
+            future = self._engine.submit(
+                self._layouts[src_tier],
+                [item.src.block_id for item in batch],
+                self._layouts[dst_tier],
+                [item.dst.block_id for item in batch],
+            )
+        except Exception as error:  # refused (closed, cancelled, bad memory): fail these blocks, keep pumping
+            self._finish(batch, started, None, error, pump=False)
+            return
+        future.add_done_callback(lambda done: self._finish(batch, started, done))
+
+    def _finish(
+        self,
+        batch: list[_Item],
+        started: float,
+        future: Future[TransferRecord] | None,
+        error: BaseException | None = None,
+        *,
+        pump: bool = True,
+    ) -> None:
+        """A transfer of queued blocks ended: register the targets (or free them), release the sources, settle."""
+        src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
+        record, registered, error = self._register_landed(
+            src_tier, dst_tier, [item.src for item in batch], [item.dst for item in batch], started, future, error
+        )
+        self._drop(batch, sources_only=error is None)
+        next_tier = self._targets.get(dst_tier)
+        if registered and next_tier is not None and dst_tier is Tier.G2:
+            try:  # a block that reached the host tier is offered to the disk tier
+                cascade = _Offload(dst_tier, next_tier, None)
+                self._admit(cascade, registered, None)
+            except Exception:
+                log.exception(
+                    "offering %d block(s) of the %s to the %s failed", len(registered), dst_tier.words, next_tier.words
+                )
+        for block in registered:
+            block.release()
+        self._tell(record)  # before anyone waiting on this transfer (or on wait_idle) is woken
+        settled: list[tuple[_Offload, list[BaseException]]] = []
+        with self._lock:
+            self._count_transfer(record)
+            for item in batch:
+                self._moving.discard((dst_tier, item.sequence_hash))
+                request = item.request
+                if error is None:
+                    request.result["offloaded"].append(item.sequence_hash)
+                elif not any(e is error for e in request.errors):
+                    request.errors.append(error)
+                request.outstanding -= 1
+                if request.outstanding == 0:
+                    settled.append((request, request.errors))
+            self._batches_in_flight -= 1
+            self._callbacks_pending -= 1
+            self._idle.notify_all()
+        for request, errors in settled:
+            self._settle(request, errors)
+        if pump:
+            self._pump()
+
+    def _drop(self, items: Iterable[_Item], *, sources_only: bool = False) -> None:
+        """Release what queued blocks held: the source handles and (unless registered) the target slots."""
+        for item in items:
+            if not sources_only and not item.dst.released:
+                item.dst.release()
+            if not item.src.released:
+                item.src.release()
+            if not sources_only:
+                with self._lock:
+                    self._moving.discard((item.request.dst_tier, item.sequence_hash))
+
+    def _settle(self, request: _Offload, errors: list[BaseException]) -> None:
+        if request.future is None:  # a cascade to disk: nobody waits; say what failed unless the manager closed
+            for error in errors:
+                level = logging.DEBUG if self._closed else logging.WARNING
+                log.log(
+                    level,
+                    "offloading from the %s to the %s failed: %s",
+                    request.src_tier.words,
+                    request.dst_tier.words,
+                    error,
+                )
+            return
+        if errors:
+            if len(errors) > 1 and hasattr(errors[0], "add_note"):  # Python 3.11+
+                errors[0].add_note(f"{len(errors) - 1} more transfer(s) of this offload failed too")
+            request.future.set_exception(errors[0])
+            return
+        result = request.result
+        request.future.set_result(
+            OffloadResult(
+                request.src_tier,
+                request.dst_tier,
+                offloaded=tuple(result["offloaded"]),
+                already_present=tuple(result["already_present"]),
+                in_flight=tuple(result["in_flight"]),
+                filtered=tuple(result["filtered"]),
+                target_full=tuple(result["target_full"]),
+            )
+        )
+
+    # -- onboard --------------------------------------------------------------------------------------------
+
+    def onboard(self, blocks: Iterable[ImmutableBlock], *, to: Tier = Tier.G1) -> BlockFuture[list[ImmutableBlock]]:
+        """Copy registered blocks of lower tiers (host, disk, or both) into the tier ``to``.
+
+        Returns at once; the future gives one registered block of ``to`` per block given, in order (blocks ``to``
+        already holds are matched, not copied), or raises the :class:`~kvbm_builder.transfer.TransferError` of a
+        failed copy (then nothing of it is registered and none of the returned blocks is kept). Too few free or
+        evictable blocks in ``to`` raise ``PoolExhaustedError`` here, changing nothing.
+        """
+        blocks = list(blocks)
+        self._check_running("onboard")
+        if not isinstance(to, Tier):
+            raise OffloadError(f"onboard's `to` must be a Tier (G1 or G2), got {to!r}")
+        dst_pool = self.pool(to)
+        if blocks:
+            for tier in {block.tier for block in blocks}:
+                if _LEVEL[tier] <= _LEVEL[to]:
+                    raise OffloadError(f"onboard moves blocks up: the {tier.words} is not below the {to.words}")
+            self._tier_of(blocks, "onboard", one_tier=False)
+        out: list[ImmutableBlock | None] = [None] * len(blocks)
+        slots: list[MutableBlock] = []
+        sources: list[ImmutableBlock] = []
+        try:
+            for k, block in enumerate(blocks):
+                found = dst_pool.match([block.sequence_hash])
+                if found:
+                    out[k] = found[0]
+            need = [k for k in range(len(blocks)) if out[k] is None]
+            slots = dst_pool.allocate(len(need))
+            sources = [blocks[k].clone() for k in need]
+        except BaseException:
+            for held in (*[b for b in out if b is not None], *slots, *sources):
+                held.release()
+            raise
+        groups: dict[Tier, list[int]] = {}
+        for j, k in enumerate(need):
+            groups.setdefault(blocks[k].tier, []).append(j)
+        request = _Onboard(out, len(groups))
+        if not groups:
+            request.future.set_result([b for b in out if b is not None])
+            return request.future
+        with self._lock:
+            self._callbacks_pending += len(groups)
+        for src_tier, members in sorted(groups.items(), key=lambda g: _LEVEL[g[0]]):
+            group = [(need[j], sources[j], slots[j]) for j in members]
+            started = time.perf_counter()
+            try:
+                future = self._engine.submit(
+                    self._layouts[src_tier],
+                    [source.block_id for _, source, _ in group],
+                    self._layouts[to],
+                    [slot.block_id for _, _, slot in group],
+                )
+            except Exception as error:
+                self._landed(request, src_tier, to, group, started, None, error)
+                continue
+            future.add_done_callback(functools.partial(self._landed, request, src_tier, to, group, started))
+        return request.future
+
+    def _landed(
+        self,
+        request: _Onboard,
+        src_tier: Tier,
+        dst_tier: Tier,
+        group: list[tuple[int, ImmutableBlock, MutableBlock]],
+        started: float,
+        future: Future[TransferRecord] | None,
+        error: BaseException | None = None,
+    ) -> None:
+        record, registered, error = self._register_landed(
+            src_tier,
+            dst_tier,
+            [source for _, source, _ in group],
+            [slot for _, _, slot in group],
+            started,
+            future,
+            error,
+        )
+        if registered:
+            for (k, _, _), block in zip(group, registered, strict=True):
+                request.out[k] = block
+        for _, source, slot in group:
+            if not slot.released:
+                slot.release()
+            source.release()
+        self._tell(record)  # before the waiter is woken
+        with self._lock:
+            self._count_transfer(record)
+            if error is not None:
+                request.errors.append(error)
+            request.outstanding -= 1
+            last = request.outstanding == 0
+            self._callbacks_pending -= 1
+            self._idle.notify_all()
+        if not last:
+            return
+        if request.errors:
+            for held in request.out:
+                if held is not None and not held.released:
+                    held.release()
+            request.future.set_exception(request.errors[0])
+        else:
+            request.future.set_result([block for block in request.out if block is not None])
+
+    # -- what both do when a copy lands ---------------------------------------------------------------------
+
+    def _register_landed(
+        self,
+        src_tier: Tier,
+        dst_tier: Tier,
+        sources: list[ImmutableBlock],
+        targets: list[MutableBlock],
+        started: float,
+        future: Future[TransferRecord] | None,
+        error: BaseException | None,
+    ) -> tuple[TransferRecord, list[ImmutableBlock], BaseException | None]:
+        """Register the targets of a finished copy under their sources' hashes, unless it (or that) failed.
+
+        The record says what became of the copy: the engine's when it landed and was registered; with the error
+        when the copy failed, was refused, or landed but could not be registered (then nothing counts as moved).
+        """
+        record: TransferRecord | None = None
+        registered: list[ImmutableBlock] = []
+        try:
+            if error is None and future is not None:
+                error = future.exception()
+                record = future.result() if error is None else None
+            if error is None:
+                registered = self._pools[dst_tier].register(targets, [source.token_block for source in sources])
+        except BaseException as cause:  # e.g. the pool closed under the copy: never a block left half-registered
+            error = _unregistered(cause, src_tier, dst_tier, len(targets)) if error is None else error
+        if record is None:  # failed or refused: what it was to move, and how long until it failed
+            src, dst = self._layouts[src_tier], self._layouts[dst_tier]
+            record = TransferRecord(
+                src_tier=src_tier,
+                dst_tier=dst_tier,
+                src_kind=src.storages[0].kind,
+                dst_kind=dst.storages[0].kind,
+                num_blocks=len(targets),
+                nbytes=len(targets) * src.spec.num_layers * src.spec.outer_dim * src.spec.region_bytes,
+                seconds=time.perf_counter() - started,
+                error=error,
+            )
+        elif error is not None:
+            record = attrs.evolve(record, error=error)
+        return record, registered, error
+
+    def _count_transfer(self, record: TransferRecord) -> None:
+        """(With the lock held.) Count a copy on completion: moved when it succeeded, failed otherwise."""
+        path = (record.src_tier, record.dst_tier)
+        if record.ok:
+            self._moved_blocks[path] += record.num_blocks
+            self._moved_bytes[path] += record.nbytes
+        else:
+            self._failed[path] += 1
+
+    # -- lifetime -------------------------------------------------------------------------------------------
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no offload is queued and no transfer is in flight (cascades to disk included); True if so."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._queue and not self._callbacks_pending, timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Fail what is queued (step ``closed``), let transfers in flight finish or fail, close the pools (remove
+        events) and stop the filters this manager started. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._fail_queued("closed")
+        try:
+            self._engine.close()
+            with self._lock:
+                self._idle.wait_for(lambda: not self._callbacks_pending)
+        finally:
+            for metrics in self._reporting:
+                metrics.set_block_counts_source(None)
+            for pool in self._pools.values():
+                pool.close()
+            for offload_filter in self._owned_filters:
+                offload_filter.stop()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    def _check_running(self, what: str) -> None:
+        if self._closed:
+            raise OffloadError(f"cannot {what}: the manager is closed")
+        if self._token.is_cancelled():
+            raise OffloadError(f"cannot {what}: the manager's cancellation token was cancelled")
+
+    def _tier_of(self, blocks: Sequence[ImmutableBlock], what: str, *, one_tier: bool = True) -> Tier:
+        tiers = set()
+        for block in blocks:
+            if not isinstance(block, ImmutableBlock):
+                raise OffloadError(f"{what} takes registered blocks (ImmutableBlock), got {block!r}")
+            if self._pools.get(block.tier) is not block.pool:
+                raise OffloadError(f"{block!r} belongs to another manager's {block.tier.words}")
+            if block.released:
+                raise OffloadError(f"{block!r} was released; {what} needs blocks that are held")
+            tiers.add(block.tier)
+        if one_tier and len(tiers) > 1:
+            raise OffloadError(
+                f"{what} moves blocks of one tier at a time; got blocks of {', '.join(sorted(t.name for t in tiers))}"
+            )
+        return tiers.pop()
+
+    def _stopped_error(self, src_tier: Tier, dst_tier: Tier, items: Sequence[_Item], step: str) -> TransferError:
+        return TransferError(
+            f"offloading {len(items)} block(s) from the {src_tier.words} to the {dst_tier.words}: the manager was "
+            f"{step} before their copy started; none of them was registered",
+            src_tier=src_tier,
+            dst_tier=dst_tier,
+            src_blocks=[],
+            dst_blocks=[],
+            step=step,
+        )
+
+    def _tell(self, event: Event) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("an offload listener raised on %r", event)
+
+
+def _unregistered(cause: BaseException, src_tier: Tier, dst_tier: Tier, count: int) -> TransferError:
+    error = TransferError(
+        f"{count} block(s) copied from the {src_tier.words} to the {dst_tier.words} could not be registered "
+        f"({type(cause).__name__}: {cause}); their slots were freed",
+        src_tier=src_tier,
+        dst_tier=dst_tier,
+        step="register",
+    )
+    error.__cause__ = cause
+    return error
