@@ -277,9 +277,9 @@ class LayoutIndexError(LayoutError, IndexError):
     def __init__(self, axis: str, index: int, bound: int) -> None:
         self.axis, self.index, self.bound = axis, index, bound
         if index < 0:
-            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
+            why = f"{axis} index {show(index)} is negative (negative indices do not count from the end)"
         else:
-            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
+            why = f"{axis} index {show(index)} is out of range: the layout has {bound} {axis}s"
         super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
 
     def __reduce__(self) -> tuple[object, ...]:
