@@ -97,9 +97,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             out[key] = text
         except ValueError as err:
-            raise UsageError(
-                f"--set {show(key, typed=False)}: the value is JSON that a file may not hold: {err}"
-            ) from None
+            raise UsageError(f"--set {key}: the value is JSON that a file may not hold: {err}") from None
         except RecursionError:
             raise UsageError(f"--set {key}: the value is nested too deeply") from None
     return out
@@ -269,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = cast(TextIO, _Escaping(sys.stdout)), cast(TextIO, _Escaping(sys.stderr))
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # argparse prints to sys.stdout/err
-            status = _run(argv, out, err)
-            out.flush()
-        return status
+            try:
+                return _run(argv, out, err)
+            finally:  # also after argparse's exit (--help): a reader that went away is seen here, not at shutdown
+                out.flush()
     except KeyboardInterrupt:
         with contextlib.suppress(OSError, ValueError):
             print("kvbm-builder: interrupted", file=err)

@@ -72,7 +72,8 @@ def show(value: object, *, typed: bool = True) -> str:
     integer, a deeply nested list, a megabyte of text), so a message about hostile input stays one short line.
     """
     if type(value) is int and value.bit_length() > 192:  # str() of an int past 4300 digits raises ValueError
-        return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits (int)"
+        text = f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits"
+        return f"{text} (int)" if typed else text
     if type(value) in (int, float) or value is None:
         return repr(value)
     try:
