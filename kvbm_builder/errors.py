@@ -232,8 +232,9 @@ class PoolClosedError(BlockPoolError):
 
 
 class OffloadError(KvbmError, RuntimeError):
-    """An offload or onboard could not start: the manager is closed or cancelled, a block belongs to another manager
-    or was released, or a tier has no tier to move to. Names the tiers. (Failures while moving are TransferErrors.)"""
+    """An offload or onboard could not start: the manager is closed, cancelled or never came up, a block belongs to
+    another manager or was released, or a tier has no tier to move to; or an offload filter was started twice.
+    Names the tiers. (Failures while moving are TransferErrors.)"""
 
 
 class MetricsError(KvbmError, ValueError):
