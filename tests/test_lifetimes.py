@@ -212,7 +212,9 @@ def test_device_views_outlive_a_manager_collected_without_close() -> None:
             runtime = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
             g1 = KvManagerLayoutConfig.builder().num_blocks(64).allocator(DeviceAllocator()).build()
             return KvBlockManager.builder().runtime(runtime).model(MODEL).device_layout(g1).build()
-        views = device_manager().tier("G1").views()
+        m = device_manager()
+        views = m.tier("G1").views()
+        del m                                          # collected, never closed
         gc.collect()
         for view in views:
             view[...] = 3
@@ -232,8 +234,7 @@ def test_torch_views_of_the_device_tier_outlive_the_manager_and_then_free_it() -
         def free():
             return cupy.cuda.runtime.memGetInfo()[0]
         runtime = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
-        g1 = KvManagerLayoutConfig.builder().num_blocks(4096).allocator(DeviceAllocator()).build()
-        before = free()
+        g1 = KvManagerLayoutConfig.builder().num_blocks(1 << 16).allocator(DeviceAllocator()).build()  # 24 MiB
         m = KvBlockManager.builder().runtime(runtime).model(MODEL).device_layout(g1).build()
         tensors = m.tier("G1").torch_views(dtype=torch.float16)
         m.close()                                # explicit close with live tensors
@@ -279,7 +280,9 @@ def test_pinned_views_outlive_a_collected_manager_in_both_modes() -> None:
         for mode in (PinningMode.register, PinningMode.host_alloc):
             runtime = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
             g2 = KvManagerLayoutConfig.builder().num_blocks(64).allocator(PinnedAllocator(mode=mode)).build()
-            view = KvBlockManager.builder().runtime(runtime).model(MODEL).host_layout(g2).build().tier("G2").views()[0]
+            m = KvBlockManager.builder().runtime(runtime).model(MODEL).host_layout(g2).build()
+            view = m.tier("G2").views()[0]
+            del m
             gc.collect()
             view[...] = 4
             assert int(view.sum()) == 4 * view.size
