@@ -218,6 +218,12 @@ def any_page_mapped(addr: int, length: int) -> bool:
     return pages_mapped(addr, length)[0] > 0
 
 
+def is_mapped(addr: int) -> bool:
+    """Whether ``addr`` lies in any mapping of this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return any(_overlaps(line, addr, 1) for line in f)
+
+
 def _overlaps(maps_line: str, addr: int, length: int) -> bool:
     lo, hi = (int(x, 16) for x in maps_line.split(" ", 1)[0].split("-"))
     return lo < addr + length and addr < hi
@@ -317,6 +323,7 @@ __all__ = [
     "Injected",
     "Syscalls",
     "frozen_heap",
+    "is_mapped",
     "nixl_still_holds",
     "open_fds",
     "os_error",

@@ -9,6 +9,7 @@ ending the test run.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,7 +51,8 @@ def manager(nixl=False, layout=None):
 def run_child(body: str) -> str:
     """Run ``body`` in a fresh interpreter; it must exit cleanly (a segfault is exit status -11) and print ``ok``."""
     code = SETUP + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert done.stdout.strip().endswith("ok"), done.stdout + done.stderr
     return done.stdout
