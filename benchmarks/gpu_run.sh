@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project runs on the lent GPU machine, in one call (the device tool's `run`, carrying .whl):
-#   bash benchmarks/gpu_run.sh [tests] [quickstart] [pinned] [device] [all-tests] [transfer-tests] [transfer]
+#   bash benchmarks/gpu_run.sh [tests] [gpu-tests] [quickstart] [examples] [pinned] [device] [all-tests] [transfer-tests]
+#                              [transfer]
 # Logs land in $OUT (the device tool brings them back). The wheels come from ../shared/gpu/wheels.sh.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
@@ -15,6 +16,10 @@ for step in $steps; do
     tests) python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
     all-tests) python3 -m pytest -q -p no:cacheprovider -rs tests > "$OUT/all_tests.log" 2>&1; tail -25 "$OUT/all_tests.log" ;;
     quickstart) python3 examples/quickstart.py --disk-dir /tmp 2>&1 | tee "$OUT/quickstart.log" ;;
+    examples) { python3 examples/offload_roundtrip.py && python3 examples/metrics.py --blocks 8; } > "$OUT/examples.log" 2>&1
+      tail -40 "$OUT/examples.log" ;;
+    gpu-tests) timeout 480 python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests tests/test_metrics_manager.py \
+      tests/test_offload.py > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
     pinned) python3 benchmarks/bench_pinned.py 2>&1 | tee "$OUT/bench_pinned.log" ;;
     device) python3 benchmarks/bench_device.py 2>&1 | tee "$OUT/bench_device.log" ;;
     transfer-tests) python3 -m pytest -q -p no:cacheprovider -rs tests/test_transfer_gpu.py tests/test_transfer_host.py \
