@@ -247,7 +247,7 @@ def test_torch_views_of_the_device_tier_outlive_the_manager_and_then_free_it() -
         torch.cuda.synchronize()
         assert all(float(t.float().mean()) == 1.5 for t in tensors)
         still = free()
-        del tensors
+        del tensors, t  # the loop's name held the last tensor
         gc.collect()
         torch.cuda.synchronize()
         assert free() > still, "the device memory went with the last tensor"
