@@ -335,6 +335,12 @@ class OffloadManager:
                 max_concurrent=max_concurrent,
                 cancellation_token=cancellation_token,
             )
+            if Tier.G1 in layouts:  # the kernels load now, not on the first offload
+                try:
+                    engine.prepare_gpu(device_id)
+                except BaseException:
+                    engine.close()
+                    raise
         except BaseException:
             for offload_filter in started:
                 offload_filter.stop()

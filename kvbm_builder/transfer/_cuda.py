@@ -132,9 +132,17 @@ class CudaContext:
         self._lock = threading.Lock()
         self._memory: dict[int, tuple[Any, ...]] = {}  # id(storage) -> (addr, size, kind, device delta)
         self._broken: BaseException | None = None
+        self.slots: list[Slot] = []
         with self.device:
             self.table_kernel, self.blocks_kernel = _compile(config.unroll)
-            self.slots = [Slot(i) for i in range(slots)]
+            try:
+                for index in range(slots):
+                    self.slots.append(Slot(index))
+                    for lane in self.slots[-1].lanes:  # parameter buffers now, not inside the first transfers
+                        self._params(lane, 1)
+            except BaseException:
+                self.close()
+                raise
 
     # --- memory checks -------------------------------------------------------------------------------------
 

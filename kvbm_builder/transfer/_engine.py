@@ -36,7 +36,7 @@ import attrs
 from ..config.layout import FullyContiguous
 from ..config.protocols import StorageKind
 from ..config.runtime import CancellationToken
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, GpuUnavailableError, Problem
 from ..layout import Layout, LayoutSpec
 from ._errors import TransferError, TransferRecord
 from ._future import TransferFuture
@@ -507,14 +507,24 @@ class TransferEngine:
                 f"device storages on GPU(s) {sorted(devices)} but this engine copies on GPU {device}; "
                 "use one engine per GPU",
             )
+        try:
+            return self._context(device, job.src_kind.tier.words)
+        except GpuUnavailableError as exc:
+            raise self._refusal(job, "cuda context", str(exc), exc) from exc
+
+    def prepare_gpu(self, device_id: int | None = None) -> None:
+        """Load the copy kernels and make the streams on GPU ``device_id`` (the engine's, else 0) now, so that the
+        first device transfer does not pay for it (tens of milliseconds). The manager calls it at bring-up when it
+        has a device tier; raises :class:`~kvbm_builder.errors.GpuUnavailableError` when CUDA cannot be used."""
+        device = device_id if device_id is not None else self._device_id
+        self._context(device if device is not None else 0, "the transfer engine")
+
+    def _context(self, device: int, who: str) -> CudaContext:
         with self._lock:
             if self._cuda is None:
                 from ..storage._cuda import require_cuda
 
-                try:
-                    require_cuda(job.src_kind.tier.words, device, "Device transfers need a GPU")
-                except Exception as exc:
-                    raise self._refusal(job, "cuda context", str(exc), exc) from exc
+                require_cuda(who, device, "Device transfers need a GPU")
                 from ._cuda import CudaContext
 
                 self._cuda = CudaContext(device, self.max_concurrent, self._kernel_config or KernelConfig())
