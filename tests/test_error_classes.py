@@ -72,7 +72,8 @@ def half_built(traceback: TracebackType | None) -> KvBlockManager:
 
 
 def test_an_allocation_error_names_an_allocator_whose_repr_raises() -> None:
-    with pytest.raises(AllocationError, match=r"allocator <Refusing instance at 0x[0-9a-f]+> failed to allocate \d+ bytes: OSError"):
+    shown = r"allocator <Refusing instance at 0x[0-9a-f]+> failed to allocate \d+ bytes: OSError"
+    with pytest.raises(AllocationError, match=shown):
         KvBlockManager(manager_config(Refusing()))
 
 
