@@ -263,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``kvbm-builder --help``).
 
     Whatever it prints is escaped where the output's encoding cannot hold it; Ctrl-C ends it with status 130 and
-    one line, a reader that went away with status 141 and none."""
+    one line, a reader that went away with status 141 and none. Run as the program (``argv`` None: the console
+    script, ``python -m kvbm_builder``), a Ctrl-C that comes once the command is over, while Python shuts down, ends
+    the process as Ctrl-C ends any program, instead of with a traceback from Python's own shutdown."""
     out, err = cast(TextIO, _Escaping(sys.stdout)), cast(TextIO, _Escaping(sys.stderr))
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # argparse prints to sys.stdout/err
@@ -278,6 +280,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_output()
         return EXIT_BROKEN_PIPE
+    finally:
+        # From here Ctrl-C ends the process as it ends any program. Written out here, not in a function: Python
+        # raises KeyboardInterrupt on entering a function, which would land outside this try. A Ctrl-C that lands
+        # during the switch is dropped: the command is over anyway.
+        for _ in range(8 if argv is None else 0):
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+            except KeyboardInterrupt:
+                continue
+            except ValueError:  # not the main thread: signals are not this thread's to set
+                pass
+            break
 
 
 def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:

@@ -80,8 +80,11 @@ class Builder(Generic[T]):
 
     def set(self: B, name: str, value: object) -> B:
         """Set field ``name`` to ``value`` as its plain setter does: for code that holds field names (the loader)."""
-        if name not in self._fields:
-            raise ConfigError([Problem((name,), f"is not a field of {self._target.__name__}")], self._target._kvbm_root)
+        if not isinstance(name, str) or name not in self._fields:
+            shown = name if isinstance(name, str) and name.isidentifier() else show(name, typed=False)
+            raise ConfigError(
+                [Problem((shown,), f"is not a field of {self._target.__name__}")], self._target._kvbm_root
+            )
         return self._set(name, value)
 
     def is_set(self, name: str) -> bool:

@@ -66,7 +66,11 @@ class Rule:
     plain: bool = False
 
     def __call__(self, value: object) -> str | None:
-        return self.check(value)
+        """The check's message for ``value`` (None: fine); a value whose own methods raise gets a message too."""
+        try:
+            return self.check(value)
+        except Exception as exc:
+            return _raised(exc)
 
 
 @attrs.frozen
