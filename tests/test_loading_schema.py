@@ -157,3 +157,68 @@ def test_name_patterns_match_exactly_what_the_fields_accept(cls: Any, name: str,
     assert rule(attrs.fields_dict(cls)[name].converter(data.draw(spellings(words, style)))) is None  # never stricter
     text = data.draw(st.from_regex(pattern, fullmatch=True))
     assert rule(attrs.fields_dict(cls)[name].converter(text)) is None  # never looser
+
+
+# ---- the schema and the loader agree on every spelling, whatever the characters --------------------------------
+
+# letters of the names, the separators the parsers skip, every kind of space (ASCII's, those only Python strips, those
+# only ECMA-262 calls spaces), and letters that lower() or casefold() turn into ASCII ones (the Kelvin sign, the long
+# s, dotted and dotless i)
+ODD = "_- \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u2003\u2028\ufeff\u212a\u017f\u0130\u0131"
+
+
+LOOKALIKE = {"k": "\u212a", "K": "\u212a", "s": "\u017f", "S": "\u017f", "i": "\u0131", "I": "\u0130"}
+
+
+def lookalikes(word: str) -> st.SearchStrategy[str]:
+    """``word`` with some letters swapped for look-alikes that str.lower() may turn into ASCII ones."""
+    picks = [st.sampled_from([ch, LOOKALIKE[ch]]) if ch in LOOKALIKE else st.just(ch) for ch in word]
+    return st.tuples(*picks).map("".join)
+
+
+def ecma(pattern: str) -> str:
+    """``pattern`` as ECMA-262 (JSON Schema) reads it: ``$`` is the end of the text, not also before a last newline."""
+    return pattern.replace("$", r"\Z")
+
+
+@pytest.mark.parametrize(("cls", "name"), SPELLED, ids=lambda v: getattr(v, "__name__", str(v)))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_loader_and_the_schema_accept_exactly_the_same_names(cls: Any, name: str, data: st.DataObject) -> None:
+    rule = specs(cls)[name].rule
+    assert rule is not None
+    words, style = rule.schema["names"]
+    letters = "".join(sorted({ch for word in words for ch in word.lower() + word.upper()}))
+    text = data.draw(
+        st.sampled_from(words)
+        | st.text(alphabet=letters + ODD, min_size=1, max_size=30)
+        | st.builds(
+            lambda w, i, ch: w[:i] + ch + w[i:], st.sampled_from(words), st.integers(0, 30), st.sampled_from(ODD)
+        )
+        | st.sampled_from(words).flatmap(lookalikes)
+    )
+    loader = rule(attrs.fields_dict(cls)[name].converter(text)) is None
+    schema = re.search(ecma(name_pattern(words, style)), text) is not None
+    assert loader == schema, (text, loader, schema)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    key=st.sampled_from(["LayerSeparate", "FullyContiguous", "layer_separate", "Layer-Separate", "fully_contiguous"])
+    | st.text(alphabet="layerLAYERsptfuconig_-" + ODD, max_size=20),
+    body=st.sampled_from(
+        [{"outer_contiguous": True}, {"outer_contiguous": "yes"}, {}, None, [], 0, "", False, {"x": 1}]
+    ),
+)
+def test_the_loader_and_the_schema_accept_the_same_layout_tables(key: str, body: object) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    layout = SCHEMA["$defs"]["HostLayout"]["properties"]["layout_type"]
+    try:
+        KvManagerLayoutConfig.builder().num_blocks(1).logical("LeaderWorkerSharded").layout_type({key: body}).build()  # type: ignore[arg-type]
+    except ConfigError:
+        loader = False
+    else:
+        loader = True
+    valid = jsonschema.Draft202012Validator({**layout, "$defs": SCHEMA["$defs"]}).is_valid({key: body})
+    # (jsonschema reads patterns with Python's re, whose `$` also matches before a last newline: ECMA-262's does not)
+    assert loader == valid or (valid and key.endswith("\n")), (key, body)

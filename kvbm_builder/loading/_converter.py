@@ -26,7 +26,7 @@ from cattrs.gen.typeddicts import make_dict_structure_fn
 
 from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
 from ..config.consolidator import KvEventConsolidatorConfig
-from ..config.fields import KEY, U64_MAX, Validated, specs
+from ..config.fields import KEY, U64_MAX, Validated, power_of_two, specs
 from ..config.layout import CHOICES, BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType, span_bytes
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
@@ -275,52 +275,35 @@ TIER_VIEWS: dict[Tier | None, View] = {
 TIER_VIEWS[None] = _view(KvManagerLayoutConfig, size=ByteSize, allocator=AnyAllocator)
 
 
-def _spec(model: KvManagerModelConfig, num_blocks: int, layout_type: Any, alignment: Any) -> Any:
-    from ..layout import LayoutSpec
-
-    shape = attrs.asdict(model, recurse=False)
-    return LayoutSpec(num_blocks=num_blocks, **shape, layout_type=layout_type, alignment=alignment)
-
-
 def budget_blocks(
-    size: int,
-    model: KvManagerModelConfig,
-    layout_type: object = None,
-    alignment: object = 1,
-    seen: dict[Any, Any] | None = None,
+    size: int, model: KvManagerModelConfig, layout_type: object = None, alignment: object = 1
 ) -> int | Problem | None:
     """The one size rule: how many blocks of ``model`` a byte budget holds in a tier of this layout, alignment
     padding included (``floor(size / block bytes)``; at alignment 1 upstream's ``floor(GB * 1e9 / bytes per
     block)``). A problem under ``size`` when the budget holds no block or too many; None when the layout or the
     alignment is itself invalid (the layout's builder says why)."""
-    shape = (layout_type if layout_type is not None else _FULLY_CONTIGUOUS, alignment)
-    key = (shape[0], alignment) if type(alignment) is int and isinstance(shape[0], LayoutType) else None
-    if seen is not None and key in seen:  # tiers of one document often share their shape
-        block_bytes = seen[key]
-    else:
-        try:
-            block_bytes = _spec(model, 1, *shape).block_bytes
-        except ConfigError as err:
-            whole = [p for p in err.problems if not p.path]  # field problems are the builder's to report
-            return Problem(("size",), f"one block of this layout is too large: {whole[0].message}") if whole else None
-        if seen is not None and key is not None:
-            seen[key] = block_bytes
+    layout_type = _FULLY_CONTIGUOUS if layout_type is None else layout_type
+    if not isinstance(layout_type, LayoutType) or power_of_two(alignment) is not None:
+        return None
+    span = functools.partial(span_bytes, model, layout_type=layout_type, alignment=cast(int, alignment))
+    one = span(1)
+    if one > MAX_BYTES:
+        why = f"one block of this layout is too large: it spans {one} bytes with its padding, more than the"
+        return Problem(("size",), f"{why} {MAX_BYTES} bytes (2**63 - 1) memory and files can span")
+    block_bytes = span(2) - one  # what each block adds, padding included
     if size < block_bytes:
         return Problem(
             ("size",), f"{size} bytes hold no whole block of {block_bytes} bytes; raise it, or give num_blocks"
         )
     count: int = size // block_bytes
-    if count * block_bytes > 1 << 62 and (count > U64_MAX or span_bytes(model, count, *cast(Any, shape)) > MAX_BYTES):
-        # (below 2**62 bytes, no padding can pass 2**63 - 1)
+    if count > U64_MAX or span(count) > MAX_BYTES:
         blocks = "more than 2**64" if count > U64_MAX else str(count)
         why = f"holds {blocks} blocks of {block_bytes} bytes, more than the {MAX_BYTES} bytes (2**63 - 1) memory"
         return Problem(("size",), f"{why} and files can span, alignment padding included; lower the size")
     return count
 
 
-def tier_from_table(
-    table: Table, model: object, tier: Tier | None, seen: dict[Any, Any] | None = None
-) -> KvManagerLayoutConfig[Any]:
+def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
     """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
     missing or invalid, its own problems say why the tier could not be sized."""
     values = dict(table.values)
@@ -340,7 +323,7 @@ def tier_from_table(
         elif size is not None and isinstance(model, KvManagerModelConfig):
             if "layout_type" in values:  # read once: the layout's own converter takes it as it is
                 values["layout_type"] = _parsed_layout(values["layout_type"])
-            counted = budget_blocks(size, model, values.get("layout_type"), values.get("alignment", 1), seen)
+            counted = budget_blocks(size, model, values.get("layout_type"), values.get("alignment", 1))
             if isinstance(counted, Problem):
                 problems.append(counted)
             elif counted is not None:
@@ -397,12 +380,11 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     table = MANAGER_VIEW.table(value)
     values, errors, failed = dict(table.values), list(table.errors), set(table.failed)
     model = values.get("model")
-    seen: dict[Any, Any] = {}
     for tier, slot in _SLOTS:
         tier_table = values.get(slot)
         if isinstance(tier_table, Table):
             try:
-                values[slot] = tier_from_table(tier_table, model, tier, seen)
+                values[slot] = tier_from_table(tier_table, model, tier)
             except ClassValidationError as group:
                 errors.append(_noted(group, slot))
                 del values[slot]
