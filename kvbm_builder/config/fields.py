@@ -105,12 +105,14 @@ def field(
     equal when they describe the same cache. A ``converter`` (or a rule's ``plain``) never raises: a value it
     cannot convert is kept, for the rule to report.
     """
-    if converter is None and rule is not None and rule.plain:
-        converter = plain
+    if converter is not None:
+        converter = _never_raising(converter)
+    elif rule is not None and rule.plain:
+        converter = plain  # (never raises: it calls no method of the value's class)
     return attrs.field(
         default=default,
         factory=factory,
-        converter=None if converter is None else _never_raising(converter),
+        converter=converter,
         eq=eq,
         repr=_bounded_repr if repr else False,
         metadata={KEY: Spec(rule, doc, env if isinstance(env, tuple) else (env,), document)},
@@ -122,9 +124,11 @@ def plain(value: object) -> object:
     kind = type(value)
     if kind is int or kind is str or kind is bool:
         return value
-    if isinstance(value, int):
-        return int.__index__(value)  # int's own method: a subclass cannot override what it returns
-    if isinstance(value, str):
+    # int's and str's own methods, and the type's own record of its bases: no method of the caller's class runs
+    # (isinstance would ask a __class__ property that may raise)
+    if issubclass(kind, int):
+        return int.__index__(value)  # type: ignore[arg-type]
+    if issubclass(kind, str):
         return str.__str__(value)
     return value
 
