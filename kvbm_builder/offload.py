@@ -6,9 +6,17 @@ moved by a :class:`~kvbm_builder.transfer.TransferEngine`. The rules are upstrea
 - **Offload**, per block: skip when the target tier already holds the hash (or a copy to it is under way): not a
   sighting for the filter; then ask the source tier's ``offload_filter``; then take a target slot (a full target
   tier skips the block and counts it, never silently); then queue it. Queued blocks go by priority (higher first,
-  first in first out within one priority), up to ``max_batch_blocks`` per transfer and ``max_concurrent``
-  transfers in flight. A completed copy registers the target block under the source block's hash (a store event);
-  a copy that landed in the host tier is then offered to the disk tier, through the host tier's filter.
+  first in first out within one priority; a caller's offloads before cascades to disk), as engine submits of up to
+  ``max_concurrent`` batches of ``max_batch_blocks``; per lane (copies through the GPU; host and disk copies) at
+  most ``2 * max_concurrent`` batches are out at once: those the engine copies, and as many waiting in it so that
+  it never idles between submits. A completed copy registers the target block under the source block's hash (a
+  store event); a copy that landed in the host tier is then offered to the disk tier, through the host tier's
+  filter, once the offload that made it is settled.
+- Each step is taken for all the blocks of a call (or of a transfer) at once: one lock acquisition per pool, the
+  blocks held as a :class:`~kvbm_builder.blocks.BlockGroup` / :class:`~kvbm_builder.blocks.SlotGroup` rather than
+  an object per block. So all the blocks of a call are checked for presence before any of its target slots is
+  taken (a slot taken may evict a block found present a moment before, as another thread's could), and a hash
+  offered twice in one call goes once: the second is ``in_flight``.
 - **Onboard**: blocks of a lower tier are copied into slots of a higher tier (or found there already) and returned
   as registered blocks of that tier.
 - A failed copy registers nothing: its target slots go back to the free list and the waiter gets the
@@ -535,46 +543,44 @@ class OffloadManager:
             raise OffloadError(f"offload moves blocks down: from the {src_tier.words} to a lower tier, not to {to!r}")
         self.pool(dst_tier)
         request = _Offload(src_tier, dst_tier, future)
-        self._admit(request, blocks, priority)
+        self._admit(request, self._pools[src_tier].hold(blocks), priority)
         self._pump()
         return future
 
-    def _admit(
-        self,
-        request: _Offload,
-        blocks: Sequence[ImmutableBlock] | BlockGroup,
-        priority: int | None,
-    ) -> None:
+    def _admit(self, request: _Offload, blocks: BlockGroup, priority: int | None) -> None:
         """Upstream's order for each block: present or in flight, then the filter, then a target slot; queue what
         passed. Each step is taken for all the blocks at once (one lock acquisition per pool, one for the queue).
 
-        ``blocks`` as a :class:`BlockGroup` (a cascade's freshly registered host blocks) is owned: what is queued
-        is held by the queue as it is, the rest released, all of it even when this raises."""
+        ``blocks`` (held for this offload) are owned: what is queued stays held by the queue, the rest is
+        released, all of it even when this raises."""
         src_tier, dst_tier = request.src_tier, request.dst_tier
-        src_pool, dst_pool = self._pools[src_tier], self._pools[dst_tier]
+        dst_pool = self._pools[dst_tier]
         offload_filter = self._filters.get(src_tier)
-        owned = blocks if isinstance(blocks, BlockGroup) else None
-        given: Sequence[ImmutableBlock] = () if isinstance(blocks, BlockGroup) else blocks
+        hashes: list[int] = []
         reasons: list[SkipReason | None] = []
         kept: list[int] = []  # the blocks still going, by position
         slots: SlotGroup | None = None
         sources: BlockGroup | None = None
         claimed = False
         try:
-            hashes = owned.sequence_hashes if owned is not None else [b.sequence_hash for b in given]
-            reasons = [None] * len(hashes)
-            present = dst_pool.contains(hashes)
+            hashes = blocks.sequence_hashes
+            n = len(hashes)
+            reasons = [None] * n
+            present = dst_pool.present(hashes)
             with self._lock:
                 moving = self._moving[dst_tier]
-                offered: set[int] = set()  # a hash twice in one call: the second is in flight with the first
-                for i, sequence_hash in enumerate(hashes):
-                    if present[i]:
-                        reasons[i] = SkipReason.ALREADY_PRESENT
-                    elif sequence_hash in moving or sequence_hash in offered:
-                        reasons[i] = SkipReason.IN_FLIGHT
-                    else:
-                        offered.add(sequence_hash)
-                        kept.append(i)
+                if not present and len(set(hashes)) == n and moving.isdisjoint(hashes):
+                    kept = list(range(n))  # the usual case: nothing to skip
+                else:
+                    offered: set[int] = set()  # a hash twice in one call: the second is in flight with the first
+                    for i, sequence_hash in enumerate(hashes):
+                        if sequence_hash in present:
+                            reasons[i] = SkipReason.ALREADY_PRESENT
+                        elif sequence_hash in moving or sequence_hash in offered:
+                            reasons[i] = SkipReason.IN_FLIGHT
+                        else:
+                            offered.add(sequence_hash)
+                            kept.append(i)
             if offload_filter is not None:  # user code: outside every lock
                 passed = []
                 for i in kept:
@@ -587,36 +593,35 @@ class OffloadManager:
             for i in kept[len(slots) :]:
                 reasons[i] = SkipReason.TARGET_FULL
             del kept[len(slots) :]
+            wanted = [hashes[i] for i in kept]
             going: list[int] = []  # positions in ``slots``
             with self._lock:
-                for j, i in enumerate(kept):
-                    if hashes[i] in moving:  # another thread queued it meanwhile
-                        reasons[i] = SkipReason.IN_FLIGHT
-                    else:
-                        moving.add(hashes[i])
-                        going.append(j)
+                if moving.isdisjoint(wanted):
+                    moving.update(wanted)
+                    going = list(range(len(kept)))
+                else:
+                    for j, i in enumerate(kept):
+                        if hashes[i] in moving:  # another thread queued it meanwhile
+                            reasons[i] = SkipReason.IN_FLIGHT
+                        else:
+                            moving.add(hashes[i])
+                            going.append(j)
                 claimed = True
             if len(going) < len(kept):
-                lost = sorted(set(range(len(kept))) - set(going))
-                slots, extra = slots.partition([going, lost])
-                extra.release()
+                slots, lost = slots.partition([going, sorted(set(range(len(kept))) - set(going))])
+                lost.release()
                 kept = [kept[j] for j in going]
-            if owned is not None:
-                if len(kept) < len(hashes):
-                    rest = sorted(set(range(len(hashes))) - set(kept))
-                    sources, extra_sources = owned.partition([kept, rest])
-                    extra_sources.release()
-                else:
-                    sources = owned
+            if len(kept) < n:
+                sources, rest = blocks.partition([kept, sorted(set(range(n)) - set(kept))])
+                rest.release()
             else:
-                sources = src_pool.hold([given[i] for i in kept])
+                sources = blocks
             runs = self._runs(request, sources, slots, [hashes[i] for i in kept], priority)
         except BaseException:
             if claimed:
                 with self._lock:
-                    for i in kept:
-                        self._moving[dst_tier].discard(hashes[i])
-            _release(slots, sources if owned is None or sources is not owned else None, owned)
+                    self._moving[dst_tier].difference_update(hashes[i] for i in kept)
+            _release(slots, sources, blocks)
             raise
         skipped = [(reason, hashes[i]) for i, reason in enumerate(reasons) if reason is not None]
         for reason, sequence_hash in skipped:
@@ -650,11 +655,14 @@ class OffloadManager:
             sources.release()
             slots.release()
             return []
-        priorities = [priority] * len(hashes) if priority is not None else sources.priorities
-        by_priority: dict[int, list[int]] = {}
-        for j, block_priority in enumerate(priorities):
-            by_priority.setdefault(block_priority, []).append(j)
         size = self._max_concurrent * self._max_batch_blocks
+        priorities = [priority] if priority is not None else sources.priorities
+        by_priority: dict[int, list[int]] = {}
+        if len(set(priorities)) == 1:  # one priority: the blocks in call order
+            by_priority[priorities[0]] = list(range(len(hashes)))
+        else:
+            for j, block_priority in enumerate(priorities):
+                by_priority.setdefault(block_priority, []).append(j)
         parts = [
             (block_priority, positions[at : at + size])
             for block_priority, positions in by_priority.items()
@@ -792,9 +800,7 @@ class OffloadManager:
         hashes = transfer.hashes
         with self._lock:
             self._count_transfer(record)
-            moving = self._moving[dst_tier]
-            for sequence_hash in hashes:
-                moving.discard(sequence_hash)
+            self._moving[dst_tier].difference_update(hashes)
             at = 0
             for request, count in transfer.parts:
                 if error is None:
@@ -943,8 +949,15 @@ class OffloadManager:
         )
         out = request.out
         if registered is not None:
-            for k, block in zip(group.positions, registered.handles(), strict=True):
-                out[k] = block
+            try:
+                handles = registered.handles()
+            except BaseException as cause:  # the pool closed under it: the caller gets an error, never a hang
+                _release(registered)
+                error = _unregistered(cause, src_tier, dst_tier, len(group.positions))
+                record = attrs.evolve(record, error=error)
+            else:
+                for k, block in zip(group.positions, handles, strict=True):
+                    out[k] = block
         self._tell(record)  # before the waiter is woken
         with self._lock:
             self._count_transfer(record)
@@ -991,7 +1004,7 @@ class OffloadManager:
                 error = future.exception()
                 record = future.result() if error is None else None
             if error is None:
-                registered = targets.register(sources.token_blocks, keep=keep)
+                registered = targets.register_like(sources, keep=keep)
         except BaseException as cause:  # e.g. the pool closed under the copy: never a block left half-registered
             error = _unregistered(cause, src_tier, dst_tier, count) if error is None else error
         try:

@@ -177,6 +177,51 @@ def test_queued_blocks_go_by_priority_then_first_come(tmp_path: Path) -> None:
         release(held)
 
 
+def test_an_offload_goes_as_few_engine_submits_as_the_batch_settings_allow(tmp_path: Path) -> None:
+    records: list[Any] = []
+    settings = KvbmSettings(disk_offload_filter=False, max_transfer_batch_size=2, max_concurrent_transfers=2)
+    with make_manager(tmp_path, host=16, disk=16, settings=settings) as manager:
+        manager.add_listener(lambda event: records.append(event) if isinstance(event, TransferRecord) else None)
+        held = fill_and_register(manager, Tier.G2, list(range(40)), shuffle=4)  # ten blocks
+        assert len(manager.offload_sync(held).offloaded) == 10
+        # at most max_concurrent batches of max_transfer_batch_size blocks per submit: 4 + 4 + 2
+        assert sorted(r.num_blocks for r in records) == [2, 4, 4]
+        assert assert_tier_holds_right_data(manager, Tier.G3, [b.sequence_hash for b in held]) == 10
+        release(held)
+        records.clear()
+        with make_manager(tmp_path, host=64, disk=64) as wide:  # the defaults: 16 blocks a batch, 4 in flight
+            wide.add_listener(lambda event: records.append(event) if isinstance(event, TransferRecord) else None)
+            held = fill_and_register(wide, Tier.G2, list(range(64 * 4)))
+            assert len(wide.offload_sync(held).offloaded) == 64
+            release(held)
+        assert [r.num_blocks for r in records] == [64]  # one submit; the engine overlaps its four batches
+
+
+def test_a_hash_offered_twice_in_one_offload_is_copied_once(tmp_path: Path) -> None:
+    with make_manager(tmp_path) as manager:
+        held = fill_and_register(manager, Tier.G2, PROMPT[:8])
+        twice = [held[0], held[1], held[0]]
+        result = manager.offload_sync(twice)
+        assert result.offloaded == tuple(hashes_of(manager, PROMPT[:8]))
+        assert result.in_flight == (held[0].sequence_hash,)
+        assert manager.pool(Tier.G3).counts().registered == 2
+        release(held)
+
+
+def test_a_partly_full_target_takes_the_first_blocks_and_counts_the_rest(tmp_path: Path) -> None:
+    with make_manager(tmp_path, host=8, disk=4) as manager:
+        h = hashes_of(manager, PROMPT[:20])
+        held = fill_and_register(manager, Tier.G2, PROMPT[:20])  # five blocks
+        manager.offload_sync(held[:1])  # the first is on disk already, and kept there
+        busy = [*manager.allocate(Tier.G3, 1), *manager.pool(Tier.G3).match(h[:1])]  # two slots left
+        result = manager.offload_sync(held)
+        assert (result.already_present, result.offloaded, result.target_full) == ((h[0],), tuple(h[1:3]), tuple(h[3:]))
+        assert manager.stats().skipped[(Tier.G2, Tier.G3, SkipReason.TARGET_FULL)] == 2
+        assert assert_tier_holds_right_data(manager, Tier.G3, h) == 3
+        release(busy)
+        release(held)
+
+
 def test_store_events_for_disk_copies_carry_the_blocks(tmp_path: Path) -> None:
     events = RecordingEventManager()
     with make_manager(tmp_path, event_manager=events) as manager:

@@ -237,27 +237,52 @@ class BlockPool:
                 )
         return token_blocks
 
-    def _register_slots(self, slots: list[_Slot], token_blocks: list[TokenBlock], priority: int) -> list[_Slot]:
+    def _register_slots(
+        self, slots: list[_Slot], token_blocks: list[TokenBlock], priority: int, *, hold: bool = True
+    ) -> list[_Slot]:
         """(With the lock held; the written slots checked.) Register each slot; the registered slots, one holder
-        each (an already registered hash gives its existing slot, and the written one is freed)."""
+        each (an already registered hash gives its existing slot, and the written one is freed). ``hold`` False:
+        as if each were released right after, in order; nothing is returned."""
         out = []
         registry = self._registry
+        returned = 0
+        inactive, ticks, active_state, inactive_state = self._inactive, self._ticks, _State.ACTIVE, _State.INACTIVE
         for slot, token_block in zip(slots, token_blocks, strict=True):
             existing = registry.get(token_block.sequence_hash)
             if existing is not None:
                 self._free_slot(slot)
                 self._acquire(existing)
                 existing.priority = max(existing.priority, priority)
-                out.append(existing)
+                if hold:
+                    out.append(existing)
+                else:  # released at once (as _drop_ref does; the heap is compacted once, below)
+                    existing.refs -= 1
+                    if not existing.refs:
+                        existing.state = inactive_state
+                        existing.returned_tick = tick = next(ticks)
+                        heapq.heappush(inactive, (existing.priority, tick, existing.block_id))
+                        returned += 1
                 continue
-            slot.state = _State.ACTIVE
             slot.token_block = token_block
-            slot.refs = 1
             slot.priority = priority
             registry[token_block.sequence_hash] = slot
             if not self._silent:
                 self._outbox.append(self._event(StoreEvent, slot))
-            out.append(slot)
+            if hold:
+                slot.state = active_state
+                slot.refs = 1
+                out.append(slot)
+            else:  # registered and released at once: inactive, returned now
+                slot.state = inactive_state
+                slot.refs = 0
+                slot.returned_tick = tick = next(ticks)
+                heapq.heappush(inactive, (priority, tick, slot.block_id))
+                returned += 1
+        self._num_active -= returned
+        self._num_inactive += returned
+        if not hold and len(inactive) > 2 * self._num_inactive + 64:
+            self._inactive = [e for e in inactive if self._is_current(e)]
+            heapq.heapify(self._inactive)
         return out
 
     def match(self, sequence_hashes: Iterable[int | TokenBlock]) -> list[ImmutableBlock]:
@@ -325,13 +350,12 @@ class BlockPool:
                 slot.refs += 1
             return BlockGroup(self, slots)
 
-    def contains(self, sequence_hashes: Iterable[int]) -> list[bool]:
-        """Whether each sequence hash is registered here (active or inactive), read at one moment. Changes
+    def present(self, sequence_hashes: Iterable[int]) -> set[int]:
+        """Which of these sequence hashes are registered here (active or inactive), read at one moment. Changes
         nothing (an inactive block stays inactive)."""
-        hashes = [h if type(h) is int and 0 <= h < _U64 else _u64(h, "sequence_hash") for h in sequence_hashes]
+        hashes = {h if type(h) is int and 0 <= h < _U64 else _u64(h, "sequence_hash") for h in sequence_hashes}
         with self._lock:
-            registry = self._registry
-            return [h in registry for h in hashes]
+            return hashes & self._registry.keys()
 
     def find(self, sequence_hashes: Iterable[int]) -> list[ImmutableBlock | None]:
         """Each hash's registered block, held as :meth:`match` holds it, or None where the tier lacks it. Unlike
@@ -377,8 +401,11 @@ class BlockPool:
             if self._closed:
                 return
             self._return_dropped()
-            self._free_slots([block._slot for block in blocks if isinstance(block, MutableBlock)])
-            self._drop_refs(block._slot for block in blocks if not isinstance(block, MutableBlock))
+            for block in blocks:  # in order, as many release() calls would
+                if isinstance(block, MutableBlock):
+                    self._free_slot(block._slot)
+                else:
+                    self._drop_ref(block._slot)
         self._deliver()
 
     def reset_inactive(self) -> int:
@@ -458,20 +485,33 @@ class BlockPool:
         self._deliver()
 
     def _register_group(
-        self, group: SlotGroup, token_blocks: Sequence[TokenBlock], priority: int, keep: bool
+        self,
+        group: SlotGroup,
+        token_blocks: Sequence[TokenBlock] | None,
+        priority: int,
+        keep: bool,
+        like: BlockGroup | None = None,
     ) -> BlockGroup | None:
-        token_blocks = self._check_token_blocks(len(group._slots), token_blocks, priority)
+        if like is not None:  # registered blocks' token blocks: already checked when they were registered
+            if not isinstance(like, BlockGroup) or like._pool.block_size != self._block_size:
+                raise BlockPoolError(
+                    f"register_like takes a BlockGroup of a pool with blocks of {self._block_size} tokens, got {like!r}"
+                )
+            checked = like.token_blocks
+            if len(checked) != len(group._slots):
+                raise BlockPoolError(
+                    f"register_like needs one source per block: got {len(checked)} for {len(group._slots)} blocks"
+                )
+            _check_priority(priority)
+        else:
+            checked = self._check_token_blocks(len(group._slots), token_blocks or (), priority)
         with self._lock:
             self._check_open()
             self._return_dropped()
             group._check_live()
             group._fate = "registered"
-            slots = self._register_slots(group._slots, token_blocks, priority)
-            if keep:
-                out: BlockGroup | None = BlockGroup(self, slots)
-            else:
-                out = None
-                self._drop_refs(slots)
+            slots = self._register_slots(group._slots, checked, priority, hold=keep)
+            out = BlockGroup(self, slots) if keep else None
         self._deliver()
         return out
 
@@ -860,6 +900,11 @@ class SlotGroup(_Group):
         hash already registered gives its existing block); otherwise nobody holds them afterwards (they are
         inactive unless someone else holds them) and None is returned."""
         return self._pool._register_group(self, token_blocks, priority, keep)
+
+    def register_like(self, sources: BlockGroup, *, priority: int = 0, keep: bool = True) -> BlockGroup | None:
+        """:meth:`register` under the token blocks of ``sources`` (held blocks of any pool with blocks of the same
+        size, one per block, in order): what a copy from ``sources`` into these blocks registers when it lands."""
+        return self._pool._register_group(self, None, priority, keep, like=sources)
 
 
 class BlockGroup(_Group):
