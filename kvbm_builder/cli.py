@@ -9,28 +9,34 @@ take with what this machine has (imported when ``plan`` runs, so importing the C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import attrs
 
 from .config.sizes import format_bytes
-from .errors import ConfigError, LoadError, UsageError
+from .documents import parse_json
+from .errors import ConfigError, LoadError, UsageError, show
 
 __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # an invalid configuration, or a failed check
 EXIT_USAGE = 2  # a usage error, or a file that cannot be read
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # Ctrl-C, as a shell reports a process it ended
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # the reader of the output went away (`kvbm-builder schema | head -1`)
 
 _EPILOG = """\
 exit status:
   0  valid (validate), every check passed (plan), or printed (show, schema)
   1  an invalid configuration, or a check that failed
   2  a usage error, a file that cannot be read, or a configuration that the chosen --format cannot express
+  130  interrupted (Ctrl-C);  141  the reader of the output went away
 
 Values come from, lowest first: defaults < FILE < DYN_KVBM_* variables < --set arguments.
 """
@@ -85,11 +91,13 @@ def _overrides(pairs: Sequence[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--set takes KEY=VALUE, e.g. host_layout.size=8GiB; got {pair!r}")
-        try:
-            out[key] = json.loads(text)
-        except ValueError:
+            raise UsageError(f"--set takes KEY=VALUE, e.g. host_layout.size=8GiB; got {show(pair, typed=False)}")
+        try:  # JSON as files are read: a key given twice, NaN or an integer Python refuses is an error, not text
+            out[key] = parse_json(text)
+        except json.JSONDecodeError:
             out[key] = text
+        except ValueError as err:
+            raise UsageError(f"--set {key}: the value is JSON that a file may not hold: {err}") from None
         except RecursionError:
             raise UsageError(f"--set {key}: the value is nested too deeply") from None
     return out
@@ -195,7 +203,12 @@ def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     resolved = _resolve(args.file, args)
     data = dump(resolved.config)
     if args.format == "toml":
-        print(to_toml(data, resolved.sources if args.sources else None), end="", file=out)
+        try:
+            text = to_toml(data, resolved.sources if args.sources else None)
+        except ConfigError as error:  # a value TOML cannot hold: this --format cannot express the configuration
+            print(f"{args.file}: cannot be shown as TOML: {error}", file=err)
+            return EXIT_USAGE
+        print(text, end="", file=out)
     elif args.sources:
         print(json.dumps({"config": data, "sources": dict(resolved.sources)}, indent=2), file=out)
     else:
@@ -218,11 +231,58 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
 }
 
 
+class _Escaping:
+    """A text stream that writes what its encoding cannot hold as backslash escapes instead of raising: a file name
+    with bytes that are not UTF-8 (``\\udcff``), a lone surrogate in a value, any non-ASCII text where the output
+    is ASCII (``PYTHONIOENCODING=ascii``). Everything else is the stream's own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except UnicodeEncodeError:  # raised before anything is written: the text is encoded whole first
+            encoding = getattr(self._stream, "encoding", None) or "utf-8"
+            return self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _silence_output() -> None:
+    """After a broken pipe: point stdout and stderr at /dev/null, so that Python's flush at exit stays quiet."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # a stream without a descriptor (in-process)
+            os.dup2(null, stream.fileno())
+    os.close(null)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (see ``kvbm-builder --help``)."""
+    """Run the command line; returns the exit status (see ``kvbm-builder --help``).
+
+    Whatever it prints is escaped where the output's encoding cannot hold it; Ctrl-C ends it with status 130 and
+    one line, a reader that went away with status 141 and none."""
+    out, err = cast(TextIO, _Escaping(sys.stdout)), cast(TextIO, _Escaping(sys.stderr))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):  # argparse prints to sys.stdout/err
+            try:
+                return _run(argv, out, err)
+            finally:  # also after argparse's exit (--help): a reader that went away is seen here, not at shutdown
+                out.flush()
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError, ValueError):
+            print("kvbm-builder: interrupted", file=err)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_output()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    out, err = sys.stdout, sys.stderr
     try:
         return _COMMANDS[args.command](args, out, err)
     except UsageError as error:
@@ -233,7 +293,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         _print_errors(error, getattr(args, "file", "kvbm-builder"), err)
         return EXIT_INVALID
-    except BrokenPipeError:  # `kvbm-builder schema | head`: the reader is gone; keep the exit quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    return EXIT_OK

@@ -11,39 +11,64 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
+from .config.sizes import format_bytes
 from .errors import ConfigError, LoadError, Problem, show
 
-__all__ = ["SUFFIXES", "read_document", "to_toml"]
+__all__ = ["MAX_DOCUMENT_BYTES", "MAX_EXPANDED_VALUES", "SUFFIXES", "parse_json", "read_document", "to_toml"]
 
 SUFFIXES = {".json": "JSON", ".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
 _YAML_EXTRA = "pip install 'kvbm-builder[yaml]'"
+#: A file name: text, bytes (as the system gives them) or a path object.
+PathArg: TypeAlias = "str | bytes | os.PathLike[str] | os.PathLike[bytes]"
 
 
-def _error(path: str | os.PathLike[str], message: str) -> LoadError:
-    return LoadError([Problem((), message)], root=os.fspath(path))
+#: The most bytes a configuration file may hold. A configuration is a few tables (the example is about 1 KiB);
+#: past this a file is no configuration, and reading it whole could exhaust memory (``/dev/zero``, a sparse file).
+MAX_DOCUMENT_BYTES = 64 * 1024
+#: The most values a YAML document may hold once its aliases are expanded: a few hundred bytes of nested aliases
+#: (a "billion laughs") would otherwise stand for more values than any program can walk.
+MAX_EXPANDED_VALUES = 100_000
+
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
-def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The document in ``path``, parsed by its suffix (``.json``, ``.toml``, ``.yaml``/``.yml``)."""
-    file = Path(path)
-    kind = SUFFIXES.get(file.suffix.lower())
-    if kind is None:
-        raise _error(path, f"cannot tell the format from the suffix {file.suffix!r}; name it .json, .toml or .yaml")
+def _error(path: PathArg, message: str) -> LoadError:
+    return LoadError([Problem((), message)], root=_name(path))
+
+
+def _name(path: PathArg) -> str:
+    """The path as messages show it (undecodable bytes as surrogates: the CLI escapes them when it prints)."""
+    return os.fsdecode(path)
+
+
+def read_document(path: PathArg) -> dict[str, Any]:
+    """The document in ``path``, parsed by its suffix (``.json``, ``.toml``, ``.yaml``/``.yml``).
+
+    Only a regular file of at most :data:`MAX_DOCUMENT_BYTES` is read (a pipe, a device or a socket is refused
+    before a byte is read); a YAML document whose aliases expand past :data:`MAX_EXPANDED_VALUES` values, or refer
+    to themselves, is refused.
+    """
     try:
-        data = file.read_bytes()
-    except IsADirectoryError:
-        raise _error(path, "is a directory, not a configuration file") from None
-    except FileNotFoundError:
-        raise _error(path, "no such file") from None
-    except OSError as err:
-        raise _error(path, f"cannot be read: {err.strerror or err}") from None
-    except ValueError:  # a NUL byte in the name
-        raise _error(path, "is not a file name: it contains a NUL byte") from None
+        name = _name(path)
+    except TypeError:
+        raise LoadError([Problem((), f"a file name must be text, bytes or a path, got {show(path)}")]) from None
+    kind = SUFFIXES.get(os.path.splitext(name)[1].lower())
+    if kind is None:
+        suffix = os.path.splitext(name)[1]
+        raise _error(
+            path, f"cannot tell the format from the suffix {show(suffix, typed=False)}; name it .json, .toml or .yaml"
+        )
+    data = _read(path)
     if not data.strip():
         raise _error(path, f"is empty; a configuration needs at least the `runtime` and `model` tables ({kind})")
     try:
@@ -54,6 +79,62 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise _error(path, f"holds a {type(document).__name__}, not a table of keys and values ({kind})")
     return document
+
+
+def _read(path: PathArg) -> bytes:
+    """The bytes of a regular file of at most MAX_DOCUMENT_BYTES. Opened without blocking, so that a named pipe
+    with no writer is refused rather than waited on; then its type is asked of the open file, not of the name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise _error(path, "is a directory, not a configuration file") from None
+    except FileNotFoundError:
+        raise _error(path, "no such file") from None
+    except OSError as err:
+        raise _error(path, f"cannot be read: {err.strerror or err}") from None
+    except ValueError:  # a NUL byte in the name
+        raise _error(path, "is not a file name: it contains a NUL byte") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise _error(path, "is a directory, not a configuration file")
+        what = next((words for test, words in _NOT_REGULAR if test(info.st_mode)), None)
+        if what is not None or not stat.S_ISREG(info.st_mode):
+            raise _error(
+                path, f"is {what or 'not a regular file'}, not a configuration file; only regular files are read"
+            )
+        if info.st_size > MAX_DOCUMENT_BYTES:
+            raise _too_large(path, info.st_size)
+        chunks, left = [], MAX_DOCUMENT_BYTES + 1  # a file that grows, or one whose size says 0 (/proc), is capped too
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as err:
+        raise _error(path, f"cannot be read: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise _too_large(path, None)
+    return data
+
+
+def _too_large(path: PathArg, size: int | None) -> LoadError:
+    held = "more than that" if size is None else format_bytes(size)
+    return _error(
+        path,
+        f"holds {held}; a configuration file may hold at most {MAX_DOCUMENT_BYTES} bytes "
+        "(kvbm_builder.documents.MAX_DOCUMENT_BYTES)",
+    )
+
+
+def _brief(said: object) -> str:
+    """A parser's message, on one line and short (some quote the whole value or tag they could not read)."""
+    text = (str(said).splitlines() or [type(said).__name__])[0]
+    return text if len(text) <= 200 else f"{text[:200]}..."
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -69,30 +150,36 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _parse_json(path: str | os.PathLike[str], text: str) -> object:
+def parse_json(text: str) -> object:
+    """JSON as every reader here takes it: a key given twice, ``NaN`` and ``Infinity`` are errors (ValueError; a
+    :class:`json.JSONDecodeError` for bad syntax), and so is nesting too deep for Python (RecursionError)."""
+    return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
+def _parse_json(path: PathArg, text: str) -> object:
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        return parse_json(text)
     except json.JSONDecodeError as err:
         raise _error(path, f"is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
     except ValueError as err:
-        raise _error(path, f"is not valid JSON: {err}") from None
+        raise _error(path, f"is not valid JSON: {_brief(err)}") from None
     except RecursionError:
         raise _error(path, "is not valid JSON: nested too deeply") from None
 
 
-def _parse_toml(path: str | os.PathLike[str], text: str) -> object:
+def _parse_toml(path: PathArg, text: str) -> object:
     tomllib = _toml()
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise _error(path, f"is not valid TOML: {err}") from None
+        raise _error(path, f"is not valid TOML: {_brief(err)}") from None
     except ValueError as err:  # a value Python refuses, such as an integer of more than 4300 digits
-        raise _error(path, f"is not valid TOML: {err}") from None
+        raise _error(path, f"is not valid TOML: {_brief(err)}") from None
     except RecursionError:
         raise _error(path, "is not valid TOML: nested too deeply") from None
 
 
-def _parse_yaml(path: str | os.PathLike[str], text: str) -> object:
+def _parse_yaml(path: PathArg, text: str) -> object:
     try:
         import yaml
     except ImportError:
@@ -102,15 +189,53 @@ def _parse_yaml(path: str | os.PathLike[str], text: str) -> object:
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        problem = _brief(getattr(err, "problem", None) or err)
         raise _error(path, f"is not valid YAML: {problem}{at}") from None
-    except ValueError as err:  # a value Python refuses, such as an integer of more than 4300 digits
-        raise _error(path, f"is not valid YAML: {err}") from None
+    except ValueError as err:  # a value Python refuses: an integer of more than 4300 digits, `!!float abc`
+        raise _error(path, f"is not valid YAML: {_brief(err)}") from None
     except RecursionError:
         raise _error(path, "is not valid YAML: nested too deeply") from None
     if len(documents) != 1:
         raise _error(path, f"holds {len(documents)} YAML documents; a configuration is exactly one")
+    shared = _aliasing_problem(documents[0])
+    if shared is not None:
+        raise _error(path, f"is not a configuration: {shared}")
     return documents[0]
+
+
+def _aliasing_problem(document: object) -> str | None:
+    """What is wrong with the values YAML's aliases share in ``document``: a value that contains itself, or more
+    than MAX_EXPANDED_VALUES values once every alias is expanded. Each shared value is walked once (its expanded
+    count remembered), and without recursion, so this is as fast as the document is small, however deep."""
+    counts: dict[int, int] = {}  # id of a list or table -> values in it once expanded (itself included)
+    open_ids: set[int] = set()  # lists and tables being walked: meeting one again is a cycle
+    stack: list[tuple[object, bool]] = [(document, False)]
+    while stack:
+        value, done = stack.pop()
+        if not isinstance(value, (dict, list)):
+            continue
+        key = id(value)
+        inner = list(value.values()) if isinstance(value, dict) else value
+        if done:
+            total = 1 + sum(counts.get(id(item), 1) for item in inner)
+            if isinstance(value, dict):
+                total += len(value)  # the keys, plain values
+            if total > MAX_EXPANDED_VALUES:
+                return (
+                    f"its aliases expand to more than {MAX_EXPANDED_VALUES} values "
+                    "(kvbm_builder.documents.MAX_EXPANDED_VALUES); write the values out instead of nesting aliases"
+                )
+            counts[key] = total
+            open_ids.discard(key)
+            continue
+        if key in open_ids:
+            return "an alias refers to a value that contains it (a cycle); a configuration is a tree"
+        if key in counts:
+            continue
+        open_ids.add(key)
+        stack.append((value, True))
+        stack.extend((item, False) for item in inner if isinstance(item, (dict, list)))
+    return None
 
 
 _LOADER: list[Any] = []
@@ -144,6 +269,10 @@ def _strict_loader() -> Any:
         """PyYAML's safe loader with YAML 1.2's core scalars only."""
 
     StrictLoader.yaml_implicit_resolvers = {}  # only _CORE below, none of YAML 1.1's
+    # and only the core schema's values, which JSON and TOML can hold too: no !!set, !!binary, !!timestamp,
+    # !!omap or !!pairs (any other tag is an error naming it: the constructor of tag None says so)
+    core = {f"tag:yaml.org,2002:{name}" for name in ("null", "str", "float", "seq")} | {None}
+    StrictLoader.yaml_constructors = {t: c for t, c in yaml.SafeLoader.yaml_constructors.items() if t in core}
 
     for name, pattern, first in _CORE:
         StrictLoader.add_implicit_resolver(f"tag:yaml.org,2002:{name}", regex.compile(pattern), list(first))
@@ -167,30 +296,49 @@ def _strict_loader() -> Any:
                 None, None, f"{shown!r} is not an integer Python reads (at most 4300 digits)", node.start_mark
             ) from None
 
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        own: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool, type(None))):
+    def key_of(loader: yaml.SafeLoader, key_node: yaml.Node) -> Any:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
+            )
+        return key
+
+    def merged(loader: yaml.SafeLoader, node: yaml.Node) -> dict[Any, Any]:
+        """What a ``<<`` key merges in: one mapping, or a list of them where the first wins. Each merged mapping is
+        constructed once (an alias is the same dict every time), so merges nested many times stay small."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        out: dict[Any, Any] = {}
+        for source in reversed(sources):
+            if not isinstance(source, yaml.MappingNode):
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
+                    None, None, f"`<<` merges mappings, not a {source.id}", source.start_mark
                 )
+            table = loader.construct_object(source, deep=True)
+            if not isinstance(table, dict):  # a mapping node with a tag of its own, such as !!set
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"`<<` merges mappings, not a {type(table).__name__}", source.start_mark
+                )
+            out.update(table)
+        return out
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.Node) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!map [1]`
+            raise yaml.constructor.ConstructorError(None, None, f"!!map tags a {type(node).__name__}", node.start_mark)
+        # merged keys first, then the mapping's own, which win; a key given twice in the mapping itself is an error
+        out: dict[Any, Any] = {}
+        own: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                out.update(merged(loader, value_node))
+                continue
+            key = key_of(loader, key_node)
             if key in own:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {show(key, typed=False)}", key_node.start_mark
                 )
-            own.add(key)
-        loader.flatten_mapping(node)  # merged pairs first, then the mapping's own: later wins
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool, type(None))):
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
-                )
-            out[key] = loader.construct_object(value_node, deep=True)
+            own[key] = loader.construct_object(value_node, deep=True)
+        out.update(own)
         return out
 
     StrictLoader.add_constructor("tag:yaml.org,2002:bool", boolean)
@@ -206,46 +354,62 @@ _PARSERS = {"JSON": _parse_json, "TOML": _parse_toml, "YAML": _parse_yaml}
 # ---- writing TOML ------------------------------------------------------------------------------------------------
 
 
-def _null(value: object, path: str) -> str | None:
-    """The dotted path of the first null in ``value`` (TOML has none), or None."""
+_INT64 = range(-(2**63), 2**63)
+
+
+def _unwritable(value: object, path: str) -> str | None:
+    """Why the first value of ``value`` that TOML 1.0 cannot hold cannot be written (a null; an integer outside
+    64 bits, which a TOML reader may refuse or misread), with its dotted path; None when every value can be."""
     if value is None:
-        return path
-    if isinstance(value, Mapping):
-        for key, inner in value.items():
-            found = _null(inner, f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
+        return f"{path} is null, which TOML cannot write"
+    if type(value) is int and value not in _INT64:
+        return f"{path} is {show(value, typed=False)}, past the 64-bit integers TOML 1.0 can write"
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        name = key if isinstance(key, str) else show(key, typed=False)
+        found = _unwritable(inner, f"{path}[{key}]" if isinstance(value, list) else f"{path}.{name}" if path else name)
+        if found is not None:
+            return found
     return None
 
 
 def to_toml(data: Mapping[str, Any], comments: Mapping[str, str] | None = None) -> str:
     """``data`` (plain values, as :func:`dump` gives) as a TOML document, written by tomli-w. ``comments`` maps
-    dotted paths of values to a comment written after them (``show --sources``)."""
+    dotted paths of values to a comment written after them (``show --sources``). A value TOML cannot hold (a null,
+    an integer outside 64 bits) is a ConfigError naming its path."""
     import tomli_w
 
-    null = _null(data, "")
-    if null is not None:
-        raise ConfigError([Problem((), f"{null} is null, which TOML cannot write; use JSON")])
+    problem = _unwritable(data, "")
+    if problem is not None:
+        raise ConfigError([Problem((), f"{problem}; use JSON")])
     text = tomli_w.dumps(data)
     if not comments:
         return text
     lines, table = [], ""
     for line in text.splitlines():
-        if line.startswith("[") and line.endswith("]"):
-            table = ".".join(_keys(line[1:-1]))
-        elif " = " in line:
-            (key,) = _keys(line.partition(" = ")[0])
-            note = comments.get(f"{table}.{key}" if table else key)
+        header = _keys(line[2:-2] if line.startswith("[[") else line[1:-1]) if line.endswith("]") else None
+        if line.startswith("[") and header:
+            table = ".".join(header)
+        elif not line.startswith((" ", "]")):  # not an item or the end of an array written over several lines
+            key = _keys(line)
+            note = comments.get(f"{table}.{key[0]}" if table else key[0]) if key else None
             line = f"{line}  # {note}" if note is not None else line
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def _keys(dotted: str) -> list[str]:
-    """The keys of a TOML dotted key as tomli-w writes it (bare or quoted), read back by TOML itself."""
-    parsed: Any = _toml().loads(f"{dotted} = 0")
+def _keys(text: str) -> list[str]:
+    """The dotted key of a ``[table]`` header's text, or the key of a whole ``key = value`` line, as TOML itself reads
+    it (bare or quoted); ``[]`` for text that is neither (the first line of an array written over several)."""
+    tomllib = _toml()
+    try:
+        parsed: Any = tomllib.loads(text if " = " in text else f"{text} = 0")
+    except tomllib.TOMLDecodeError:
+        return []
+    if " = " in text:
+        return [next(iter(parsed))] if len(parsed) == 1 else []
     keys = []
-    while isinstance(parsed, dict):
+    while isinstance(parsed, dict) and len(parsed) == 1:
         ((key, parsed),) = parsed.items()
         keys.append(key)
     return keys

@@ -72,7 +72,8 @@ def show(value: object, *, typed: bool = True) -> str:
     integer, a deeply nested list, a megabyte of text), so a message about hostile input stays one short line.
     """
     if type(value) is int and value.bit_length() > 192:  # str() of an int past 4300 digits raises ValueError
-        return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits (int)"
+        text = f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits"
+        return f"{text} (int)" if typed else text
     if type(value) in (int, float) or value is None:
         return repr(value)
     try:
@@ -231,8 +232,9 @@ class PoolClosedError(BlockPoolError):
 
 
 class OffloadError(KvbmError, RuntimeError):
-    """An offload or onboard could not start: the manager is closed or cancelled, a block belongs to another manager
-    or was released, or a tier has no tier to move to. Names the tiers. (Failures while moving are TransferErrors.)"""
+    """An offload or onboard could not start: the manager is closed, cancelled or never came up, a block belongs to
+    another manager or was released, or a tier has no tier to move to; or an offload filter was started twice.
+    Names the tiers. (Failures while moving are TransferErrors.)"""
 
 
 class MetricsError(KvbmError, ValueError):
@@ -277,9 +279,9 @@ class LayoutIndexError(LayoutError, IndexError):
     def __init__(self, axis: str, index: int, bound: int) -> None:
         self.axis, self.index, self.bound = axis, index, bound
         if index < 0:
-            why = f"{axis} index {index} is negative (negative indices do not count from the end)"
+            why = f"{axis} index {show(index)} is negative (negative indices do not count from the end)"
         else:
-            why = f"{axis} index {index} is out of range: the layout has {bound} {axis}s"
+            why = f"{axis} index {show(index)} is out of range: the layout has {bound} {axis}s"
         super().__init__(f"{why}; valid {axis} indices are 0..{bound - 1}")
 
     def __reduce__(self) -> tuple[object, ...]:

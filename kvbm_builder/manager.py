@@ -27,9 +27,11 @@ from .errors import (
     LayoutError,
     MetricsError,
     MetricsRegistryError,
+    OffloadError,
     Problem,
     ReleaseError,
     UnknownTierError,
+    show,
 )
 from .layout import Layout, LayoutSpec, MemoryRegion
 from .storage import StorageClosedError, allocate
@@ -223,7 +225,7 @@ def _raw_view(storage: Storage) -> Any:
         method: Callable[[], Any] | None = getattr(storage, name, None)
         if method is not None:
             return method()
-    raise LayoutError(f"storage {storage!r} offers no array view (as_cupy() or as_numpy())")
+    raise LayoutError(f"storage {show(storage, typed=False)} offers no array view (as_cupy() or as_numpy())")
 
 
 class KvBlockManager:
@@ -406,7 +408,8 @@ class KvBlockManager:
                 raise
             except Exception as err:  # a user's allocator: say which tier it failed for
                 raise AllocationError(
-                    f"the {tier.words}'s allocator {allocator!r} failed to allocate {spec.allocation_bytes} bytes: "
+                    f"the {tier.words}'s allocator {show(allocator, typed=False)} failed to allocate "
+                    f"{spec.allocation_bytes} bytes: "
                     f"{type(err).__name__}: {err}"
                 ) from err
             except BaseException:  # an interrupt between the allocation and its record: nobody else will close it
@@ -423,7 +426,8 @@ class KvBlockManager:
                     close()
                 accepted = " or ".join(sorted(k.value for k in tier.accepts))
                 raise AllocationError(
-                    f"the {tier.words}'s allocator {allocator!r} returned {storage!r}, not a storage of {accepted} "
+                    f"the {tier.words}'s allocator {show(allocator, typed=False)} returned "
+                    f"{show(storage, typed=False)}, not a storage of {accepted} "
                     "memory (an object with kind, addr and size); fix the allocator's allocate()"
                 )
         return tuple(self._owned[-spec.num_allocations :]), True
@@ -477,7 +481,7 @@ class KvBlockManager:
         """What counts this manager's transfers, skips and lookups: the config's ``kvbm_metrics``, or KvbmMetrics
         the manager made on ``runtime.metrics_registry`` (closed, and so taken off the registry, by :meth:`close`)."""
         if self._metrics is None:
-            raise KvbmError("this KvBlockManager did not come up; it has no metrics")
+            raise MetricsError("this KvBlockManager did not come up; it has no metrics")
         return self._metrics
 
     @property
@@ -606,7 +610,7 @@ class KvBlockManager:
     def offload_manager(self) -> OffloadManager:
         """The pools, filters and transfer engine that move this manager's blocks."""
         if self._blocks is None:
-            raise KvbmError("this KvBlockManager did not come up; it has no blocks to move")
+            raise OffloadError("this KvBlockManager did not come up; it has no blocks to move")
         return self._blocks
 
     def pool(self, tier: Tier | str) -> BlockPool:
@@ -781,7 +785,9 @@ def _tier_key(tier: Tier | str) -> Tier:
     for t in Tier:
         if tier in (t.name, t.slot, t.name.lower()):
             return t
-    raise UnknownTierError(f"unknown tier {tier!r}; use G1/G2/G3 or device_layout/host_layout/disk_layout")
+    raise UnknownTierError(
+        f"unknown tier {show(tier, typed=False)}; use G1/G2/G3 or device_layout/host_layout/disk_layout"
+    )
 
 
 def _example_allocator(tier: Tier) -> str:

@@ -367,14 +367,18 @@ def test_validate_names_a_tier_whose_block_is_too_large(tmp_path: Path, capsys: 
     assert status == 1 and f"{path}: $.host_layout.size: one block of this layout is too large" in err
 
 
-def test_plan_reports_a_tier_too_large_for_its_padding_under_the_tier(
+def test_validate_refuses_a_tier_too_large_for_its_padding_as_plan_does(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # 256-byte blocks: the count fits in 2**63 - 1 bytes, but not once each block is padded to 2 MiB
     host = {"num_blocks": (2**63 - 1) // 256, "alignment": 2**21, "allocator": {"kind": "system"}}
     path = write(tmp_path / "c.json", {**TINY, "host_layout": host})
-    status, _, err = cli(capsys, "plan", path)
-    assert status == 1 and f"{path}: $.host_layout.num_blocks: the layout needs" in err
+    for command in ("validate", "plan"):
+        status, out, err = cli(capsys, command, path)
+        assert (status, out) == (1, "")
+        assert err.startswith(f"{path}: $.host_layout.num_blocks: 36028797018963967 blocks of 256 bytes need ")
+        assert "bytes with their alignment padding, more than the 9223372036854775807 bytes" in err
+        assert "lower num_blocks to at most 4398046511103," in err
 
 
 def test_a_tier_whose_only_choice_is_null_is_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

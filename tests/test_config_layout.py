@@ -375,9 +375,9 @@ def test_alignment_is_a_power_of_two(alignment: int) -> None:
 @pytest.mark.parametrize(
     ("alignment", "message"),
     [
-        (0, "must be a power of two (1, 2, 4, ...), got 0"),
-        (3, "must be a power of two (1, 2, 4, ...), got 3"),
-        (-4, "must be a power of two (1, 2, 4, ...), got -4"),
+        (0, "must be a power of two (1, 2, 4, ... 2**63), got 0"),
+        (3, "must be a power of two (1, 2, 4, ... 2**63), got 3"),
+        (-4, "must be a power of two (1, 2, 4, ... 2**63), got -4"),
         (4.0, "must be an integer, got 4.0"),
     ],
 )

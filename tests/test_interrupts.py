@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from storage_cases import PinnedCpuSteps, still_usable
 from syscalls import Holdings, Injected, Syscalls, nixl_still_holds
 
 from kvbm_builder import (
@@ -28,7 +29,7 @@ from kvbm_builder import (
     PinnedAllocator,
     SystemAllocator,
 )
-from kvbm_builder.storage import PinTuning, allocate_disk, allocate_system, pinned
+from kvbm_builder.storage import PinTuning, allocate_disk, allocate_system
 
 MiB = 2**20
 MODEL = KvManagerModelConfig.builder().num_layers(2).outer_dim(2).page_size(4).inner_dim(8).build()
@@ -38,15 +39,9 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-class PinnedCpuSteps:
-    """Register mode's steps before CUDA (map, place, populate): the part of a pinned allocation that runs here."""
-
-    def __init__(self, threads: int, huge_pages: bool) -> None:
-        spec = PinnedAllocator(threads=threads, huge_pages=huge_pages)
-        self.mapped = pinned._map_and_populate(3 * MiB + 5, spec, PinTuning(populate_chunk_bytes=MiB))
-
-    def close(self) -> None:
-        self.mapped.mapping.unmap()
+def pinned_cpu_steps(threads: int, huge_pages: bool) -> PinnedCpuSteps:
+    spec = PinnedAllocator(threads=threads, huge_pages=huge_pages)
+    return PinnedCpuSteps(3 * MiB + 5, spec, PinTuning(populate_chunk_bytes=MiB))
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +75,8 @@ CASES: dict[str, tuple[Callable[[str, Any], Any], dict[str, int]]] = {
         lambda d, a: allocate_disk(10_000, DiskAllocator(directory=d)),
         {"fallocate": errno.EOPNOTSUPP},
     ),
-    "pinned CPU steps, 1 thread": (lambda d, a: PinnedCpuSteps(1, False), {}),
-    "pinned CPU steps, 3 threads, huge pages": (lambda d, a: PinnedCpuSteps(3, True), {}),
+    "pinned CPU steps, 1 thread": (lambda d, a: pinned_cpu_steps(1, False), {}),
+    "pinned CPU steps, 3 threads, huge pages": (lambda d, a: pinned_cpu_steps(3, True), {}),
     "manager": (lambda d, a: manager(d), {}),
     "manager with NIXL": (lambda d, a: manager(d, a), {}),
 }
@@ -140,34 +135,6 @@ def test_an_interrupt_at_any_step_of_a_release_is_finished_by_closing_again(
         newer = make(str(tmp_path), agent)  # may get the same address or descriptor number
         storage.close()  # finishes, and must not release any of the newer one's resources
         assert getattr(storage, "closed", True)
-        _still_usable(newer)
+        still_usable(newer)
         newer.close()
         assert holdings.leaks(calls) + nixl_still_holds(calls) == [], f"interrupted {when} call {at} ({calls.hit})"
-
-
-def _storages(thing: Any) -> list[Any]:
-    if isinstance(thing, KvBlockManager):
-        return [s for t in thing.tiers.values() for s in t.storages]
-    if isinstance(thing, PinnedCpuSteps):
-        return []
-    return [thing]
-
-
-def _still_usable(thing: Any) -> None:
-    """Every storage of ``thing`` still holds what is written to it (a retried close took nothing of it)."""
-    if isinstance(thing, PinnedCpuSteps):
-        mapping = thing.mapped.mapping
-        assert not mapping.unmapped and mapping.memory is not None
-        mapping.memory[mapping.offset : mapping.offset + 3] = b"abc"
-        return
-    for storage in _storages(thing):
-        if hasattr(storage, "write"):
-            storage.write(1, b"abc")
-            out = bytearray(3)
-            storage.read_into(1, out)
-            assert out == b"abc"
-        else:
-            view = storage.as_numpy()
-            view[:3] = 7
-            assert view[:3].tolist() == [7, 7, 7]
-            del view

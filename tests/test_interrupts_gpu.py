@@ -8,7 +8,6 @@ of the range, the device's free memory must be back, and every mapping and pinne
 from __future__ import annotations
 
 import gc
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,27 +40,32 @@ def cuda_holds(cupy: Any, addr: int) -> bool:
 
 
 class Tracked:
-    """cupy allocations made while the wrapper is on, by weak reference: each must be gone after a failed try."""
+    """The addresses of cupy allocations made while the wrapper is on: CUDA must hold none of them after a failed
+    try. (cupy's Memory objects take no weak references, so CUDA itself is asked.)"""
 
-    def __init__(self) -> None:
-        self.made: list[tuple[weakref.ref[Any], int]] = []
+    def __init__(self, cupy: Any) -> None:
+        self.cupy = cupy
+        self.made: list[int] = []
 
     def wrap(self, make: Callable[..., Any]) -> Callable[..., Any]:
         def tracked(*args: Any, **kwargs: Any) -> Any:
             memory = make(*args, **kwargs)
-            self.made.append((weakref.ref(memory), int(memory.ptr)))
+            self.made.append(int(memory.ptr))
             return memory
 
         return tracked
 
     def alive(self) -> list[int]:
+        """Addresses made since the last call that CUDA still holds (then forgets them: they may be reused)."""
         gc.collect()
-        return [ptr for ref, ptr in self.made if ref() is not None]
+        held = [ptr for ptr in self.made if cuda_holds(self.cupy, ptr)]
+        self.made.clear()
+        return held
 
 
 @pytest.fixture
 def gpu_calls(cupy: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Syscalls, Tracked]]:
-    tracked = Tracked()
+    tracked = Tracked(cupy)
     # tracked underneath the counting wrapper: an interrupt after the constructor drops a tracked object
     monkeypatch.setattr(cupy.cuda, "Memory", tracked.wrap(cupy.cuda.Memory))
     monkeypatch.setattr(cupy.cuda, "PinnedMemory", tracked.wrap(cupy.cuda.PinnedMemory))

@@ -95,7 +95,7 @@ def test_spec_fields_are_checked() -> None:
         LayoutSpec(0, 5, 2, 4, 13, 4, FullyContiguous(), alignment=3)
     assert err.value.errors == [
         ("layout_spec.num_blocks", "must be >= 1, got 0"),
-        ("layout_spec.alignment", "must be a power of two (1, 2, 4, ...), got 3"),
+        ("layout_spec.alignment", "must be a power of two (1, 2, 4, ... 2**63), got 3"),
     ]
 
 

@@ -9,6 +9,7 @@ ending the test run.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,7 +51,8 @@ def manager(nixl=False, layout=None):
 def run_child(body: str) -> str:
     """Run ``body`` in a fresh interpreter; it must exit cleanly (a segfault is exit status -11) and print ``ok``."""
     code = SETUP + textwrap.dedent(body)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, f"child exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
     assert done.stdout.strip().endswith("ok"), done.stdout + done.stderr
     return done.stdout
@@ -212,7 +214,9 @@ def test_device_views_outlive_a_manager_collected_without_close() -> None:
             runtime = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
             g1 = KvManagerLayoutConfig.builder().num_blocks(64).allocator(DeviceAllocator()).build()
             return KvBlockManager.builder().runtime(runtime).model(MODEL).device_layout(g1).build()
-        views = device_manager().tier("G1").views()
+        m = device_manager()
+        views = m.tier("G1").views()
+        del m                                          # collected, never closed
         gc.collect()
         for view in views:
             view[...] = 3
@@ -232,8 +236,7 @@ def test_torch_views_of_the_device_tier_outlive_the_manager_and_then_free_it() -
         def free():
             return cupy.cuda.runtime.memGetInfo()[0]
         runtime = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
-        g1 = KvManagerLayoutConfig.builder().num_blocks(4096).allocator(DeviceAllocator()).build()
-        before = free()
+        g1 = KvManagerLayoutConfig.builder().num_blocks(1 << 16).allocator(DeviceAllocator()).build()  # 24 MiB
         m = KvBlockManager.builder().runtime(runtime).model(MODEL).device_layout(g1).build()
         tensors = m.tier("G1").torch_views(dtype=torch.float16)
         m.close()                                # explicit close with live tensors
@@ -244,7 +247,7 @@ def test_torch_views_of_the_device_tier_outlive_the_manager_and_then_free_it() -
         torch.cuda.synchronize()
         assert all(float(t.float().mean()) == 1.5 for t in tensors)
         still = free()
-        del tensors
+        del tensors, t  # the loop's name held the last tensor
         gc.collect()
         torch.cuda.synchronize()
         assert free() > still, "the device memory went with the last tensor"
@@ -279,7 +282,9 @@ def test_pinned_views_outlive_a_collected_manager_in_both_modes() -> None:
         for mode in (PinningMode.register, PinningMode.host_alloc):
             runtime = KvManagerRuntimeConfig.builder().worker_id(7).disable_nixl().build()
             g2 = KvManagerLayoutConfig.builder().num_blocks(64).allocator(PinnedAllocator(mode=mode)).build()
-            view = KvBlockManager.builder().runtime(runtime).model(MODEL).host_layout(g2).build().tier("G2").views()[0]
+            m = KvBlockManager.builder().runtime(runtime).model(MODEL).host_layout(g2).build()
+            view = m.tier("G2").views()[0]
+            del m
             gc.collect()
             view[...] = 4
             assert int(view.sum()) == 4 * view.size

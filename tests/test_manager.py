@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 import numpy as np
 import pytest
+from syscalls import is_mapped
 
 from kvbm_builder import (
     AllocationError,
@@ -655,11 +656,6 @@ def test_a_failed_bring_up_whose_nixl_rollback_fails_keeps_the_memory_nixl_holds
     gc.collect()
     assert not any(is_mapped(addr) for addr in addrs)
     assert NixlOptions  # imported for the agent option's type
-
-
-def is_mapped(addr: int) -> bool:
-    with open("/proc/self/maps") as f:
-        return any(int(lo, 16) <= addr < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in f))
 
 
 def test_a_relative_disk_directory_is_resolved_when_the_file_is_made(

@@ -54,11 +54,13 @@ def test_write_through_sizes_are_checked(tmp_path: Path) -> None:
     assert sizes.level == "warn" and "fewer than the host tier's 256" in sizes.message
 
 
-def test_a_tier_that_cannot_be_laid_out_is_named_by_its_slot(tmp_path: Path) -> None:
+def test_a_tier_that_cannot_be_laid_out_padding_included_is_refused_when_built(tmp_path: Path) -> None:
+    # 1 MiB blocks fit 2**63 - 1 bytes, but not once each is padded to 2 MiB: refused where it is built, so that a
+    # configuration that validates is one plan (and the manager) can lay out
     host = KvManagerLayoutConfig.builder().num_blocks((2**63 - 1) // 2**20).alignment(2**21)
     too_big = KvBlockManagerConfig.builder().runtime(config(tmp_path).runtime).model(MODEL)
-    with pytest.raises(ConfigError, match=r"\$\.host_layout\.num_blocks: the layout needs"):
-        plan(too_big.host_layout(host.allocator(SystemAllocator()).build()).build())
+    with pytest.raises(ConfigError, match=r"^host_layout\.num_blocks: .* bytes with their alignment padding, more"):
+        too_big.host_layout(host.allocator(SystemAllocator()).build()).build()
 
 
 def test_the_cli_imports_no_private_module_of_another_package() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from syscalls import is_mapped
 
 from kvbm_builder import (
     AllocationError,
@@ -37,15 +38,6 @@ pytestmark = pytest.mark.gpu
 MiB = 2**20
 GiB = 2**30
 HOST, DEVICE = 1, 2  # cudaMemoryTypeHost, cudaMemoryTypeDevice (0: unregistered)
-
-
-def is_mapped(addr: int) -> bool:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            if lo <= addr < hi:
-                return True
-    return False
 
 
 @pytest.fixture(scope="module")

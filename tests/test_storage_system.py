@@ -11,20 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from syscalls import is_mapped
 
 from kvbm_builder import AllocationError, KvbmError, StorageKind, SystemAllocator
 from kvbm_builder.config.protocols import Storage
 from kvbm_builder.storage import StorageClosedError, SystemStorage, _libc, allocate, allocate_system
-
-
-def is_mapped(addr: int) -> bool:
-    """Whether ``addr`` lies in any mapping of this process (/proc/self/maps)."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            if lo <= addr < hi:
-                return True
-    return False
 
 
 def test_a_system_storage_is_page_aligned_zeroed_host_memory() -> None:

@@ -20,7 +20,7 @@ import time
 from types import TracebackType
 
 from ..config.runtime import CancellationToken
-from ..errors import ConfigError, KvbmError, Problem
+from ..errors import ConfigError, OffloadError, Problem
 from .hashing import _u64
 
 __all__ = ["FrequencyFilter"]
@@ -113,7 +113,7 @@ class FrequencyFilter:
         """
         with self._lock:
             if self.running:
-                raise KvbmError("this FrequencyFilter is already ticking; stop() it before starting it again")
+                raise OffloadError("this FrequencyFilter is already ticking; stop() it before starting it again")
             token = cancellation_token.child_token() if cancellation_token is not None else CancellationToken()
             self._token = token
             self._decay()  # the first tick at start, as upstream's interval does

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import attrs
 
-from ..errors import BuilderConsumedError, ConfigError, Problem, UninitializedFieldError
+from ..errors import BuilderConsumedError, ConfigError, Problem, UninitializedFieldError, show
 from .fields import Validated
 
 T = TypeVar("T", bound=Validated)
@@ -87,7 +87,7 @@ class Builder(Generic[T]):
     def is_set(self, name: str) -> bool:
         """Whether the setter of ``name`` was called (even with ``None``). Like any use, refused once consumed."""
         if self._consumed:
-            self._live(f"asking is_set({name!r})")
+            self._live(f"asking is_set({show(name, typed=False)})")
         return self._chosen(name)
 
     def _chosen(self, name: str) -> bool:
@@ -149,7 +149,10 @@ class Builder(Generic[T]):
         return built  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        state = "consumed" if self._consumed else ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        # bounded, and never failing: a value may be a caller's object whose __repr__ raises, or a huge integer
+        state = (
+            "consumed" if self._consumed else ", ".join(f"{k}={show(v, typed=False)}" for k, v in self._values.items())
+        )
         return f"{type(self).__name__}({state})"
 
 

@@ -18,6 +18,7 @@ from ..errors import ConfigError, Problem, show
 from . import env
 from .env import EnvVar
 from .fields import Rule, Validated, field, integer, optional, spelled, true_or_false
+from .names import name_key
 from .protocols import StorageKind
 
 #: ``progress(done_bytes, total_bytes)``, called from the allocating thread during long bring-ups.
@@ -37,7 +38,7 @@ class DeviceAllocator(Validated):
 
 
 def _words(value: object) -> str:
-    return value.lower().replace("_", "").replace("-", "") if isinstance(value, str) else ""
+    return name_key(value, drop="_-") or ""
 
 
 class PinningMode(enum.Enum):
@@ -142,7 +143,7 @@ class DiskAllocator(Validated):
 
     directory: str = field(
         default="/tmp/",
-        rule=Rule(_directory, {"type": "string", "minLength": 1}),
+        rule=Rule(_directory, {"type": "string", "minLength": 1}, plain=True),
         env=EnvVar(env.DYN_KVBM_DISK_CACHE_DIR, "text"),
         doc="Where the cache file is created (DYN_KVBM_DISK_CACHE_DIR; upstream's default /tmp/).",
     )

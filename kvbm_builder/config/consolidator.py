@@ -10,6 +10,7 @@ import attrs
 from ..errors import ConfigError, Problem, show
 from ._builder import Builder
 from .fields import Validated, endpoint, field, spelled
+from .names import name_key
 
 DEFAULT_ENGINE_EVENT_ENDPOINT = "tcp://localhost:5557"
 DEFAULT_CONSOLIDATED_EVENT_ENDPOINT = "tcp://*:5558"
@@ -27,11 +28,9 @@ class EventSource(enum.Enum):
         """Case-insensitive: ``vllm``/``gpu``, ``trtllm``/``tensorrt-llm``/``tensorrt_llm``, ``kvbm``."""
         if isinstance(value, EventSource):
             return value
-        if isinstance(value, str):
-            key = value.strip().lower().replace("_", "-")
-            found = _SOURCE_NAMES.get(key)
-            if found is not None:
-                return found
+        found = _SOURCE_NAMES.get(name_key(value, trim=True, dash=True) or "")
+        if found is not None:
+            return found
         raise ConfigError(
             [Problem((), f"must be an event source (vllm, gpu, trtllm, tensorrt-llm, kvbm), got {show(value)}")]
         )
@@ -54,8 +53,9 @@ class ConsolidatorMode(enum.Enum):
     def parse(cls, value: object) -> ConsolidatorMode:
         if isinstance(value, ConsolidatorMode):
             return value
-        if isinstance(value, str) and value.strip().lower() in ("dedup", "passthrough"):
-            return cls(value.strip().lower())
+        key = name_key(value, trim=True)
+        if key in ("dedup", "passthrough"):
+            return cls(key)
         raise ConfigError([Problem((), f"must be 'dedup' or 'passthrough', got {show(value)}")])
 
 

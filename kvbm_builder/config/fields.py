@@ -13,6 +13,7 @@ object is found in one pass), and the JSON Schema facets of what it accepts.
 
 from __future__ import annotations
 
+import builtins
 import math
 import operator
 import re
@@ -55,10 +56,14 @@ _T = TypeVar("_T")
 
 @attrs.frozen
 class Rule:
-    """A check and the JSON Schema facets of the values it accepts (``{"type": "integer", "minimum": 1}``)."""
+    """A check and the JSON Schema facets of the values it accepts (``{"type": "integer", "minimum": 1}``).
+
+    ``plain``: the field keeps an int or str of a subclass (an ``IntEnum``, a caller's ``str`` subclass) as the plain
+    int or str it holds, so that a config holds only plain data and no method of the caller's class runs later."""
 
     check: Check
     schema: Mapping[str, Any] = attrs.field(factory=dict)
+    plain: bool = False
 
     def __call__(self, value: object) -> str | None:
         return self.check(value)
@@ -93,16 +98,53 @@ def field(
     """An attrs field described once: ``rule``, ``doc``, ``env`` and ``document`` go into its metadata.
 
     A runtime object (``document=False``) takes no part in equality unless ``eq`` says otherwise: two configs are
-    equal when they describe the same cache.
+    equal when they describe the same cache. A ``converter`` (or a rule's ``plain``) never raises: a value it
+    cannot convert is kept, for the rule to report.
     """
+    if converter is None and rule is not None and rule.plain:
+        converter = plain
     return attrs.field(
         default=default,
         factory=factory,
-        converter=converter,
+        converter=None if converter is None else _never_raising(converter),
         eq=eq,
-        repr=repr,
+        repr=_bounded_repr if repr else False,
         metadata={KEY: Spec(rule, doc, env if isinstance(env, tuple) else (env,), document)},
     )
+
+
+def plain(value: object) -> object:
+    """An int or str of a subclass as the plain int or str it holds (a bool stays a bool); anything else as it is."""
+    kind = type(value)
+    if kind is int or kind is str or kind is bool:
+        return value
+    if isinstance(value, int):
+        return int.__index__(value)  # int's own method: a subclass cannot override what it returns
+    if isinstance(value, str):
+        return str.__str__(value)
+    return value
+
+
+def _never_raising(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def converted(value: object) -> object:
+        try:
+            return convert(value)
+        except Exception:  # a caller's object whose methods raise: the rule says what is wrong with it
+            return value
+
+    converted.__doc__ = convert.__doc__
+    return converted
+
+
+def _bounded_repr(value: object) -> str:
+    """A field in a config's repr: as ``repr`` shows it, but never failing (a caller's object whose ``__repr__``
+    raises) and never an integer too long for ``str`` (Python refuses one of more than 4300 digits)."""
+    if type(value) is int and value.bit_length() > 192:
+        return show(value, typed=False)
+    try:
+        return builtins.repr(value)
+    except Exception:
+        return show(value, typed=False)
 
 
 def same_as(cls: type, name: str, **kwargs: Any) -> Any:
@@ -153,7 +195,7 @@ def integer(*, min: int | None = None, max: int | None = None, what: str | None 
         facets["minimum"] = min
     if max is not None:
         facets["maximum"] = max
-    return Rule(check, facets)
+    return Rule(check, facets, plain=True)
 
 
 def one_of(allowed: Sequence[int]) -> Rule:
@@ -167,18 +209,22 @@ def one_of(allowed: Sequence[int]) -> Rule:
             return f"must be an integer, got {show(value)}"
         return None if value in allowed else f"must be {words}, got {show(value)}"
 
-    return Rule(check, {"enum": list(allowed)})
+    return Rule(check, {"enum": list(allowed)}, plain=True)
+
+
+#: The largest power of two upstream's ``usize`` holds.
+MAX_POWER_OF_TWO = 2**63
 
 
 def _power_of_two(value: object) -> str | None:
-    if type(value) is int and value > 0 and not value & (value - 1):
+    if type(value) is int and 0 < value <= MAX_POWER_OF_TWO and not value & (value - 1):
         return None
     if not is_int(value):
         return f"must be an integer, got {show(value)}"
-    return f"must be a power of two (1, 2, 4, ...), got {show(value)}"
+    return f"must be a power of two (1, 2, 4, ... 2**63), got {show(value)}"
 
 
-power_of_two = Rule(_power_of_two, {"type": "integer", "minimum": 1})
+power_of_two = Rule(_power_of_two, {"type": "integer", "minimum": 1, "maximum": MAX_POWER_OF_TWO}, plain=True)
 
 _JSON_TYPES = {bool: "boolean", str: "string", int: "integer"}
 
@@ -194,7 +240,7 @@ def instance(*types: type, what: str) -> Rule:
 
     json = [_JSON_TYPES[t] for t in types if t in _JSON_TYPES]
     if len(json) == 1:
-        return Rule(check, {"type": json[0]})
+        return Rule(check, {"type": json[0]}, plain=int in types or str in types)
     return Rule(check, {"class": types[0]} if len(types) == 1 and issubclass(types[0], Validated) else {})
 
 
@@ -224,7 +270,7 @@ def optional(inner: Rule) -> Rule:
     def check(value: object) -> str | None:
         return None if value is None else inner_check(value)
 
-    return Rule(check, {"anyOf": [dict(inner.schema), {"type": "null"}]} if inner.schema else {})
+    return Rule(check, {"anyOf": [dict(inner.schema), {"type": "null"}]} if inner.schema else {}, plain=inner.plain)
 
 
 def spelled(
@@ -269,7 +315,7 @@ def _endpoint(value: object) -> str | None:
 
 
 #: A ZMQ-style endpoint such as ``tcp://localhost:5557`` or ``ipc:///tmp/kv``.
-endpoint = Rule(_endpoint, {"type": "string", "pattern": r"^[^\s:]+://\S+$"})
+endpoint = Rule(_endpoint, {"type": "string", "pattern": r"^[^\s:]+://\S+$"}, plain=True)
 
 
 _NONE_BAD: frozenset[str] = frozenset()
@@ -280,6 +326,10 @@ def _plain_default(field: Any) -> object:
     """A field's default when it is one shared value (``None``, ``1``, a frozen object), else a marker no value is."""
     default = field.default
     return _NO_DEFAULT if default is attrs.NOTHING or isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
+
+
+def _raised(exc: Exception) -> str:
+    return f"cannot be checked: the value's own code raised {show(exc, typed=False)}"
 
 
 def _converted(field: Any, value: object) -> object:
@@ -327,10 +377,15 @@ class Validated:
 
     def __attrs_post_init__(self) -> None:
         values = self._kvbm_values(self)  # type: ignore[call-arg]  # a staticmethod: mypy takes it as bound
-        for (check, default), value in zip(self._kvbm_rules, values, strict=False):  # equal lengths, by construction
-            if value is not default and check(value) is not None:
-                return self._report()
-        if self._kvbm_related and self._relations(self.__getattribute__, _NONE_BAD):
+        try:
+            for (check, default), value in zip(self._kvbm_rules, values, strict=False):  # equal lengths, by design
+                if value is not default and check(value) is not None:
+                    return self._report()
+            if self._kvbm_related and self._relations(self.__getattribute__, _NONE_BAD):
+                self._report()
+        except ConfigError:
+            raise
+        except Exception:  # a caller's object whose methods raise: check_values says which field holds it
             self._report()
         return None
 
@@ -342,18 +397,27 @@ class Validated:
 
     @classmethod
     def check_values(cls, values: Mapping[str, object]) -> list[Problem]:
-        """Every problem with ``values`` (a partial mapping of field names to values is fine)."""
+        """Every problem with ``values`` (a partial mapping of field names to values is fine).
+
+        A value whose own methods raise while it is checked (a caller's object with a failing ``__eq__``,
+        ``__len__`` or attribute) is a problem of its field, never the caller's exception."""
         problems: list[Problem] = []
         bad: set[str] = set()
         fields = attrs.fields_dict(cast(Any, cls))
         values = {n: _converted(fields[n], v) for n, v in values.items() if n in fields}
         for name, check in cls._kvbm_checks:
             if name in values:
-                message = check(values[name])
+                try:
+                    message = check(values[name])
+                except Exception as exc:
+                    message = _raised(exc)
                 if message is not None:
                     problems.append(Problem((name,), message))
                     bad.add(name)
-        problems.extend(cls._relations(values.get, frozenset(bad)))
+        try:
+            problems.extend(cls._relations(values.get, frozenset(bad)))
+        except Exception as exc:
+            problems.append(Problem((), _raised(exc)))
         return problems
 
     def _report(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import attrs
 
@@ -12,7 +12,9 @@ from ..errors import ConfigError, Problem, show
 from ._builder import Builder
 from .allocators import BUILTIN_ALLOCATORS, BuiltinAllocator
 from .fields import U64_MAX, Rule, Validated, duck, field, integer, optional, power_of_two, spelled
+from .names import name_key
 from .protocols import OffloadFilter, Storage, StorageAllocator, StorageKind
+from .sizes import align_up
 
 S = TypeVar("S", bound=Storage)
 
@@ -38,7 +40,7 @@ class LayoutType:
         if isinstance(value, LayoutType):
             return value
         if isinstance(value, str):
-            key = value.lower().replace("_", "").replace("-", "")
+            key = name_key(value, drop="_-")
             if key == "fullycontiguous":
                 return FullyContiguous()
             if key == "layerseparateoutercontiguous":
@@ -49,16 +51,18 @@ class LayoutType:
                 [Problem((), f"unknown layout {show(value, typed=False)}; accepted: {', '.join(LayoutType.ACCEPTED)}")]
             )
         if isinstance(value, Mapping) and len(value) == 1:
+            # upstream's serialized form: {"LayerSeparate": {"outer_contiguous": b}}, or {"FullyContiguous": null}
             ((name, body),) = value.items()
-            if isinstance(name, str) and name.lower().replace("_", "") == "layerseparate":
-                if isinstance(body, Mapping) and set(body) == {"outer_contiguous"}:
+            key = name_key(name, drop="_-")
+            if key == "layerseparate":
+                if isinstance(body, Mapping) and len(body) == 1 and "outer_contiguous" in body:
                     flag = body["outer_contiguous"]
                     if isinstance(flag, bool):
                         return LayerSeparate(outer_contiguous=flag)
                 raise ConfigError(
                     [Problem((), f"LayerSeparate needs {{'outer_contiguous': true|false}}, got {show(body)}")]
                 )
-            if isinstance(name, str) and name.lower().replace("_", "") == "fullycontiguous" and not body:
+            if key == "fullycontiguous" and (body is None or (isinstance(body, Mapping) and not body)):
                 return FullyContiguous()
         raise ConfigError([Problem((), f"must be a layout name ({', '.join(LayoutType.ACCEPTED)}), got {show(value)}")])
 
@@ -113,7 +117,7 @@ class BlockParallelismStrategy(enum.Enum):
         """``"LeaderWorkerSharded"`` (case, ``_`` and ``-`` ignored), or the strategy itself."""
         if isinstance(value, BlockParallelismStrategy):
             return value
-        if isinstance(value, str) and value.lower().replace("_", "").replace("-", "") == "leaderworkersharded":
+        if name_key(value, drop="_-") == "leaderworkersharded":
             return cls.LeaderWorkerSharded
         raise ConfigError([Problem((), f"must be 'LeaderWorkerSharded' (or null), got {show(value)}")])
 
@@ -220,6 +224,37 @@ class KvManagerLayoutConfig(Validated, Generic[S]):
     @staticmethod
     def builder() -> KvManagerLayoutConfigBuilder[Any]:
         return KvManagerLayoutConfigBuilder()
+
+
+class BlockShape(Protocol):
+    """What :func:`span_bytes` needs of a model (a :class:`~kvbm_builder.config.KvManagerModelConfig`, or a
+    :class:`~kvbm_builder.layout.LayoutSpec`)."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def outer_dim(self) -> int: ...
+    @property
+    def region_bytes(self) -> int: ...
+
+
+def span_bytes(shape: BlockShape, num_blocks: int, layout_type: LayoutType, alignment: int) -> int:
+    """The bytes a tier of ``num_blocks`` blocks asks its allocators for, alignment padding included: the one rule
+    both the configuration's check (at most 2**63 - 1) and the layout (``LayoutSpec.total_bytes``) use.
+
+    Each block's stride is padded up to ``alignment`` (for LayerSeparate, its part in one layer: the whole part, or
+    one region when outer-contiguous), the last block of a FullyContiguous tier is not, and each allocation (one,
+    or one per layer) gets ``alignment - 1`` bytes more, to align its start wherever the allocator puts it."""
+    region = shape.region_bytes
+    in_layer = shape.outer_dim * region  # a block's part in one layer
+    if isinstance(layout_type, LayerSeparate):
+        if layout_type.outer_contiguous:
+            data = align_up(region, alignment) * num_blocks * shape.outer_dim
+        else:
+            data = align_up(in_layer, alignment) * num_blocks
+        return shape.num_layers * (data + alignment - 1)
+    natural = shape.num_layers * in_layer
+    return (num_blocks - 1) * align_up(natural, alignment) + natural + alignment - 1
 
 
 def exclusive_message(chosen: Sequence[str]) -> str:

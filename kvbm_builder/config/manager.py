@@ -13,7 +13,7 @@ from ._builder import Builder
 from .consolidator import EventSource, KvEventConsolidatorConfig, consolidator_from_setter, engine_source_problem
 from .env import CPU_CACHE, DISK_CACHE
 from .fields import Rule, Validated, duck, field, instance, optional
-from .layout import KvManagerLayoutConfig
+from .layout import KvManagerLayoutConfig, span_bytes
 from .model import KvManagerModelConfig
 from .protocols import EventManager, StorageKind, Tier
 from .runtime import KvManagerRuntimeConfig
@@ -93,11 +93,10 @@ class KvBlockManagerConfig(Validated):
     def _relations(cls, get: Callable[[str], Any], bad: frozenset[str]) -> list[Problem]:
         problems: list[Problem] = []
         model = None if "model" in bad else get("model")
-        per_block = 0 if model is None else model.bytes_per_block
         for tier, slot, accepts in _SLOTS:
             layout = None if slot in bad else get(slot)
             if layout is not None:
-                found = tier_problems(tier, layout, model, per_block, accepts)
+                found = tier_problems(tier, layout, model, accepts)
                 if found:
                     problems.extend(p.under(slot) for p in found)
         consolidator = None if "consolidator_config" in bad else get("consolidator_config")
@@ -123,15 +122,14 @@ def tier_problems(
     tier: Tier,
     layout: KvManagerLayoutConfig[Any],
     model: KvManagerModelConfig | None = None,
-    per_block: int = 0,
     accepts: tuple[StorageKind, ...] = (),
 ) -> list[Problem]:
-    """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout). Given the ``model``,
-    also a tier too big for any memory or file: ``num_blocks * model.bytes_per_block`` past 2**63 - 1 bytes
-    (a lower bound: the layout's alignment padding, which the layout module adds, can only make it bigger)."""
+    """What makes ``layout`` unfit for ``tier``'s slot (paths relative to the layout). Given the ``model``, also a
+    tier too big for any memory or file: more than 2**63 - 1 bytes, alignment padding included (:func:`span_bytes`,
+    the layout's own rule: what validates, the layout and the manager can lay out)."""
     problems: list[Problem] = []
-    if model is not None and layout.num_blocks * (per_block or model.bytes_per_block) > MAX_BYTES:
-        problems.append(span_problem(layout.num_blocks, model))
+    if model is not None and span_bytes(model, layout.num_blocks, layout.layout_type, layout.alignment) > MAX_BYTES:
+        problems.append(span_problem(model, layout))
     accepts = accepts or tuple(tier.accepts)  # a tuple: membership by identity skips Enum's Python-level __hash__
     allocator = layout.allocator
     if allocator is not None:
@@ -141,8 +139,7 @@ def tier_problems(
             problems.append(
                 Problem(
                     ("allocator",),
-                    f"a {getattr(kind, 'value', kind)} allocator cannot back the {tier.words}; "
-                    f"it needs {accepted} memory",
+                    f"a {kind.value} allocator cannot back the {tier.words}; it needs {accepted} memory",
                 )
             )
     for i, storage in enumerate(layout.storage or ()):
@@ -151,8 +148,7 @@ def tier_problems(
             problems.append(
                 Problem(
                     ("storage", i),
-                    f"{getattr(storage.kind, 'value', storage.kind)} storage cannot back the {tier.words}; "
-                    f"it needs {accepted} memory",
+                    f"{storage.kind.value} storage cannot back the {tier.words}; it needs {accepted} memory",
                 )
             )
     if tier is Tier.G3 and layout.offload_filter is not None:
@@ -160,15 +156,23 @@ def tier_problems(
     return problems
 
 
-def span_problem(num_blocks: int, model: KvManagerModelConfig) -> Problem:
-    """The problem of ``num_blocks`` of ``model``'s blocks past :data:`MAX_BYTES`, reported at ``num_blocks``."""
+def span_problem(model: KvManagerModelConfig, layout: KvManagerLayoutConfig[Any]) -> Problem:
+    """The problem of a tier past :data:`MAX_BYTES`, reported at ``num_blocks`` with the most blocks that fit."""
+    num_blocks, layout_type, alignment = layout.num_blocks, layout.layout_type, layout.alignment
     per_block = model.bytes_per_block
-    total = num_blocks * per_block
+    total = span_bytes(model, num_blocks, layout_type, alignment)
+    low, high = 0, num_blocks  # the most blocks that fit: span_bytes grows with the count
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (
+            (middle, high) if span_bytes(model, middle, layout_type, alignment) <= MAX_BYTES else (low, middle - 1)
+        )
+    padding = "" if total == num_blocks * per_block else " with their alignment padding"
     return Problem(
         ("num_blocks",),
-        f"{num_blocks} blocks of {per_block} bytes need {total} bytes, more than the "
-        f"{MAX_BYTES} bytes (2**63 - 1) memory and files can span; lower num_blocks to at most "
-        f"{MAX_BYTES // per_block}, or make the blocks smaller (page_size, inner_dim, num_layers)",
+        f"{num_blocks} blocks of {per_block} bytes need {total} bytes{padding}, more than the "
+        f"{MAX_BYTES} bytes (2**63 - 1) memory and files can span; lower num_blocks to at most {low}, "
+        "or make the blocks smaller (page_size, inner_dim, num_layers)",
     )
 
 

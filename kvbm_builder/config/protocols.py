@@ -11,6 +11,7 @@ import enum
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError, Problem, show
+from .names import name_key
 
 
 class StorageKind(enum.Enum):
@@ -30,10 +31,9 @@ class StorageKind(enum.Enum):
         """
         if isinstance(value, StorageKind):
             return value
-        if isinstance(value, str):
-            found = _KIND_NAMES.get(value.strip().lower())
-            if found is not None:
-                return found
+        found = _KIND_NAMES.get(name_key(value, trim=True) or "")
+        if found is not None:
+            return found
         accepted = ", ".join(kind.value for kind in cls)
         raise ConfigError([Problem((), f"must be a storage kind ({accepted}), got {show(value)}")])
 

@@ -13,6 +13,7 @@ import attrs
 from ..errors import ConfigError, Problem, show
 from ._builder import Builder
 from .fields import U64_MAX, Rule, Validated, duck, field, instance, integer, spelled
+from .names import name_key
 
 if TYPE_CHECKING:
     import asyncio
@@ -112,7 +113,7 @@ class NixlOptions:
         """``"enabled"`` or ``"disabled"`` (any case, spaces around ignored), or NixlOptions itself."""
         if isinstance(value, NixlOptions):
             return value
-        word = value.strip().lower() if isinstance(value, str) else None
+        word = name_key(value, trim=True)
         if word in ("enabled", "disabled"):
             return cls.ENABLED if word == "enabled" else cls.DISABLED
         if word is not None and word.replace("_", "").replace("-", "") == "enabledwithagent":

@@ -9,6 +9,7 @@ import re
 from fractions import Fraction
 
 from ..errors import ConfigError, Problem, show
+from .names import SPACE_CLASS
 
 GB = 10**9
 GiB = 2**30
@@ -30,9 +31,9 @@ _UNITS = {
 }
 #: A plain non-negative decimal number: ``4``, ``0.5``, ``.75``, ``1e3``.
 NUMBER = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?"
-#: A size as text: a number, then a unit (B, KB..TB, KiB..TiB, any case), spaces allowed around each.
-SIZE_PATTERN = rf"^\s*{NUMBER}\s*([kKmMgGtT][iI]?[bB]|[bB])?\s*$"
-_SIZE = re.compile(rf"^\s*{NUMBER}\s*([A-Za-z]*)\s*$")
+#: A size as text: a number, then a unit (B, KB..TB, KiB..TiB, any case), ASCII spaces allowed around each.
+SIZE_PATTERN = rf"^{SPACE_CLASS}*{NUMBER}{SPACE_CLASS}*([kKmMgGtT][iI]?[bB]|[bB])?{SPACE_CLASS}*$"
+_SIZE = re.compile(rf"^{SPACE_CLASS}*{NUMBER}{SPACE_CLASS}*([A-Za-z]*){SPACE_CLASS}*$")
 _NUMBER = re.compile(NUMBER)
 
 # Past these, text is no size anyone means, and exact arithmetic on it could take minutes (1e999999999)

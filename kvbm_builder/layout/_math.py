@@ -12,16 +12,16 @@ from typing import Any, ClassVar
 import attrs
 
 from ..config.fields import Validated, same_as
-from ..config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate, LayoutType
+from ..config.layout import FullyContiguous, KvManagerLayoutConfig, LayerSeparate, LayoutType, span_bytes
 from ..config.model import KvManagerModelConfig
 from ..config.sizes import MAX_BYTES as MAX_BYTES
 from ..config.sizes import align_up as align_up
-from ..errors import ConfigError, LayoutError, LayoutIndexError, Problem
+from ..errors import ConfigError, LayoutError, LayoutIndexError, Problem, show
 
 
 def _checked(axis: str, value: int, bound: int) -> int:
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise LayoutError(f"{axis} index must be an integer, got {value!r} ({type(value).__name__})")
+        raise LayoutError(f"{axis} index must be an integer, got {show(value)}")
     index = operator.index(value)
     if not 0 <= index < bound:
         raise LayoutIndexError(axis, index, bound)
@@ -129,8 +129,9 @@ class LayoutSpec(Validated):
 
     @property
     def total_bytes(self) -> int:
-        """Bytes requested from the allocator for the whole tier."""
-        return self.num_allocations * self.allocation_bytes
+        """Bytes requested from the allocator for the whole tier (``num_allocations * allocation_bytes``): the
+        configuration's own rule, :func:`~kvbm_builder.config.layout.span_bytes`."""
+        return span_bytes(self, self.num_blocks, self.layout_type, self.alignment)
 
     @property
     def block_bytes(self) -> int:

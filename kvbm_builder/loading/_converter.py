@@ -26,13 +26,13 @@ from cattrs.gen.typeddicts import make_dict_structure_fn
 
 from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
 from ..config.consolidator import KvEventConsolidatorConfig
-from ..config.fields import KEY, Validated, specs
-from ..config.layout import CHOICES, BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType
+from ..config.fields import KEY, U64_MAX, Validated, specs
+from ..config.layout import CHOICES, BlockParallelismStrategy, KvManagerLayoutConfig, LayoutType, span_bytes
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
 from ..config.runtime import KvManagerRuntimeConfig, NixlMode, NixlOptions
-from ..config.sizes import parse_size
+from ..config.sizes import MAX_BYTES, parse_size
 from ..errors import ConfigError, Problem, RuntimeObjectError, RuntimeObjectWarning, UninitializedFieldError, show
 
 __all__ = ["LOADABLE", "budget_blocks", "converter", "document_error", "dump", "load", "tier_from_table"]
@@ -310,12 +310,11 @@ def budget_blocks(
             ("size",), f"{size} bytes hold no whole block of {block_bytes} bytes; raise it, or give num_blocks"
         )
     count: int = size // block_bytes
-    if count * block_bytes > 1 << 62:  # below this, padding before each allocation cannot pass 2**63 - 1 bytes
-        try:
-            _spec(model, count, *shape)
-        except ConfigError as err:
-            whole = [p for p in err.problems if not p.path]
-            return Problem(("size",), f"{count} blocks are too many: {whole[0].message}; lower the size")
+    if count * block_bytes > 1 << 62 and (count > U64_MAX or span_bytes(model, count, *cast(Any, shape)) > MAX_BYTES):
+        # (below 2**62 bytes, no padding can pass 2**63 - 1)
+        blocks = "more than 2**64" if count > U64_MAX else str(count)
+        why = f"holds {blocks} blocks of {block_bytes} bytes, more than the {MAX_BYTES} bytes (2**63 - 1) memory"
+        return Problem(("size",), f"{why} and files can span, alignment padding included; lower the size")
     return count
 
 

@@ -18,6 +18,7 @@ from ..config.consolidator import KvEventConsolidatorConfig
 from ..config.fields import KEY, Spec
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
+from ..config.names import SPACE_CLASS
 from ..config.protocols import Tier
 from ..config.runtime import KvManagerRuntimeConfig
 from ..config.sizes import SIZE_PATTERN
@@ -43,24 +44,30 @@ def name_pattern(words: tuple[str, ...], style: str) -> str:
         stems = ["[-_]*".join(_letter(ch, style) for ch in word if ch not in "-_") for word in words]
         return f"^[-_]*({'|'.join(stems)})[-_]*$"
     stems = ["".join(_letter(ch, style) for ch in word) for word in words]
-    return f"^\\s*({'|'.join(stems)})\\s*$"
+    return f"^{SPACE_CLASS}*({'|'.join(stems)}){SPACE_CLASS}*$"
 
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/$defs/{name}"}
 
 
-_LAYER_SEPARATE = {
+# upstream's serialized form of a layout, as a table: {"LayerSeparate": {"outer_contiguous": b}} or
+# {"FullyContiguous": null} (the names read as the string form's)
+_LAYOUT_TABLE = {
     "type": "object",
-    "properties": {
-        "LayerSeparate": {
+    "minProperties": 1,
+    "maxProperties": 1,
+    "patternProperties": {
+        name_pattern(("LayerSeparate",), "words"): {
             "type": "object",
             "properties": {"outer_contiguous": {"type": "boolean"}},
             "required": ["outer_contiguous"],
             "additionalProperties": False,
-        }
+        },
+        name_pattern(("FullyContiguous",), "words"): {
+            "anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False}]
+        },
     },
-    "required": ["LayerSeparate"],
     "additionalProperties": False,
 }
 
@@ -73,7 +80,7 @@ def _facets(schema: dict[str, Any]) -> dict[str, Any]:
     if names is not None:
         out = {"type": "string", "pattern": name_pattern(*names), "examples": list(names[0])}
         if names[0][0] == "FullyContiguous":
-            out = {"anyOf": [out, _LAYER_SEPARATE]}
+            out = {"anyOf": [out, _LAYOUT_TABLE]}
     cls = out.pop("class", None)
     if cls is not None:
         out = _ref(_NAMES.get(cls, cls.__name__))

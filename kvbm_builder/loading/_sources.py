@@ -127,25 +127,38 @@ def argument_changes(overrides: Mapping[str, object]) -> tuple[list[Change], lis
                 Problem(("$arg", show(key, typed=False)), "must be a dotted path such as 'host_layout.size'")
             )
         else:
-            changes.append(Change(path, value, "argument"))
+            changes.append(Change(path, value, ARGUMENT))
     return changes, problems
 
 
+ARGUMENT = "argument"  # the source of every explicit argument
 _SIBLING = {"size": "num_blocks", "num_blocks": "size"}  # a tier takes exactly one of the two
 _TIER_SLOTS = {tier.slot for tier in Tier}
 
 
-def apply_changes(document: Mapping[str, Any], changes: Iterable[Change], origins: dict[Path, str]) -> dict[str, Any]:
-    """``document`` with ``changes`` made, copying only the tables on their paths; ``origins`` records who set what.
+def apply_changes(
+    document: Mapping[str, Any], changes: Iterable[Change], origins: dict[Path, str]
+) -> tuple[dict[str, Any], list[Problem]]:
+    """``document`` with ``changes`` made, copying only the tables on their paths; ``origins`` records which change
+    set what (what no change set, the document did). Also the problems of changes that could not be made.
 
-    A change goes through tables only: where its path meets a value that is not a table (``host_layout:
-    ["garbage"]``), that value is left in place, so that its own error is reported, and the change is dropped."""
+    A change goes through tables only: one whose path meets a value that is not a table is not made. An argument's
+    is then a problem of its own (``--set model.num_layers.x=5``: ``num_layers`` may be fine); a variable's path
+    only meets a tier (``host_layout = 3``), whose own error is reported. Removing (``None``) what is not there
+    does nothing, and makes no table on the way."""
     out = dict(document)
+    problems: list[Problem] = []
     for change in changes:
         table = out
-        for key in change.path[:-1]:
+        for depth, key in enumerate(change.path[:-1]):
             inner = table.get(key)
+            if inner is None and change.value is None:
+                break  # nothing there to remove
             if inner is not None and not isinstance(inner, Mapping):
+                if change.source == ARGUMENT:
+                    where = ".".join(change.path[: depth + 1])
+                    why = f"cannot set a value inside {where}: it is {show(inner)}, not a table"
+                    problems.append(Problem(("$arg", ".".join(change.path)), why))
                 break
             table[key] = {} if inner is None else dict(inner)
             table = table[key]
@@ -165,14 +178,29 @@ def apply_changes(document: Mapping[str, Any], changes: Iterable[Change], origin
             else:
                 table[last] = change.value
                 origins[change.path] = change.source
-    return out
+    return out, problems
 
 
-def leaf_paths(value: object, prefix: Path = (), depth: int = 6) -> Iterable[Path]:
-    """Paths of the values in a document (a table deeper than ``depth`` counts as one value)."""
-    if isinstance(value, Mapping) and depth > 0:  # an empty table sets nothing
+_ABSENT = object()
+
+
+def value_at(document: object, path: Path) -> object:
+    """The value at ``path`` in ``document``, or the value that stands where a table on the way was expected (a
+    layout given by name, where the dict form has a table); ``_ABSENT`` when there is none. Walks only the path."""
+    for key in path:
+        if not isinstance(document, Mapping):
+            return document
+        document = document.get(key, _ABSENT)
+        if document is _ABSENT:
+            break
+    return document
+
+
+def leaf_paths(value: object, prefix: Path = ()) -> Iterable[Path]:
+    """Paths of the values in a dumped config (an empty table holds none)."""
+    if isinstance(value, Mapping):
         for key, inner in value.items():
-            yield from leaf_paths(inner, (*prefix, str(key)), depth - 1)
+            yield from leaf_paths(inner, (*prefix, str(key)))
     elif prefix:
         yield prefix
 
@@ -246,14 +274,13 @@ def resolve(
     Raises one :class:`~kvbm_builder.errors.ConfigError` with every problem of every layer (absolute paths).
     """
     base: Mapping[str, Any] = {} if document is None else document
-    origins: dict[Path, str] = {}
+    origins: dict[Path, str] = {}  # who set what; what no change set, the document did
     problems: list[Problem] = []
     if isinstance(base, Mapping):
-        origins.update(dict.fromkeys(leaf_paths(base), origin))
         env, env_problems = env_changes(base, environ)
         args, arg_problems = argument_changes(overrides or {})
-        problems += env_problems + arg_problems
-        base = apply_changes(base, [*env, *args], origins)
+        base, blocked = apply_changes(base, [*env, *args], origins)
+        problems += env_problems + arg_problems + blocked
     settings = None
     try:
         settings = settings_from_env(environ)
@@ -269,16 +296,31 @@ def resolve(
     if problems or config is None or settings is None:
         unique = dict.fromkeys(problems)
         raise UninitializedFieldError(unique, "", missing) if missing else ConfigError(unique, "")
-    return Resolved(config, settings, _sources(dump(config), base, origins))
+    return Resolved(config, settings, _sources(dump(config), base, origins, origin))
 
 
-def _sources(dumped: Mapping[str, Any], document: Mapping[str, Any], origins: Mapping[Path, str]) -> dict[str, str]:
+def _sources(
+    dumped: Mapping[str, Any], document: Mapping[str, Any], origins: Mapping[Path, str], origin: str
+) -> dict[str, str]:
+    """Where each value of ``dumped`` came from: the change that set it (or a table around it), else ``origin``
+    when ``document`` holds it, else the default. Only the paths of the dumped config are looked up: a document's
+    own values are never walked (YAML's aliases can make a small document stand for billions of them)."""
+
+    def source_of(path: Path) -> str | None:
+        found = next((origins[path[:end]] for end in range(len(path), 0, -1) if path[:end] in origins), None)
+        if found is None:
+            given = value_at(document, path)
+            return origin if given is not _ABSENT and not isinstance(given, Mapping) else None
+        return found
+
     sources: dict[str, str] = {}
     for path in leaf_paths(dumped):
-        source = next((origins[path[:end]] for end in range(len(path), 0, -1) if path[:end] in origins), None)
+        source = source_of(path)
         size_path = (*path[:-1], "size")
-        if source is None and path[-1] == "num_blocks" and size_path in origins:
-            source = f"{origins[size_path]}, from size = {show(document[path[0]]['size'], typed=False)}"
+        if source is None and path[-1] == "num_blocks":
+            size_source = source_of(size_path)
+            if size_source is not None:
+                source = f"{size_source}, from size = {show(value_at(document, size_path), typed=False)}"
         sources[".".join(path)] = source or "default"
     return sources
 
@@ -337,7 +379,7 @@ def _changed_tier(
     layout: KvManagerLayoutConfig[Any] | None, changes: list[Change], model: KvManagerModelConfig, tier: Tier
 ) -> KvManagerLayoutConfig[Any]:
     if layout is None:  # a tier the variables create, as they would in a document
-        table = apply_changes({}, changes, {})[tier.slot]
+        table = apply_changes({}, changes, {})[0][tier.slot]
         return tier_from_table(TIER_VIEWS[tier].table(table), model, tier)
     kwargs: dict[str, Any] = {}
     for change in changes:

@@ -16,6 +16,8 @@ HOST_REGISTER_PORTABLE = 0x01
 #: cudaHostAllocPortable / cudaHostAllocWriteCombined
 HOST_ALLOC_PORTABLE = 0x01
 HOST_ALLOC_WRITE_COMBINED = 0x04
+#: cudaMemoryTypeHost, as cudaPointerGetAttributes reports page-locked host memory
+MEMORY_TYPE_HOST = 1
 #: cudaErrorMemoryAllocation
 ERROR_MEMORY_ALLOCATION = 2
 #: cudaErrorHostMemoryNotRegistered: cudaHostUnregister of a range CUDA does not hold
@@ -80,3 +82,13 @@ def gpu_numa_node(device_id: int) -> int | None:
         return _host.pci_numa_node(_host.sysfs_pci_name(bus_id))
     except Exception:
         return None
+
+
+def is_registered_host(addr: int) -> bool:
+    """Whether CUDA holds ``addr`` as page-locked (registered or cudaHostAlloc) host memory."""
+    import cupy
+
+    try:
+        return int(cupy.cuda.runtime.pointerGetAttributes(addr).type) == MEMORY_TYPE_HOST
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return False

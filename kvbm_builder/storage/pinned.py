@@ -103,7 +103,8 @@ class PinnedStorage(_host.HostStorage):
         self._numa_node = numa_node
         self._populate_method = populate_method
         self._phase_seconds = dict(phase_seconds or {})
-        self._freed = False  # cudaFreeHost (host_alloc) or cudaHostUnregister (register) was called
+        self._freed = False  # cudaFreeHost (host_alloc) or cudaHostUnregister (register) went through
+        self._unregister_tried = False  # a close() reached cudaHostUnregister (it may have been interrupted)
 
     @property
     def gpu(self) -> int:
@@ -142,10 +143,15 @@ class PinnedStorage(_host.HostStorage):
                 self._host_memory = None
             return
         if not self._freed:
-            # marked first: if close() is interrupted after the call, a retry must not unregister an address
-            # CUDA may have handed out again (a failure is logged: CUDA offers no way to retry it)
+            # Our mapping still covers the range, so no other registration can: after an interrupted close() ask
+            # CUDA whether the call got through, and unregister what it still holds (never twice, never leaving a
+            # registration behind an unmapped range, which would make CUDA refuse the next mapping there).
+            ptrs = self._registered
+            if self._unregister_tried:
+                ptrs = tuple(ptr for ptr in ptrs if _cuda.is_registered_host(ptr))
+            self._unregister_tried = True
+            _unregister(cupy, self._gpu, ptrs)  # a failure is logged: CUDA offers no way to retry it
             self._freed = True
-            _unregister(cupy, self._gpu, self._registered)
         self._mapping.unmap()
 
     def _exported(self) -> tuple[object, int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,8 @@ import pytest
 from budget import fuzz
 from hypothesis import given
 from hypothesis import strategies as st
-from syscalls import Holdings, Syscalls, frozen_heap, nixl_still_holds, watchdog
+from storage_cases import workspace
+from syscalls import Holdings, Syscalls, nixl_still_holds, watchdog
 
 from kvbm_builder import (
     DiskAllocator,
@@ -49,22 +49,8 @@ NOT_NUMERIC = [object, "M8[s]", "?", "U1", "S1", [("a", "u1")], "V1"]
 @pytest.fixture(scope="module")
 def work() -> Iterator[tuple[Path, Any]]:
     """A directory with ``d0/cache`` and ``d1/cache``, and a caller's NIXL agent (UCX, POSIX) when nixl is there."""
-    try:
-        from nixl._api import nixl_agent, nixl_agent_config
-
-        agent = nixl_agent("fuzz-manager", nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"]))
-    except ImportError:
-        agent = None
-    with tempfile.TemporaryDirectory(prefix="kvbm-fuzz-manager-") as base:
-        root = Path(base)
-        for name in ("d0", "d1"):
-            (root / name / "cache").mkdir(parents=True)
-        cwd = os.getcwd()
-        try:
-            with frozen_heap():
-                yield root, agent
-        finally:
-            os.chdir(cwd)
+    with workspace("kvbm-fuzz-manager-", ("d0/cache", "d1/cache"), agent="fuzz-manager") as made:
+        yield made
 
 
 def piece(views: list[Any], layout: Any, block: int, layer: int, outer: int) -> Any:

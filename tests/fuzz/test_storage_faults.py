@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -22,10 +21,10 @@ from typing import Any
 
 import pytest
 from budget import fuzz
-from cases import KINDS, Case, closed
 from hypothesis import given
 from hypothesis import strategies as st
-from syscalls import Holdings, Syscalls, any_page_mapped, frozen_heap, nixl_still_holds, os_error, watchdog
+from storage_cases import KINDS, Case, closed, workspace
+from syscalls import Holdings, Syscalls, any_page_mapped, nixl_still_holds, os_error, watchdog
 
 from kvbm_builder import DiskAllocator, KvbmError, SystemAllocator
 from kvbm_builder.manager import ReleaseError
@@ -51,22 +50,8 @@ FAULTS: dict[str, list[int]] = {
 
 @pytest.fixture(scope="module")
 def work() -> Iterator[tuple[Path, Any]]:
-    try:
-        from nixl._api import nixl_agent, nixl_agent_config
-
-        agent = nixl_agent("fuzz-faults", nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"]))
-    except ImportError:
-        agent = None
-    with tempfile.TemporaryDirectory(prefix="kvbm-fuzz-faults-") as base:
-        root = Path(base)
-        (root / "cache").mkdir()
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
-            with frozen_heap():
-                yield root, agent
-        finally:
-            os.chdir(cwd)
+    with workspace("kvbm-fuzz-faults-", agent="storage-faults") as made:
+        yield made
 
 
 def only_kvbm_errors(action: Callable[[], Any]) -> tuple[Any, KvbmError | None]:

@@ -9,8 +9,6 @@ time. ``tests/test_interrupts.py`` walks every step of a few fixed cases; this d
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,32 +16,18 @@ from typing import Any
 
 import pytest
 from budget import fuzz
-from cases import KINDS, Case, closed, still_usable
 from hypothesis import given
 from hypothesis import strategies as st
-from syscalls import Holdings, Injected, Syscalls, frozen_heap, nixl_still_holds, watchdog
+from storage_cases import KINDS, Case, closed, still_usable, workspace
+from syscalls import Holdings, Injected, Syscalls, nixl_still_holds, watchdog
 
 from kvbm_builder.nixl import NixlRegistry
 
 
 @pytest.fixture(scope="module")
 def work() -> Iterator[tuple[Path, Any]]:
-    try:
-        from nixl._api import nixl_agent, nixl_agent_config
-
-        agent = nixl_agent("fuzz-interrupts", nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"]))
-    except ImportError:
-        agent = None
-    with tempfile.TemporaryDirectory(prefix="kvbm-fuzz-interrupts-") as base:
-        root = Path(base)
-        (root / "cache").mkdir()
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
-            with frozen_heap():
-                yield root, agent
-        finally:
-            os.chdir(cwd)
+    with workspace("kvbm-fuzz-interrupts-", agent="storage-interrupts") as made:
+        yield made
 
 
 @fuzz()

@@ -27,7 +27,8 @@ import pytest
 from budget import fuzz
 from hypothesis import given
 from hypothesis import strategies as st
-from syscalls import Holdings, Syscalls, frozen_heap, watchdog
+from storage_cases import workspace
+from syscalls import Holdings, Syscalls, watchdog
 
 from kvbm_builder import DiskAllocator, KvbmError
 from kvbm_builder.errors import DiskStorageError, LayoutError
@@ -56,16 +57,8 @@ class View:
 
 @pytest.fixture(scope="module")
 def work() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="kvbm-fuzz-storage-") as base:
-        root = Path(base)
-        for name in ("d0", "d1"):
-            (root / name / "cache").mkdir(parents=True)
-        cwd = os.getcwd()
-        try:
-            with frozen_heap():
-                yield root
-        finally:
-            os.chdir(cwd)
+    with workspace("kvbm-fuzz-storage-", ("d0/cache", "d1/cache")) as (root, _):
+        yield root
 
 
 def payload(rng: random.Random, max_size: int, min_size: int = 0) -> bytes:

@@ -1,13 +1,19 @@
-"""What the interrupt and fault families allocate: a storage or a manager described by a seed, made and released the
-same way every time, so that the calls of one making or release can be counted and then one of them hit."""
+"""What the interrupt and fault tests allocate: a storage or a manager described by a seed, made and released the
+same way every time, so that the calls of one making or release can be counted and then one of them hit; and the
+working directory a fuzz module runs in."""
 
 from __future__ import annotations
 
 import errno
 import os
 import random
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from syscalls import frozen_heap
 
 from kvbm_builder import (
     DiskAllocator,
@@ -24,6 +30,34 @@ from kvbm_builder.storage import PinTuning, allocate_disk, allocate_system, pinn
 
 MiB = 2**20
 KINDS = ("system", "disk", "pinned-cpu", "manager")
+
+
+@contextmanager
+def workspace(
+    prefix: str, subdirs: tuple[str, ...] = ("cache",), agent: str | None = None
+) -> Iterator[tuple[Path, Any]]:
+    """A temporary directory with ``subdirs`` made, as the working directory, and (when ``agent`` names one and nixl is
+    installed) a caller's NIXL agent with UCX and POSIX, for a whole fuzz module; the heap is frozen meanwhile."""
+    made = None
+    if agent is not None:
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+
+            # no progress thread: it spins a whole core for as long as the agent lives
+            made = nixl_agent(agent, nixl_agent_config(enable_prog_thread=False, backends=["UCX", "POSIX"]))
+        except ImportError:
+            pass
+    with tempfile.TemporaryDirectory(prefix=prefix) as base:
+        root = Path(base)
+        for name in subdirs:
+            (root / name).mkdir(parents=True)
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            with frozen_heap():
+                yield root, made
+        finally:
+            os.chdir(cwd)
 
 
 class PinnedCpuSteps:
