@@ -886,31 +886,50 @@ class OffloadManager:
         if not isinstance(to, Tier):
             raise OffloadError(f"onboard's `to` must be a Tier (G1 or G2), got {to!r}")
         dst_pool = self.pool(to)
-        if blocks:
-            for tier in {block.tier for block in blocks}:
-                if _LEVEL[tier] <= _LEVEL[to]:
-                    raise OffloadError(f"onboard moves blocks up: the {tier.words} is not below the {to.words}")
-            self._tier_of(blocks, "onboard", one_tier=False)
-        hashes = [block.sequence_hash for block in blocks]
+        tiers = self._tiers_of(blocks, "onboard") if blocks else []
+        for tier in tiers:
+            if _LEVEL[tier] <= _LEVEL[to]:
+                raise OffloadError(f"onboard moves blocks up: the {tier.words} is not below the {to.words}")
         out: list[ImmutableBlock | None] = []
         slots: SlotGroup | None = None
         groups: list[tuple[Tier, _Group]] = []
         held: list[BlockGroup | SlotGroup] = []
         try:
+            # every block held while this works (and its hash read from the group): from one tier, or from each
+            if len(tiers) == 1:
+                where = {tiers[0]: list(range(len(blocks)))}
+            else:
+                where = {tier: [] for tier in tiers}
+                for k, block in enumerate(blocks):
+                    where[block.tier].append(k)
+            sources_by_tier = {tier: self._pools[tier].hold([blocks[k] for k in where[tier]]) for tier in tiers}
+            held = list(sources_by_tier.values())
+            hashes = [0] * len(blocks)
+            for tier, positions in where.items():
+                for k, sequence_hash in zip(positions, sources_by_tier[tier].sequence_hashes, strict=True):
+                    hashes[k] = sequence_hash
             out = dst_pool.find(hashes)  # blocks ``to`` already holds are matched, not copied
-            need = [k for k, found in enumerate(out) if found is None]
-            slots = dst_pool.allocate_group(len(need))
-            by_tier: dict[Tier, list[int]] = {}  # source tier -> positions in ``need``
-            for j, k in enumerate(need):
-                by_tier.setdefault(blocks[k].tier, []).append(j)
-            tiers = sorted(by_tier, key=_LEVEL.__getitem__)
-            slot_parts = [slots] if len(tiers) == 1 else slots.partition([by_tier[tier] for tier in tiers])
-            held = list(slot_parts)
-            for tier, part in zip(tiers, slot_parts, strict=True):
-                members = [need[j] for j in by_tier[tier]]
-                sources = self._pools[tier].hold([blocks[k] for k in members])
-                held.append(sources)
-                groups.append((tier, _Group(members, sources, part)))
+            needed = {tier: [j for j, k in enumerate(where[tier]) if out[k] is None] for tier in tiers}
+            slots = dst_pool.allocate_group(sum(len(js) for js in needed.values()))
+            copied = [tier for tier in tiers if needed[tier]]
+            at = 0
+            parts = []
+            for tier in copied:
+                parts.append(list(range(at, at + len(needed[tier]))))
+                at += len(parts[-1])
+            slot_parts = [slots] if len(copied) == 1 else slots.partition(parts) if copied else []
+            held += slot_parts
+            for tier, part in zip(copied, slot_parts, strict=True):
+                sources, positions = sources_by_tier[tier], where[tier]
+                if len(needed[tier]) < len(positions):  # some are in ``to`` already: hold only what is copied
+                    others = sorted(set(range(len(positions))) - set(needed[tier]))
+                    sources, rest = sources.partition([needed[tier], others])
+                    rest.release()
+                    held.append(sources)
+                groups.append((tier, _Group([positions[j] for j in needed[tier]], sources, part)))
+            for tier in tiers:
+                if tier not in copied:
+                    sources_by_tier[tier].release()
         except BaseException:
             dst_pool.release_all([b for b in out if b is not None])
             _release(slots, *held)
@@ -1080,7 +1099,16 @@ class OffloadManager:
         if self._token.is_cancelled():
             raise OffloadError(f"cannot {what}: the manager's cancellation token was cancelled")
 
-    def _tier_of(self, blocks: Sequence[ImmutableBlock], what: str, *, one_tier: bool = True) -> Tier:
+    def _tier_of(self, blocks: Sequence[ImmutableBlock], what: str) -> Tier:
+        tiers = self._tiers_of(blocks, what)
+        if len(tiers) > 1:
+            raise OffloadError(
+                f"{what} moves blocks of one tier at a time; got blocks of {', '.join(t.name for t in tiers)}"
+            )
+        return tiers[0]
+
+    def _tiers_of(self, blocks: Sequence[ImmutableBlock], what: str) -> list[Tier]:
+        """The tiers of ``blocks`` (G1 first), each a pool of this manager; every block registered and held."""
         tiers = set()
         checked: BlockPool | None = None  # blocks come in runs of one pool: check each pool once per run
         for block in blocks:
@@ -1094,11 +1122,7 @@ class OffloadManager:
                 checked = pool
             if block.released:
                 raise OffloadError(f"{block!r} was released; {what} needs blocks that are held")
-        if one_tier and len(tiers) > 1:
-            raise OffloadError(
-                f"{what} moves blocks of one tier at a time; got blocks of {', '.join(sorted(t.name for t in tiers))}"
-            )
-        return tiers.pop()
+        return sorted(tiers, key=_LEVEL.__getitem__)
 
     def _stopped_error(self, src_tier: Tier, dst_tier: Tier, count: int, step: str) -> TransferError:
         return TransferError(
