@@ -697,16 +697,15 @@ class BlockPool:
                     self._delivering = False
 
 
-class _Handle:
-    __slots__ = ("__weakref__", "_block_id", "_fate", "_pool", "_slot")
+class _Owned:
+    """What block handles and groups share: their pool, a fate once used up, release at the end of a ``with``
+    block, and a return to the pool (with a ResourceWarning) when garbage-collected unreleased."""
 
-    _kind = "block"
+    __slots__ = ("__weakref__", "_fate", "_pool")
 
-    def __init__(self, pool: BlockPool, slot: _Slot) -> None:
+    def __init__(self, pool: BlockPool) -> None:
         self._pool = pool
-        self._slot = slot
-        self._block_id = slot.block_id
-        self._fate: str | None = None  # "released" or "registered" once the handle is used up
+        self._fate: str | None = None  # how it was used up ("released", "registered", ...)
 
     @property
     def tier(self) -> Tier:
@@ -718,7 +717,45 @@ class _Handle:
 
     @property
     def released(self) -> bool:
+        """Used up: released, or turned into other handles (registered, partitioned, joined, handed out)."""
         return self._fate is not None
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def _return_dropped(self) -> None:
+        """From ``__del__``: queue what it holds for the pool's next operation (no lock may be taken here)."""
+        raise NotImplementedError
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fate is None:
+            self.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fate", "gone") is None:
+            try:
+                self._return_dropped()
+                warnings.warn(
+                    f"{self!r} was garbage-collected without release(); returned to the pool",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+            except Exception:  # nothing can be reported from a finalizer at interpreter exit
+                pass
+
+
+class _Handle(_Owned):
+    __slots__ = ("_block_id", "_slot")
+
+    _kind = "block"
+
+    def __init__(self, pool: BlockPool, slot: _Slot) -> None:
+        self._pool = pool
+        self._slot = slot
+        self._block_id = slot.block_id
+        self._fate = None  # "released" or "registered" once the handle is used up
 
     @property
     def block_id(self) -> int:
@@ -737,23 +774,8 @@ class _Handle:
                 + ("; use the ImmutableBlock that register() returned" if self._fate == "registered" else "")
             )
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._fate is None:
-            self.release()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fate", "gone") is None:
-            try:
-                self._pool._dropped_handle(self)
-                warnings.warn(
-                    f"{self!r} was garbage-collected without release(); returned to the pool",
-                    ResourceWarning,
-                    stacklevel=1,
-                )
-            except Exception:  # nothing can be reported from a finalizer at interpreter exit
-                pass
+    def _return_dropped(self) -> None:
+        self._pool._dropped_handle(self)
 
     def __repr__(self) -> str:
         state = f", {self._fate}" if self._fate else ""
@@ -807,28 +829,15 @@ class ImmutableBlock(_Handle):
         return self
 
 
-class _Group:
+class _Group(_Owned):
     """Several blocks of one pool as one handle: no object per block, one lock acquisition per operation."""
 
-    __slots__ = ("__weakref__", "_fate", "_pool", "_slots")
+    __slots__ = ("_slots",)
 
     def __init__(self, pool: BlockPool, slots: list[_Slot]) -> None:
         self._pool = pool
         self._slots = slots
-        self._fate: str | None = None  # "released", "registered", "partitioned", "joined", "handed out"
-
-    @property
-    def tier(self) -> Tier:
-        return self._pool.tier
-
-    @property
-    def pool(self) -> BlockPool:
-        return self._pool
-
-    @property
-    def released(self) -> bool:
-        """Used up: released, or turned into other handles (registered, partitioned, joined, handed out)."""
-        return self._fate is not None
+        self._fate = None  # "released", "registered", "partitioned", "joined", "handed out"
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -862,23 +871,8 @@ class _Group:
     def __enter__(self: G) -> G:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._fate is None:
-            self.release()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fate", "gone") is None:
-            try:
-                self._pool._dropped_group(self)
-                warnings.warn(
-                    f"{self!r} was garbage-collected without release(); returned to the pool",
-                    ResourceWarning,
-                    stacklevel=1,
-                )
-            except Exception:  # nothing can be reported from a finalizer at interpreter exit
-                pass
+    def _return_dropped(self) -> None:
+        self._pool._dropped_group(self)
 
     def __repr__(self) -> str:
         state = f", {self._fate}" if self._fate else ""
