@@ -77,7 +77,7 @@ def test_one_onboard_takes_blocks_of_the_host_and_the_disk_at_once(tmp_path: Pat
             release(manager.onboard_sync(found.disk[2:5], to="G2"))  # three of them on the host too, inactive
         with manager.match(PROMPT[:32]) as found:
             assert (len(found.host), len(found.disk)) == (0, 8)  # a match continues where the tier above stopped
-            host_part = manager.pool(Tier.G2).match(hashes_of(manager, PROMPT[8:20]))
+            host_part = manager.pool(Tier.G2).match(hashes_of(manager, PROMPT[:32])[2:5])
             mixed = [*found.disk[:2], *host_part, *found.disk[5:]]  # disk, host, disk: in prefix order
             back = manager.onboard_sync(mixed)
             again = manager.onboard_sync(mixed)  # now all on the device: matched there, not copied
