@@ -600,10 +600,10 @@ class TransferEngine:
             finished = job.remaining == 0
             if self._inflight == 0:
                 self._idle.notify_all()
+        if pump:  # the next waiting batch starts first: a caller's completion work never leaves a slot idle
+            self._pump()
         if finished:
             self._complete(job)
-        if pump:
-            self._pump()
 
     def _complete(self, job: _Job) -> None:
         _close_fds(job)
