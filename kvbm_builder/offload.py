@@ -904,12 +904,18 @@ class OffloadManager:
                     where[block.tier].append(k)
             sources_by_tier = {tier: self._pools[tier].hold([blocks[k] for k in where[tier]]) for tier in tiers}
             held = list(sources_by_tier.values())
-            hashes = [0] * len(blocks)
-            for tier, positions in where.items():
-                for k, sequence_hash in zip(positions, sources_by_tier[tier].sequence_hashes, strict=True):
-                    hashes[k] = sequence_hash
+            if len(tiers) == 1:
+                hashes = sources_by_tier[tiers[0]].sequence_hashes
+            else:
+                hashes = [0] * len(blocks)
+                for tier, positions in where.items():
+                    for k, sequence_hash in zip(positions, sources_by_tier[tier].sequence_hashes, strict=True):
+                        hashes[k] = sequence_hash
             out = dst_pool.find(hashes)  # blocks ``to`` already holds are matched, not copied
-            needed = {tier: [j for j, k in enumerate(where[tier]) if out[k] is None] for tier in tiers}
+            if out.count(None) == len(out):  # the usual case: every block is copied
+                needed = {tier: list(range(len(where[tier]))) for tier in tiers}
+            else:
+                needed = {tier: [j for j, k in enumerate(where[tier]) if out[k] is None] for tier in tiers}
             slots = dst_pool.allocate_group(sum(len(js) for js in needed.values()))
             copied = [tier for tier in tiers if needed[tier]]
             at = 0
