@@ -594,23 +594,24 @@ class OffloadManager:
                 reasons[i] = SkipReason.TARGET_FULL
             del kept[len(slots) :]
             wanted = [hashes[i] for i in kept]
-            going: list[int] = []  # positions in ``slots``
+            going: list[int] = []  # positions in ``slots`` claimed by this call
+            lost: list[int] = []  # positions whose hash another thread claimed meanwhile
             with self._lock:
                 if moving.isdisjoint(wanted):
                     moving.update(wanted)
-                    going = list(range(len(kept)))
                 else:
                     for j, i in enumerate(kept):
                         if hashes[i] in moving:  # another thread queued it meanwhile
                             reasons[i] = SkipReason.IN_FLIGHT
+                            lost.append(j)
                         else:
                             moving.add(hashes[i])
                             going.append(j)
+                    kept = [kept[j] for j in going]  # what this call claimed (and, if this raises, gives back)
                 claimed = True
-            if len(going) < len(kept):
-                slots, lost = slots.partition([going, sorted(set(range(len(kept))) - set(going))])
-                lost.release()
-                kept = [kept[j] for j in going]
+            if lost:
+                slots, extra = slots.partition([going, lost])
+                extra.release()
             if len(kept) < n:
                 sources, rest = blocks.partition([kept, sorted(set(range(n)) - set(kept))])
                 rest.release()
