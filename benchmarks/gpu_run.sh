@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything this project runs on the lent GPU machine, in one call (the device tool's `run`, carrying .whl):
 #   bash benchmarks/gpu_run.sh [tests] [gpu-tests] [quickstart] [examples] [pinned] [device] [all-tests] [transfer-tests]
-#                              [transfer]
+#                              [transfer] [offload]
 # Logs land in $OUT (the device tool brings them back). The wheels come from ../shared/gpu/wheels.sh.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/.site:$PWD PYTHONUNBUFFERED=1
 steps=${*:-tests quickstart pinned device}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader  # printed only: $OUT returns 8 files
 python3 -c "import sys, cupy, numpy; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"
 for step in $steps; do
   echo "=== $step"
@@ -27,6 +27,8 @@ for step in $steps; do
     transfer) python3 benchmarks/bench_transfer.py --out "$OUT" --disk-dir /tmp > "$OUT/bench_transfer_stdout.log" 2>&1
       python3 benchmarks/plot_transfer.py "$OUT/transfer.json" "$OUT/transfer_gbps.svg"
       tail -14 "$OUT/bench_transfer_stdout.log" ;;
+    offload) python3 benchmarks/bench_offload.py --gpu --disk-dir /tmp --json "$OUT/bench_offload.json" 2>&1 \
+      | tee "$OUT/bench_offload.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -6,7 +6,11 @@ Every block is compared with what was written, and each move's throughput is pri
 the same run on the same bytes: one large ``cudaMemcpy`` for device <-> host, a plain sequential O_DIRECT write or
 read of one file in the same directory for host <-> disk.
 
-    python examples/offload_roundtrip.py [--blocks N] [--disk-dir DIR]
+The throughput printed is the steady state: the round trip runs ``--warmup`` times (default once) on other blocks
+first, untimed but verified, so that what a process does once (first touches of the tiers' memory, the transfer
+engine's threads and buffers) is not counted; ``--warmup 0`` shows the first round instead.
+
+    python examples/offload_roundtrip.py [--blocks N] [--disk-dir DIR] [--warmup K]
 
 Blocks are 4 MiB (32 layers x K and V x 32 tokens x 1024 x bf16), as in issue 9's measurements.
 """
@@ -150,11 +154,17 @@ class RoundTripError(Exception):
 
 
 def round_trip(
-    manager: KvBlockManager, count: int, gpu: bool, after: Callable[[str], object] = lambda step: None
+    manager: KvBlockManager,
+    count: int,
+    gpu: bool,
+    after: Callable[[str], object] = lambda step: None,
+    *,
+    round_number: int = 0,
 ) -> list[tuple[str, float]]:
     """Fill ``count`` blocks of the top tier with known data, offload them down, evict everything above the disk,
     onboard them back and compare every byte; ``after(step)`` is called after each step (``fill``, ``offload``,
-    ``evict``, ``onboard``, ``verify``). Returns (move, seconds) rows; raises RoundTripError on a mismatch."""
+    ``evict``, ``onboard``, ``verify``). Each ``round_number`` moves other tokens (other hashes) and other data.
+    Returns (move, seconds) rows; raises RoundTripError on a mismatch."""
     top = Tier.G1 if gpu else Tier.G2
     if gpu:
         import cupy as xp
@@ -164,7 +174,7 @@ def round_trip(
     spans = Spans()
     manager.add_listener(spans)
     # 1. known data in the top tier, registered under the hashes of a token sequence
-    rng = np.random.default_rng(2026)
+    rng = np.random.default_rng(2026 + round_number)
     expected = [rng.integers(0, 2**16, (MODEL.num_layers, 2, 32, 1024), dtype=np.uint16) for _ in range(count)]
     slots = manager.allocate(top, count)
     for slot, data in zip(slots, expected, strict=True):
@@ -174,7 +184,8 @@ def round_trip(
         else:
             for layer, array in enumerate(arrays):
                 array[...] = xp.asarray(data[layer])
-    tokens = list(range(count * MODEL.page_size))
+    first = round_number * count * MODEL.page_size
+    tokens = list(range(first, first + count * MODEL.page_size))
     held = manager.register(slots, tokens=tokens)
     after("fill")
 
@@ -221,6 +232,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=None, help="blocks to move (default 64 with a GPU, 32 without)")
     parser.add_argument("--disk-dir", default=tempfile.gettempdir(), help="where the disk tier and ceiling file go")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed (but verified) rounds before the measured one")
     args = parser.parse_args()
     gpu = cuda_available()
     if not gpu:
@@ -230,6 +242,8 @@ def main() -> int:
 
     try:
         with build(count, args.disk_dir, gpu) as manager:
+            for warmup in range(args.warmup):
+                round_trip(manager, count, gpu, round_number=warmup + 1)
             rows = round_trip(manager, count, gpu)
             print(f"verified {count} blocks ({nbytes / 2**20:.0f} MiB) byte for byte after the round trip")
             stats = manager.stats()
@@ -243,7 +257,9 @@ def main() -> int:
     if gpu:
         d2h, h2d = copy_ceiling(nbytes)
         ceilings |= {"G1 -> G2": d2h, "G2 -> G1": h2d}
-    print(f"\n{'path':<18} {'GB/s':>7} {'ceiling GB/s':>13} {'ratio':>6}   ceiling: one cudaMemcpy, or sequential I/O")
+    state = f"steady state, after {args.warmup} warm-up round(s)" if args.warmup else "first round (no warm-up)"
+    print(f"\n{state}; ceiling: one cudaMemcpy, or sequential I/O, of the same bytes")
+    print(f"{'path':<18} {'GB/s':>7} {'ceiling GB/s':>13} {'ratio':>6}")
     for what, seconds in rows:
         ceiling = ceilings[what.split(" ", 1)[1]]
         print(f"{what:<18} {nbytes / seconds / 1e9:7.2f} {nbytes / ceiling / 1e9:13.2f} {ceiling / seconds:6.2f}")

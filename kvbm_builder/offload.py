@@ -6,9 +6,17 @@ moved by a :class:`~kvbm_builder.transfer.TransferEngine`. The rules are upstrea
 - **Offload**, per block: skip when the target tier already holds the hash (or a copy to it is under way): not a
   sighting for the filter; then ask the source tier's ``offload_filter``; then take a target slot (a full target
   tier skips the block and counts it, never silently); then queue it. Queued blocks go by priority (higher first,
-  first in first out within one priority), up to ``max_batch_blocks`` per transfer and ``max_concurrent``
-  transfers in flight. A completed copy registers the target block under the source block's hash (a store event);
-  a copy that landed in the host tier is then offered to the disk tier, through the host tier's filter.
+  first in first out within one priority; a caller's offloads before cascades to disk), as engine submits of up to
+  ``max_concurrent`` batches of ``max_batch_blocks``; per lane (copies through the GPU; host and disk copies) at
+  most ``2 * max_concurrent`` batches are out at once: those the engine copies, and as many waiting in it so that
+  it never idles between submits. A completed copy registers the target block under the source block's hash (a
+  store event); a copy that landed in the host tier is then offered to the disk tier, through the host tier's
+  filter, once the offload that made it is settled.
+- Each step is taken for all the blocks of a call (or of a transfer) at once: one lock acquisition per pool, the
+  blocks held as a :class:`~kvbm_builder.blocks.BlockGroup` / :class:`~kvbm_builder.blocks.SlotGroup` rather than
+  an object per block. So all the blocks of a call are checked for presence before any of its target slots is
+  taken (a slot taken may evict a block found present a moment before, as another thread's could), and a hash
+  offered twice in one call goes once: the second is ``in_flight``.
 - **Onboard**: blocks of a lower tier are copied into slots of a higher tier (or found there already) and returned
   as registered blocks of that tier.
 - A failed copy registers nothing: its target slots go back to the free list and the waiter gets the
@@ -36,11 +44,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from .blocks import BlockPool, FrequencyFilter, ImmutableBlock, MutableBlock, PoolCounts
+from .blocks import BlockGroup, BlockPool, FrequencyFilter, ImmutableBlock, PoolCounts, SlotGroup
 from .blocks.pool import MAX_PRIORITY
 from .config.protocols import EventManager, OffloadFilter, Tier
 from .config.runtime import CancellationToken
-from .errors import OffloadError, PoolExhaustedError
+from .errors import OffloadError
 from .layout import Layout
 from .transfer import TransferEngine, TransferError, TransferRecord
 
@@ -220,14 +228,38 @@ class _Offload:
         self.result: dict[str, list[int]] = {name: [] for name in ("offloaded", *(r.value for r in SkipReason))}
 
 
-class _Item:
-    """One block on its way: the source held, the target slot taken."""
+class _Run:
+    """Blocks of one offload call that share a priority, queued as one entry: sources held, target slots taken."""
 
-    __slots__ = ("dst", "request", "sequence_hash", "src")
+    __slots__ = ("hashes", "request", "slots", "sources")
 
-    def __init__(self, request: _Offload, src: ImmutableBlock, dst: MutableBlock) -> None:
-        self.request, self.src, self.dst = request, src, dst
-        self.sequence_hash = src.sequence_hash
+    def __init__(self, request: _Offload, sources: BlockGroup, slots: SlotGroup, hashes: list[int]) -> None:
+        self.request, self.sources, self.slots, self.hashes = request, sources, slots, hashes
+
+
+class _Transfer:
+    """One engine submit of queued runs of one path: their blocks joined into one source and one target group."""
+
+    __slots__ = ("batches", "dst_tier", "hashes", "lane", "parts", "runs", "slots", "sources", "src_tier", "started")
+
+    def __init__(self, src_tier: Tier, dst_tier: Tier, lane: str, runs: list[_Run], batches: int) -> None:
+        self.src_tier, self.dst_tier, self.lane = src_tier, dst_tier, lane
+        self.runs = runs
+        self.batches = batches
+        self.sources: BlockGroup | None = None  # joined by _submit, outside the manager's lock
+        self.slots: SlotGroup | None = None
+        self.hashes = [h for run in runs for h in run.hashes]
+        self.parts = [(run.request, len(run.hashes)) for run in runs]  # whose blocks, in order
+        self.started = 0.0
+
+
+class _Group:
+    """The blocks of one onboard that come from one tier: their places in the result, sources and target slots."""
+
+    __slots__ = ("positions", "slots", "sources")
+
+    def __init__(self, positions: list[int], sources: BlockGroup, slots: SlotGroup) -> None:
+        self.positions, self.sources, self.slots = positions, sources, slots
 
 
 class _Onboard:
@@ -238,6 +270,18 @@ class _Onboard:
         self.out = out
         self.outstanding = outstanding
         self.errors: list[BaseException] = []
+
+
+def _release(*groups: BlockGroup | SlotGroup | None) -> None:
+    """Release the groups still held (cleanup paths)."""
+    for group in groups:
+        if group is not None and not group.released:
+            group.release()
+
+
+def _lane(src_tier: Tier, dst_tier: Tier) -> str:
+    """What a path's copies occupy: the GPU's copy slots when the device tier is one end, else the CPU's threads."""
+    return "gpu" if Tier.G1 in (src_tier, dst_tier) else "cpu"
 
 
 class OffloadManager:
@@ -270,10 +314,15 @@ class OffloadManager:
         self._owned_filters = list(owned_filters)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._queue: list[tuple[int, int, _Item]] = []  # heap of (-priority, arrival, item)
+        # per lane, a heap of (cascade?, -priority, arrival, run): a caller's offloads before cascades to disk,
+        # higher priority first, first come first within a priority
+        self._queues: dict[str, list[tuple[bool, int, int, _Run]]] = {"gpu": [], "cpu": []}
         self._arrivals = itertools.count()
-        self._moving: set[tuple[Tier, int]] = set()  # (target tier, hash) of queued and in-flight copies
-        self._batches_in_flight = 0  # offload transfers submitted and not finished
+        self._moving: dict[Tier, set[int]] = {tier: set() for tier in pools}  # hashes queued or copying, by target
+        # engine batches submitted per lane and not finished: up to max_concurrent copying and as many waiting in
+        # the engine, so that it never idles between two submits; the rest wait here, in priority order
+        self._batches_out: Counter[str] = Counter()
+        self._window = 2 * max_concurrent
         self._callbacks_pending = 0  # transfers (offload and onboard) whose completion has not been handled
         self._pumping = False
         self._closed = False
@@ -435,7 +484,7 @@ class OffloadManager:
                 lookups=self._lookups,
                 requested_tokens=self._requested_tokens,
                 matched_tokens=dict(self._matched_tokens),
-                pending_offloads=len(self._moving),
+                pending_offloads=sum(len(hashes) for hashes in self._moving.values()),
             )
 
     # -- matching -------------------------------------------------------------------------------------------
@@ -494,96 +543,162 @@ class OffloadManager:
             raise OffloadError(f"offload moves blocks down: from the {src_tier.words} to a lower tier, not to {to!r}")
         self.pool(dst_tier)
         request = _Offload(src_tier, dst_tier, future)
-        self._admit(request, blocks, priority)
+        self._admit(request, self._pools[src_tier].hold(blocks), priority)
+        self._pump()
         return future
 
-    def _admit(self, request: _Offload, blocks: Sequence[ImmutableBlock], priority: int | None) -> None:
-        """Upstream's order per block: present or in flight, filter, target slot; then queue what passed."""
+    def _admit(self, request: _Offload, blocks: BlockGroup, priority: int | None) -> None:
+        """Upstream's order for each block: present or in flight, then the filter, then a target slot; queue what
+        passed. Each step is taken for all the blocks at once (one lock acquisition per pool, one for the queue).
+
+        ``blocks`` (held for this offload) are owned: what is queued stays held by the queue, the rest is
+        released, all of it even when this raises."""
         src_tier, dst_tier = request.src_tier, request.dst_tier
         dst_pool = self._pools[dst_tier]
         offload_filter = self._filters.get(src_tier)
-        items: list[tuple[int, _Item]] = []
-        skipped: list[OffloadSkipped] = []
+        hashes: list[int] = []
+        reasons: list[SkipReason | None] = []
+        kept: list[int] = []  # the blocks still going, by position
+        slots: SlotGroup | None = None
+        sources: BlockGroup | None = None
+        claimed = False
         try:
-            for block in blocks:
-                sequence_hash = block.sequence_hash
-                key = (dst_tier, sequence_hash)
-                reason: SkipReason | None = None
-                if sequence_hash in dst_pool:
-                    reason = SkipReason.ALREADY_PRESENT
-                elif key in self._moving:
-                    reason = SkipReason.IN_FLIGHT
-                elif offload_filter is not None and not offload_filter.should_offload(sequence_hash):
-                    reason = SkipReason.FILTERED
-                if reason is None:
-                    try:
-                        slot = dst_pool.allocate(1)[0]
-                    except PoolExhaustedError:
-                        reason = SkipReason.TARGET_FULL
-                    else:
-                        with self._lock:
-                            if key in self._moving:  # another thread queued it meanwhile
-                                reason = SkipReason.IN_FLIGHT
-                            else:
-                                self._moving.add(key)
-                        if reason is not None:
-                            slot.release()
+            hashes = blocks.sequence_hashes
+            n = len(hashes)
+            reasons = [None] * n
+            present = dst_pool.present(hashes)
+            with self._lock:
+                moving = self._moving[dst_tier]
+                if not present and len(set(hashes)) == n and moving.isdisjoint(hashes):
+                    kept = list(range(n))  # the usual case: nothing to skip
+                else:
+                    offered: set[int] = set()  # a hash twice in one call: the second is in flight with the first
+                    for i, sequence_hash in enumerate(hashes):
+                        if sequence_hash in present:
+                            reasons[i] = SkipReason.ALREADY_PRESENT
+                        elif sequence_hash in moving or sequence_hash in offered:
+                            reasons[i] = SkipReason.IN_FLIGHT
                         else:
-                            item = _Item(request, block.clone(), slot)
-                            items.append((priority if priority is not None else block.priority, item))
-                if reason is not None:
-                    request.result[reason.value].append(sequence_hash)
-                    skipped.append(OffloadSkipped(src_tier, dst_tier, reason, sequence_hash))
+                            offered.add(sequence_hash)
+                            kept.append(i)
+            if offload_filter is not None:  # user code: outside every lock
+                passed = []
+                for i in kept:
+                    if offload_filter.should_offload(hashes[i]):
+                        passed.append(i)
+                    else:
+                        reasons[i] = SkipReason.FILTERED
+                kept = passed
+            slots = dst_pool.allocate_group(len(kept), partial=True)
+            for i in kept[len(slots) :]:
+                reasons[i] = SkipReason.TARGET_FULL
+            del kept[len(slots) :]
+            wanted = [hashes[i] for i in kept]
+            going: list[int] = []  # positions in ``slots`` claimed by this call
+            lost: list[int] = []  # positions whose hash another thread claimed meanwhile
+            with self._lock:
+                if moving.isdisjoint(wanted):
+                    moving.update(wanted)
+                else:
+                    for j, i in enumerate(kept):
+                        if hashes[i] in moving:  # another thread queued it meanwhile
+                            reasons[i] = SkipReason.IN_FLIGHT
+                            lost.append(j)
+                        else:
+                            moving.add(hashes[i])
+                            going.append(j)
+                    kept = [kept[j] for j in going]  # what this call claimed (and, if this raises, gives back)
+                claimed = True
+            if lost:
+                slots, extra = slots.partition([going, lost])
+                extra.release()
+            if len(kept) < n:
+                sources, rest = blocks.partition([kept, sorted(set(range(n)) - set(kept))])
+                rest.release()
+            else:
+                sources = blocks
+            runs = self._runs(request, sources, slots, [hashes[i] for i in kept], priority)
         except BaseException:
-            self._drop(item for _, item in items)
+            if claimed:
+                with self._lock:
+                    self._moving[dst_tier].difference_update(hashes[i] for i in kept)
+            _release(slots, sources, blocks)
             raise
+        skipped = [(reason, hashes[i]) for i, reason in enumerate(reasons) if reason is not None]
+        for reason, sequence_hash in skipped:
+            request.result[reason.value].append(sequence_hash)
+        lane = _lane(src_tier, dst_tier)
+        cascade = request.future is None
         with self._lock:
-            for event in skipped:
-                self._skipped[(event.src_tier, event.dst_tier, event.reason)] += 1
+            for reason, _ in skipped:
+                self._skipped[(src_tier, dst_tier, reason)] += 1
             closed = self._closed
             if not closed:
-                request.outstanding = len(items)
-                for item_priority, item in items:
-                    heapq.heappush(self._queue, (-item_priority, next(self._arrivals), item))
-        for event in skipped:
-            self._tell(event)
+                request.outstanding = len(kept)
+                queue = self._queues[lane]
+                for run_priority, run in runs:
+                    heapq.heappush(queue, (cascade, -run_priority, next(self._arrivals), run))
+        for reason, sequence_hash in skipped:
+            self._tell(OffloadSkipped(src_tier, dst_tier, reason, sequence_hash))
         if closed:
-            self._drop(item for _, item in items)
-            error = self._stopped_error(request.src_tier, request.dst_tier, [i for _, i in items], "closed")
-            self._settle(request, [error] if items else [])
-            return
-        if not items:
+            self._drop([run for _, run in runs])
+            error = self._stopped_error(src_tier, dst_tier, len(kept), "closed")
+            self._settle(request, [error] if kept else [])
+        elif not kept:
             self._settle(request, [])
-        self._pump()
+
+    def _runs(
+        self, request: _Offload, sources: BlockGroup, slots: SlotGroup, hashes: list[int], priority: int | None
+    ) -> list[tuple[int, _Run]]:
+        """The queued blocks as runs of one priority each (the call's, or each block's own), in call order, of at
+        most one submit each (``max_concurrent`` batches)."""
+        if not hashes:
+            sources.release()
+            slots.release()
+            return []
+        size = self._max_concurrent * self._max_batch_blocks
+        priorities = [priority] if priority is not None else sources.priorities
+        by_priority: dict[int, list[int]] = {}
+        if len(set(priorities)) == 1:  # one priority: the blocks in call order
+            by_priority[priorities[0]] = list(range(len(hashes)))
+        else:
+            for j, block_priority in enumerate(priorities):
+                by_priority.setdefault(block_priority, []).append(j)
+        parts = [
+            (block_priority, positions[at : at + size])
+            for block_priority, positions in by_priority.items()
+            for at in range(0, len(positions), size)
+        ]
+        if len(parts) == 1:
+            return [(parts[0][0], _Run(request, sources, slots, hashes))]
+        source_parts = sources.partition([positions for _, positions in parts])
+        slot_parts = slots.partition([positions for _, positions in parts])
+        return [
+            (block_priority, _Run(request, source_part, slot_part, [hashes[j] for j in positions]))
+            for (block_priority, positions), source_part, slot_part in zip(parts, source_parts, slot_parts, strict=True)
+        ]
 
     def _pump(self) -> None:
-        """Submit queued blocks while fewer than ``max_concurrent`` offload transfers are in flight.
+        """Submit queued blocks while a lane has fewer than its window of engine batches out.
 
-        One thread pumps at a time; a pump asked for meanwhile is done by that thread's next round.
-        """
+        One thread pumps at a time; a pump asked for meanwhile is done by that thread's next round."""
         with self._lock:
             if self._pumping:
                 return
             self._pumping = True
+        cancelled = False
         try:
             while True:
                 with self._lock:
-                    cancelled = bool(self._queue) and not self._closed and self._token.is_cancelled()
-                    if cancelled or self._closed or not self._queue or self._batches_in_flight >= self._max_concurrent:
+                    queued = any(self._queues.values())
+                    cancelled = queued and not self._closed and self._token.is_cancelled()
+                    transfer = None if cancelled or self._closed or not queued else self._take()
+                    if transfer is None:
                         self._pumping = False
                         break
-                    first = heapq.heappop(self._queue)[2]
-                    batch = [first]
-                    route = (first.request.src_tier, first.request.dst_tier)
-                    while (
-                        self._queue
-                        and len(batch) < self._max_batch_blocks
-                        and (self._queue[0][2].request.src_tier, self._queue[0][2].request.dst_tier) == route
-                    ):
-                        batch.append(heapq.heappop(self._queue)[2])
-                    self._batches_in_flight += 1
+                    self._batches_out[transfer.lane] += transfer.batches
                     self._callbacks_pending += 1
-                self._submit(batch)
+                self._submit(transfer)
         except BaseException:
             with self._lock:
                 self._pumping = False
@@ -591,98 +706,141 @@ class OffloadManager:
         if cancelled:  # the engine would refuse each one: fail what waits at once
             self._fail_queued("cancelled")
 
+    def _take(self) -> _Transfer | None:
+        """(With the lock held.) The next submit: whole runs of one path from the head of a lane's queue, as many
+        as the lane's free window takes, at most ``max_concurrent`` batches (then completions come back in pieces
+        that the engine overlaps with the next submit)."""
+        for lane, queue in self._queues.items():
+            limit = min(self._window - self._batches_out[lane], self._max_concurrent) * self._max_batch_blocks
+            if not queue or len(queue[0][3].hashes) > limit:
+                continue
+            first = queue[0][3].request
+            route = (first.src_tier, first.dst_tier)
+            runs: list[_Run] = []
+            count = 0
+            while queue:
+                run = queue[0][3]
+                if (run.request.src_tier, run.request.dst_tier) != route or count + len(run.hashes) > limit:
+                    break
+                heapq.heappop(queue)
+                runs.append(run)
+                count += len(run.hashes)
+            return _Transfer(route[0], route[1], lane, runs, -(-count // self._max_batch_blocks))
+        return None
+
     def _fail_queued(self, step: str) -> None:
         """Release what every queued block holds and fail its offload (nothing of it is registered)."""
         with self._lock:
-            queued = [entry[2] for entry in sorted(self._queue)]
-            self._queue.clear()
-        by_request: dict[int, tuple[_Offload, list[_Item]]] = {}
-        for item in queued:
-            by_request.setdefault(id(item.request), (item.request, []))[1].append(item)
-        self._drop(queued)
-        for request, items in by_request.values():
-            error = self._stopped_error(request.src_tier, request.dst_tier, items, step)
+            runs = [entry[3] for queue in self._queues.values() for entry in sorted(queue, key=lambda e: e[:3])]
+            for queue in self._queues.values():
+                queue.clear()
+        self._drop(runs)
+        by_request: dict[int, tuple[_Offload, int]] = {}
+        for run in runs:
+            request, count = by_request.get(id(run.request), (run.request, 0))
+            by_request[id(request)] = (request, count + len(run.hashes))
+        for request, count in by_request.values():
+            error = self._stopped_error(request.src_tier, request.dst_tier, count, step)
             with self._lock:
-                request.outstanding -= len(items)
+                request.outstanding -= count
                 request.errors.append(error)
                 done = request.outstanding == 0
                 self._idle.notify_all()
             if done:
                 self._settle(request, request.errors)
 
-    def _submit(self, batch: list[_Item]) -> None:
-        src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
-        started = time.perf_counter()
+    def _submit(self, transfer: _Transfer) -> None:
+        transfer.started = time.perf_counter()
         try:
+            runs = transfer.runs
+            if len(runs) == 1:
+                transfer.sources, transfer.slots = runs[0].sources, runs[0].slots
+            else:
+                transfer.sources = BlockGroup.join([run.sources for run in runs])
+                transfer.slots = SlotGroup.join([run.slots for run in runs])
             future = self._engine.submit(
-                self._layouts[src_tier],
-                [item.src.block_id for item in batch],
-                self._layouts[dst_tier],
-                [item.dst.block_id for item in batch],
+                self._layouts[transfer.src_tier],
+                transfer.sources.block_ids,
+                self._layouts[transfer.dst_tier],
+                transfer.slots.block_ids,
             )
         except Exception as error:  # refused (closed, cancelled, bad memory): fail these blocks, keep pumping
-            self._finish(batch, started, None, error, pump=False)
+            self._finish(transfer, None, error, pump=False)
             return
-        future.add_done_callback(lambda done: self._finish(batch, started, done))
+        future.add_done_callback(functools.partial(self._finish, transfer))
 
     def _finish(
         self,
-        batch: list[_Item],
-        started: float,
+        transfer: _Transfer,
         future: Future[TransferRecord] | None,
         error: BaseException | None = None,
         *,
         pump: bool = True,
     ) -> None:
-        """A transfer of queued blocks ended: register the targets (or free them), release the sources, settle."""
-        src_tier, dst_tier = batch[0].request.src_tier, batch[0].request.dst_tier
-        record, registered, error = self._register_landed(
-            src_tier, dst_tier, [item.src for item in batch], [item.dst for item in batch], started, future, error
-        )
-        self._drop(batch, sources_only=error is None)
-        next_tier = self._targets.get(dst_tier)
-        if registered and next_tier is not None and dst_tier is Tier.G2:
-            try:  # a block that reached the host tier is offered to the disk tier
-                cascade = _Offload(dst_tier, next_tier, None)
-                self._admit(cascade, registered, None)
-            except Exception:
-                log.exception(
-                    "offering %d block(s) of the %s to the %s failed", len(registered), dst_tier.words, next_tier.words
-                )
-        for block in registered:
-            block.release()
+        """A submit of queued blocks ended: register the targets (or free them) and release the sources in one
+        pass, tell the listeners, settle the offloads it finishes, then offer host copies to the disk tier."""
+        src_tier, dst_tier = transfer.src_tier, transfer.dst_tier
+        next_tier = self._targets.get(dst_tier) if dst_tier is Tier.G2 else None
+        registered: BlockGroup | None = None
+        if transfer.sources is None or transfer.slots is None:  # refused before the runs were joined
+            record = self._failed_record(src_tier, dst_tier, len(transfer.hashes), transfer.started, error)
+            self._drop(transfer.runs)
+        else:
+            record, registered, error = self._register_landed(
+                src_tier,
+                dst_tier,
+                transfer.sources,
+                transfer.slots,
+                transfer.started,
+                future,
+                error,
+                keep=next_tier is not None,
+            )
         self._tell(record)  # before anyone waiting on this transfer (or on wait_idle) is woken
-        settled: list[tuple[_Offload, list[BaseException]]] = []
+        settled: list[_Offload] = []
+        hashes = transfer.hashes
         with self._lock:
             self._count_transfer(record)
-            for item in batch:
-                self._moving.discard((dst_tier, item.sequence_hash))
-                request = item.request
+            self._moving[dst_tier].difference_update(hashes)
+            at = 0
+            for request, count in transfer.parts:
                 if error is None:
-                    request.result["offloaded"].append(item.sequence_hash)
+                    request.result["offloaded"] += hashes[at : at + count]
                 elif not any(e is error for e in request.errors):
                     request.errors.append(error)
-                request.outstanding -= 1
+                at += count
+                request.outstanding -= count
                 if request.outstanding == 0:
-                    settled.append((request, request.errors))
-            self._batches_in_flight -= 1
-            self._callbacks_pending -= 1
-            self._idle.notify_all()
-        for request, errors in settled:
-            self._settle(request, errors)
+                    settled.append(request)
+            self._batches_out[transfer.lane] -= transfer.batches
+            closed = self._closed
+            # _callbacks_pending stays up until the cascade below is queued: wait_idle() sees no gap between hops
+        for request in settled:
+            self._settle(request, request.errors)
+        try:
+            if registered is not None and next_tier is not None and not closed:
+                # a block that reached the host tier is offered to the disk tier, after the waiter above was woken;
+                # the registered group is handed over (what the cascade does not queue, it releases)
+                cascade, registered = registered, None
+                self._admit(_Offload(dst_tier, next_tier, None), cascade, None)
+        except Exception:
+            log.exception("offering blocks of the %s to the disk tier failed", dst_tier.words)
+        finally:
+            _release(registered)
+            with self._lock:
+                self._callbacks_pending -= 1
+                self._idle.notify_all()
         if pump:
             self._pump()
 
-    def _drop(self, items: Iterable[_Item], *, sources_only: bool = False) -> None:
-        """Release what queued blocks held: the source handles and (unless registered) the target slots."""
-        for item in items:
-            if not sources_only and not item.dst.released:
-                item.dst.release()
-            if not item.src.released:
-                item.src.release()
-            if not sources_only:
-                with self._lock:
-                    self._moving.discard((item.request.dst_tier, item.sequence_hash))
+    def _drop(self, runs: Iterable[_Run]) -> None:
+        """Release what queued blocks held (sources and target slots) and forget them as moving."""
+        for run in runs:
+            _release(run.sources, run.slots)
+            with self._lock:
+                moving = self._moving[run.request.dst_tier]
+                for sequence_hash in run.hashes:
+                    moving.discard(sequence_hash)
 
     def _settle(self, request: _Offload, errors: list[BaseException]) -> None:
         if request.future is None:  # a cascade to disk: nobody waits; say what failed unless the manager closed
@@ -729,44 +887,72 @@ class OffloadManager:
         if not isinstance(to, Tier):
             raise OffloadError(f"onboard's `to` must be a Tier (G1 or G2), got {to!r}")
         dst_pool = self.pool(to)
-        if blocks:
-            for tier in {block.tier for block in blocks}:
-                if _LEVEL[tier] <= _LEVEL[to]:
-                    raise OffloadError(f"onboard moves blocks up: the {tier.words} is not below the {to.words}")
-            self._tier_of(blocks, "onboard", one_tier=False)
-        out: list[ImmutableBlock | None] = [None] * len(blocks)
-        slots: list[MutableBlock] = []
-        sources: list[ImmutableBlock] = []
+        tiers = self._tiers_of(blocks, "onboard") if blocks else []
+        for tier in tiers:
+            if _LEVEL[tier] <= _LEVEL[to]:
+                raise OffloadError(f"onboard moves blocks up: the {tier.words} is not below the {to.words}")
+        out: list[ImmutableBlock | None] = []
+        slots: SlotGroup | None = None
+        groups: list[tuple[Tier, _Group]] = []
+        held: list[BlockGroup | SlotGroup] = []
         try:
-            for k, block in enumerate(blocks):
-                found = dst_pool.match([block.sequence_hash])
-                if found:
-                    out[k] = found[0]
-            need = [k for k in range(len(blocks)) if out[k] is None]
-            slots = dst_pool.allocate(len(need))
-            sources = [blocks[k].clone() for k in need]
+            # every block held while this works (and its hash read from the group): from one tier, or from each
+            if len(tiers) == 1:
+                where = {tiers[0]: list(range(len(blocks)))}
+            else:
+                where = {tier: [] for tier in tiers}
+                for k, block in enumerate(blocks):
+                    where[block.tier].append(k)
+            sources_by_tier = {tier: self._pools[tier].hold([blocks[k] for k in where[tier]]) for tier in tiers}
+            held = list(sources_by_tier.values())
+            if len(tiers) == 1:
+                hashes = sources_by_tier[tiers[0]].sequence_hashes
+            else:
+                hashes = [0] * len(blocks)
+                for tier, positions in where.items():
+                    for k, sequence_hash in zip(positions, sources_by_tier[tier].sequence_hashes, strict=True):
+                        hashes[k] = sequence_hash
+            out = dst_pool.find(hashes)  # blocks ``to`` already holds are matched, not copied
+            if out.count(None) == len(out):  # the usual case: every block is copied
+                needed = {tier: list(range(len(where[tier]))) for tier in tiers}
+            else:
+                needed = {tier: [j for j, k in enumerate(where[tier]) if out[k] is None] for tier in tiers}
+            slots = dst_pool.allocate_group(sum(len(js) for js in needed.values()))
+            copied = [tier for tier in tiers if needed[tier]]
+            at = 0
+            parts = []
+            for tier in copied:
+                parts.append(list(range(at, at + len(needed[tier]))))
+                at += len(parts[-1])
+            slot_parts = [slots] if len(copied) == 1 else slots.partition(parts) if copied else []
+            held += slot_parts
+            for tier, part in zip(copied, slot_parts, strict=True):
+                sources, positions = sources_by_tier[tier], where[tier]
+                if len(needed[tier]) < len(positions):  # some are in ``to`` already: hold only what is copied
+                    others = sorted(set(range(len(positions))) - set(needed[tier]))
+                    sources, rest = sources.partition([needed[tier], others])
+                    rest.release()
+                    held.append(sources)
+                groups.append((tier, _Group([positions[j] for j in needed[tier]], sources, part)))
+            for tier in tiers:
+                if tier not in copied:
+                    sources_by_tier[tier].release()
         except BaseException:
-            for held in (*[b for b in out if b is not None], *slots, *sources):
-                held.release()
+            dst_pool.release_all([b for b in out if b is not None])
+            _release(slots, *held)
             raise
-        groups: dict[Tier, list[int]] = {}
-        for j, k in enumerate(need):
-            groups.setdefault(blocks[k].tier, []).append(j)
         request = _Onboard(out, len(groups))
         if not groups:
+            _release(slots)
             request.future.set_result([b for b in out if b is not None])
             return request.future
         with self._lock:
             self._callbacks_pending += len(groups)
-        for src_tier, members in sorted(groups.items(), key=lambda g: _LEVEL[g[0]]):
-            group = [(need[j], sources[j], slots[j]) for j in members]
+        for src_tier, group in groups:
             started = time.perf_counter()
             try:
                 future = self._engine.submit(
-                    self._layouts[src_tier],
-                    [source.block_id for _, source, _ in group],
-                    self._layouts[to],
-                    [slot.block_id for _, _, slot in group],
+                    self._layouts[src_tier], group.sources.block_ids, self._layouts[to], group.slots.block_ids
                 )
             except Exception as error:
                 self._landed(request, src_tier, to, group, started, None, error)
@@ -779,27 +965,25 @@ class OffloadManager:
         request: _Onboard,
         src_tier: Tier,
         dst_tier: Tier,
-        group: list[tuple[int, ImmutableBlock, MutableBlock]],
+        group: _Group,
         started: float,
         future: Future[TransferRecord] | None,
         error: BaseException | None = None,
     ) -> None:
         record, registered, error = self._register_landed(
-            src_tier,
-            dst_tier,
-            [source for _, source, _ in group],
-            [slot for _, _, slot in group],
-            started,
-            future,
-            error,
+            src_tier, dst_tier, group.sources, group.slots, started, future, error, keep=True
         )
-        if registered:
-            for (k, _, _), block in zip(group, registered, strict=True):
-                request.out[k] = block
-        for _, source, slot in group:
-            if not slot.released:
-                slot.release()
-            source.release()
+        out = request.out
+        if registered is not None:
+            try:
+                handles = registered.handles()
+            except BaseException as cause:  # the pool closed under it: the caller gets an error, never a hang
+                _release(registered)
+                error = _unregistered(cause, src_tier, dst_tier, len(group.positions))
+                record = attrs.evolve(record, error=error)
+            else:
+                for k, block in zip(group.positions, handles, strict=True):
+                    out[k] = block
         self._tell(record)  # before the waiter is woken
         with self._lock:
             self._count_transfer(record)
@@ -812,12 +996,10 @@ class OffloadManager:
         if not last:
             return
         if request.errors:
-            for held in request.out:
-                if held is not None and not held.released:
-                    held.release()
+            self._pools[dst_tier].release_all([b for b in out if b is not None and not b.released])
             request.future.set_exception(request.errors[0])
         else:
-            request.future.set_result([block for block in request.out if block is not None])
+            request.future.set_result([block for block in out if block is not None])
 
     # -- what both do when a copy lands ---------------------------------------------------------------------
 
@@ -825,42 +1007,56 @@ class OffloadManager:
         self,
         src_tier: Tier,
         dst_tier: Tier,
-        sources: list[ImmutableBlock],
-        targets: list[MutableBlock],
+        sources: BlockGroup,
+        targets: SlotGroup,
         started: float,
         future: Future[TransferRecord] | None,
         error: BaseException | None,
-    ) -> tuple[TransferRecord, list[ImmutableBlock], BaseException | None]:
-        """Register the targets of a finished copy under their sources' hashes, unless it (or that) failed.
+        *,
+        keep: bool,
+    ) -> tuple[TransferRecord, BlockGroup | None, BaseException | None]:
+        """Register the targets of a finished copy under their sources' hashes, unless it (or that) failed, and
+        release the sources; a failed copy's targets go back to the free list.
 
         The record says what became of the copy: the engine's when it landed and was registered; with the error
         when the copy failed, was refused, or landed but could not be registered (then nothing counts as moved).
+        ``keep``: return the registered targets held (else nobody holds them and None is returned).
         """
         record: TransferRecord | None = None
-        registered: list[ImmutableBlock] = []
+        registered: BlockGroup | None = None
+        count = len(targets)
         try:
             if error is None and future is not None:
                 error = future.exception()
                 record = future.result() if error is None else None
             if error is None:
-                registered = self._pools[dst_tier].register(targets, [source.token_block for source in sources])
+                registered = targets.register_like(sources, keep=keep)
         except BaseException as cause:  # e.g. the pool closed under the copy: never a block left half-registered
-            error = _unregistered(cause, src_tier, dst_tier, len(targets)) if error is None else error
+            error = _unregistered(cause, src_tier, dst_tier, count) if error is None else error
+        try:
+            _release(sources, targets)  # the targets only when they were not registered
+        except Exception:  # never leave a waiter hanging for it
+            log.exception("releasing the blocks of a finished transfer failed")
         if record is None:  # failed or refused: what it was to move, and how long until it failed
-            src, dst = self._layouts[src_tier], self._layouts[dst_tier]
-            record = TransferRecord(
-                src_tier=src_tier,
-                dst_tier=dst_tier,
-                src_kind=src.storages[0].kind,
-                dst_kind=dst.storages[0].kind,
-                num_blocks=len(targets),
-                nbytes=len(targets) * src.spec.num_layers * src.spec.outer_dim * src.spec.region_bytes,
-                seconds=time.perf_counter() - started,
-                error=error,
-            )
+            record = self._failed_record(src_tier, dst_tier, count, started, error)
         elif error is not None:
             record = attrs.evolve(record, error=error)
         return record, registered, error
+
+    def _failed_record(
+        self, src_tier: Tier, dst_tier: Tier, count: int, started: float, error: BaseException | None
+    ) -> TransferRecord:
+        src, dst = self._layouts[src_tier], self._layouts[dst_tier]
+        return TransferRecord(
+            src_tier=src_tier,
+            dst_tier=dst_tier,
+            src_kind=src.storages[0].kind,
+            dst_kind=dst.storages[0].kind,
+            num_blocks=count,
+            nbytes=count * src.spec.num_layers * src.spec.outer_dim * src.spec.region_bytes,
+            seconds=time.perf_counter() - started,
+            error=error,
+        )
 
     def _count_transfer(self, record: TransferRecord) -> None:
         """(With the lock held.) Count a copy on completion: moved when it succeeded, failed otherwise."""
@@ -876,7 +1072,7 @@ class OffloadManager:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no offload is queued and no transfer is in flight (cascades to disk included); True if so."""
         with self._lock:
-            return self._idle.wait_for(lambda: not self._queue and not self._callbacks_pending, timeout)
+            return self._idle.wait_for(lambda: not any(self._queues.values()) and not self._callbacks_pending, timeout)
 
     @property
     def closed(self) -> bool:
@@ -910,25 +1106,34 @@ class OffloadManager:
         if self._token.is_cancelled():
             raise OffloadError(f"cannot {what}: the manager's cancellation token was cancelled")
 
-    def _tier_of(self, blocks: Sequence[ImmutableBlock], what: str, *, one_tier: bool = True) -> Tier:
+    def _tier_of(self, blocks: Sequence[ImmutableBlock], what: str) -> Tier:
+        tiers = self._tiers_of(blocks, what)
+        if len(tiers) > 1:
+            raise OffloadError(
+                f"{what} moves blocks of one tier at a time; got blocks of {', '.join(t.name for t in tiers)}"
+            )
+        return tiers[0]
+
+    def _tiers_of(self, blocks: Sequence[ImmutableBlock], what: str) -> list[Tier]:
+        """The tiers of ``blocks`` (G1 first), each a pool of this manager; every block registered and held."""
         tiers = set()
+        checked: BlockPool | None = None  # blocks come in runs of one pool: check each pool once per run
         for block in blocks:
             if not isinstance(block, ImmutableBlock):
                 raise OffloadError(f"{what} takes registered blocks (ImmutableBlock), got {block!r}")
-            if self._pools.get(block.tier) is not block.pool:
-                raise OffloadError(f"{block!r} belongs to another manager's {block.tier.words}")
+            pool = block.pool
+            if pool is not checked:
+                if self._pools.get(pool.tier) is not pool:
+                    raise OffloadError(f"{block!r} belongs to another manager's {pool.tier.words}")
+                tiers.add(pool.tier)
+                checked = pool
             if block.released:
                 raise OffloadError(f"{block!r} was released; {what} needs blocks that are held")
-            tiers.add(block.tier)
-        if one_tier and len(tiers) > 1:
-            raise OffloadError(
-                f"{what} moves blocks of one tier at a time; got blocks of {', '.join(sorted(t.name for t in tiers))}"
-            )
-        return tiers.pop()
+        return sorted(tiers, key=_LEVEL.__getitem__)
 
-    def _stopped_error(self, src_tier: Tier, dst_tier: Tier, items: Sequence[_Item], step: str) -> TransferError:
+    def _stopped_error(self, src_tier: Tier, dst_tier: Tier, count: int, step: str) -> TransferError:
         return TransferError(
-            f"offloading {len(items)} block(s) from the {src_tier.words} to the {dst_tier.words}: the manager was "
+            f"offloading {count} block(s) from the {src_tier.words} to the {dst_tier.words}: the manager was "
             f"{step} before their copy started; none of them was registered",
             src_tier=src_tier,
             dst_tier=dst_tier,

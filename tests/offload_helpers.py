@@ -25,8 +25,10 @@ from kvbm_builder import (
     Tier,
 )
 from kvbm_builder.config.settings import KvbmSettings
+from kvbm_builder.layout import Layout
 
 MODEL = KvManagerModelConfig.builder().num_layers(3).outer_dim(2).page_size(4).inner_dim(32).build()
+MODEL_DIMS = {"num_layers": 3, "outer_dim": 2, "page_size": 4, "inner_dim": 32, "dtype_width_bytes": 2}
 
 
 def tier_config(blocks: int, allocator: Any, layout: LayoutType | None = None, **extra: Any) -> Any:
@@ -79,14 +81,19 @@ def content(sequence_hash: int, nbytes: int) -> bytes:
     return np.random.default_rng(sequence_hash).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
 
 
-def _regions(manager: KvBlockManager, tier: Tier, block_id: int) -> list[Any]:
-    spec = manager.tier(tier).spec
-    assert spec is not None
+def _regions(layout: Layout, block_id: int) -> list[Any]:
+    spec = layout.spec
     return [
-        manager.memory_region(tier, block_id, layer, outer)
+        layout.memory_region(block_id, layer, outer)
         for layer in range(spec.num_layers)
         for outer in range(spec.outer_dim)
     ]
+
+
+def _layout(manager: KvBlockManager, tier: Tier) -> Layout:
+    layout = manager.tier(tier).layout
+    assert layout is not None
+    return layout
 
 
 def block_nbytes(manager: KvBlockManager) -> int:
@@ -96,13 +103,20 @@ def block_nbytes(manager: KvBlockManager) -> int:
 
 
 def write_block(manager: KvBlockManager, tier: Tier, block_id: int, data: bytes) -> None:
+    write_layout_block(_layout(manager, tier), block_id, data)
+
+
+def read_block(manager: KvBlockManager, tier: Tier, block_id: int) -> bytes:
+    return read_layout_block(_layout(manager, tier), block_id)
+
+
+def write_layout_block(layout: Layout, block_id: int, data: bytes) -> None:
     at = 0
-    storages = manager.tier(tier).storages
-    for region in _regions(manager, tier, block_id):
+    for region in _regions(layout, block_id):
         piece = data[at : at + region.size]
         at += region.size
         if region.kind is StorageKind.DISK:
-            storages[region.storage_index].write(region.addr, piece)  # type: ignore[attr-defined]
+            layout.storages[region.storage_index].write(region.addr, piece)  # type: ignore[attr-defined]
         elif region.kind is StorageKind.DEVICE:
             import cupy
 
@@ -112,13 +126,12 @@ def write_block(manager: KvBlockManager, tier: Tier, block_id: int, data: bytes)
             ctypes.memmove(region.addr, piece, len(piece))
 
 
-def read_block(manager: KvBlockManager, tier: Tier, block_id: int) -> bytes:
+def read_layout_block(layout: Layout, block_id: int) -> bytes:
     out = bytearray()
-    storages = manager.tier(tier).storages
-    for region in _regions(manager, tier, block_id):
+    for region in _regions(layout, block_id):
         if region.kind is StorageKind.DISK:
             buf = bytearray(region.size)
-            storages[region.storage_index].read_into(region.addr, buf)  # type: ignore[attr-defined]
+            layout.storages[region.storage_index].read_into(region.addr, buf)  # type: ignore[attr-defined]
             out += buf
         elif region.kind is StorageKind.DEVICE:
             import cupy

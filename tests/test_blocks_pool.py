@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from kvbm_builder.blocks import (
+    BlockGroup,
     BlockPool,
     ImmutableBlock,
     NullEventManager,
@@ -28,6 +29,7 @@ from kvbm_builder.errors import (
 from kvbm_builder.testing import RecordingEventManager
 
 PROMPT = list(range(100, 116))  # 16 tokens: four blocks of 4
+PROMPT_HASHES = [b.sequence_hash for b in token_blocks(PROMPT, 4)]
 
 
 def pool(num_blocks: int = 8, events: RecordingEventManager | None = None) -> BlockPool:
@@ -274,3 +276,82 @@ def test_an_event_manager_that_fails_does_not_break_the_pool(caplog: pytest.LogC
     host.allocate(1)[0].register(token_blocks(PROMPT[:4], 4)[0]).release()
     assert host.event_failures == 1 and "router is down" in caplog.text
     assert host.counts().inactive == 1
+
+
+# -- many blocks as one handle: what the offload manager moves in batches ----------------------------------------
+
+
+def test_a_group_of_blocks_is_allocated_registered_held_and_released_as_one() -> None:
+    events = RecordingEventManager()
+    host = pool(8, events)
+    written = host.allocate_group(4)  # one handle, one lock acquisition, for four slots
+    assert written.block_ids == [0, 1, 2, 3] and len(written) == 4
+    registered = written.register(token_blocks(PROMPT, 4))
+    assert registered is not None and written.released  # the slots now live on as registered blocks
+    assert registered.sequence_hashes == [b.sequence_hash for b in token_blocks(PROMPT, 4)]
+    assert [e.block_id for e in events.stored()] == [0, 1, 2, 3]
+    matched = host.match(PROMPT_HASHES[:2])
+    reader = host.hold(matched)  # another holder of the first two, as one handle
+    host.release_all(matched)
+    assert host.counts().active == 4
+    registered.release()
+    assert (host.counts().active, host.counts().inactive) == (2, 2)  # the held two stay active
+    reader.release()
+    assert host.counts().inactive == 4 and host.present([*PROMPT_HASHES, 7]) == set(PROMPT_HASHES)
+
+
+def test_a_partial_group_takes_what_the_tier_has_and_register_like_copies_the_source_hashes() -> None:
+    host, disk = pool(8), BlockPool(Tier.G3, 3, block_size=4)
+    sources = host.allocate_group(4).register(token_blocks(PROMPT, 4))
+    assert sources is not None
+    with pytest.raises(PoolExhaustedError):
+        disk.allocate_group(4)
+    slots = disk.allocate_group(4, partial=True)  # the disk tier has three
+    assert slots.block_ids == [0, 1, 2]
+    first_three, last = sources.partition([[0, 1, 2], [3]])
+    copies = slots.register_like(first_three, keep=False)  # what a finished copy registers; nobody holds them
+    assert copies is None and disk.counts().inactive == 3
+    assert disk.present(PROMPT_HASHES) == set(PROMPT_HASHES[:3])
+    whole = BlockGroup.join([first_three, last])
+    assert whole.block_ids == [0, 1, 2, 3]
+    whole.release()
+
+
+def test_find_holds_each_block_present_without_stopping_at_a_miss() -> None:
+    host = pool(8)
+    registered = host.allocate_group(4).register(token_blocks(PROMPT, 4), keep=False)
+    assert registered is None
+    found = host.find([PROMPT_HASHES[0], 12345, PROMPT_HASHES[3]])
+    assert [b.block_id if b is not None else None for b in found] == [0, None, 3]
+    host.release_all([b for b in found if b is not None])
+    assert host.counts().active == 0
+
+
+def test_misused_groups_are_errors_and_change_nothing() -> None:
+    host, other = pool(8), pool(8)
+    group = host.allocate_group(2)
+    with pytest.raises(BlockPoolError, match="exactly once"):
+        group.partition([[0], [0]])
+    with pytest.raises(BlockPoolError, match="one token block per block"):
+        group.register(token_blocks(PROMPT[:4], 4))
+    group.release()
+    with pytest.raises(BlockReleasedError, match="released"):
+        group.release()
+    theirs = other.allocate(1)[0].register(token_blocks(PROMPT[:4], 4)[0])
+    with pytest.raises(BlockPoolError, match="belongs to the"):
+        host.hold([theirs])
+    mine = host.allocate(2)
+    with pytest.raises(BlockReleasedError, match="released nothing"):
+        host.release_all([mine[0], mine[0]])  # the same handle twice
+    assert not mine[0].released and host.counts().active == 2
+    host.release_all(mine)
+    theirs.release()
+    assert host.counts().free == 8
+
+
+def test_a_group_dropped_without_release_comes_back_with_a_warning() -> None:
+    host = pool(3)
+    with pytest.warns(ResourceWarning, match="garbage-collected without release"):
+        host.allocate_group(3)  # dropped at once
+        gc.collect()
+    assert host.counts().free == 3

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +18,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm_builder import FullyContiguous, KvManagerRuntimeConfig, LayerSeparate, Tier
-from kvbm_builder.blocks import FrequencyFilter, StoreEvent
+from kvbm_builder import DiskAllocator, FullyContiguous, KvManagerRuntimeConfig, LayerSeparate, Tier
+from kvbm_builder.blocks import BlockPool, FrequencyFilter, StoreEvent, token_blocks
 from kvbm_builder.config.runtime import CancellationToken
 from kvbm_builder.config.settings import KvbmSettings
 from kvbm_builder.errors import OffloadError, PoolClosedError, PoolExhaustedError
-from kvbm_builder.offload import Lookup, OffloadSkipped, SkipReason
+from kvbm_builder.layout import Layout, LayoutSpec
+from kvbm_builder.offload import Lookup, OffloadManager, OffloadSkipped, SkipReason
 from kvbm_builder.testing import RecordingEventManager
-from kvbm_builder.transfer import TransferError, TransferRecord
+from kvbm_builder.transfer import TransferEngine, TransferError, TransferRecord
 from tests.offload_helpers import (
+    MODEL_DIMS,
     assert_events_alternate,
     assert_tier_holds_right_data,
     block_nbytes,
@@ -34,6 +38,8 @@ from tests.offload_helpers import (
     make_manager,
     put_on_disk,
     read_block,
+    read_layout_block,
+    write_layout_block,
 )
 
 PROMPT = list(range(1000, 1032))  # 8 blocks of 4 tokens
@@ -177,6 +183,51 @@ def test_queued_blocks_go_by_priority_then_first_come(tmp_path: Path) -> None:
         release(held)
 
 
+def test_an_offload_goes_as_few_engine_submits_as_the_batch_settings_allow(tmp_path: Path) -> None:
+    records: list[Any] = []
+    settings = KvbmSettings(disk_offload_filter=False, max_transfer_batch_size=2, max_concurrent_transfers=2)
+    with make_manager(tmp_path, host=16, disk=16, settings=settings) as manager:
+        manager.add_listener(lambda event: records.append(event) if isinstance(event, TransferRecord) else None)
+        held = fill_and_register(manager, Tier.G2, list(range(40)), shuffle=4)  # ten blocks
+        assert len(manager.offload_sync(held).offloaded) == 10
+        # at most max_concurrent batches of max_transfer_batch_size blocks per submit: 4 + 4 + 2
+        assert sorted(r.num_blocks for r in records) == [2, 4, 4]
+        assert assert_tier_holds_right_data(manager, Tier.G3, [b.sequence_hash for b in held]) == 10
+        release(held)
+        records.clear()
+        with make_manager(tmp_path, host=64, disk=64) as wide:  # the defaults: 16 blocks a batch, 4 in flight
+            wide.add_listener(lambda event: records.append(event) if isinstance(event, TransferRecord) else None)
+            held = fill_and_register(wide, Tier.G2, list(range(64 * 4)))
+            assert len(wide.offload_sync(held).offloaded) == 64
+            release(held)
+        assert [r.num_blocks for r in records] == [64]  # one submit; the engine overlaps its four batches
+
+
+def test_a_hash_offered_twice_in_one_offload_is_copied_once(tmp_path: Path) -> None:
+    with make_manager(tmp_path) as manager:
+        held = fill_and_register(manager, Tier.G2, PROMPT[:8])
+        twice = [held[0], held[1], held[0]]
+        result = manager.offload_sync(twice)
+        assert result.offloaded == tuple(hashes_of(manager, PROMPT[:8]))
+        assert result.in_flight == (held[0].sequence_hash,)
+        assert manager.pool(Tier.G3).counts().registered == 2
+        release(held)
+
+
+def test_a_partly_full_target_takes_the_first_blocks_and_counts_the_rest(tmp_path: Path) -> None:
+    with make_manager(tmp_path, host=8, disk=4) as manager:
+        h = hashes_of(manager, PROMPT[:20])
+        held = fill_and_register(manager, Tier.G2, PROMPT[:20])  # five blocks
+        manager.offload_sync(held[:1])  # the first is on disk already, and kept there
+        busy = [*manager.allocate(Tier.G3, 1), *manager.pool(Tier.G3).match(h[:1])]  # two slots left
+        result = manager.offload_sync(held)
+        assert (result.already_present, result.offloaded, result.target_full) == ((h[0],), tuple(h[1:3]), tuple(h[3:]))
+        assert manager.stats().skipped[(Tier.G2, Tier.G3, SkipReason.TARGET_FULL)] == 2
+        assert assert_tier_holds_right_data(manager, Tier.G3, h) == 3
+        release(busy)
+        release(held)
+
+
 def test_store_events_for_disk_copies_carry_the_blocks(tmp_path: Path) -> None:
     events = RecordingEventManager()
     with make_manager(tmp_path, event_manager=events) as manager:
@@ -268,6 +319,55 @@ def test_misuse_is_an_offload_error(tmp_path: Path) -> None:
             manager.offload(held)
         held[1].release()
         release(theirs)
+
+
+def test_one_onboard_takes_blocks_of_two_tiers_and_of_the_target_at_once(tmp_path: Path) -> None:
+    # the device tier's part played by system memory (the copies are host and disk ones), so that this runs here
+    from kvbm_builder.storage import allocate_disk, allocate_system
+
+    spec = LayoutSpec(num_blocks=8, layout_type=FullyContiguous(), alignment=1, **MODEL_DIMS)
+    layouts = {
+        Tier.G1: Layout(spec, [allocate_system(spec.allocation_bytes)]),
+        Tier.G2: Layout(spec, [allocate_system(spec.allocation_bytes)]),
+        Tier.G3: Layout(spec, [allocate_disk(spec.allocation_bytes, DiskAllocator(directory=str(tmp_path)))]),
+    }
+    pools = {tier: BlockPool(tier, 8, block_size=4) for tier in layouts}
+    blocks = token_blocks(list(range(24)), 4)  # six blocks, on disk, on the host, and one on the "device" too
+    homes = [Tier.G3, Tier.G3, Tier.G2, Tier.G2, Tier.G2, Tier.G3, Tier.G1]
+    size = spec.num_layers * spec.outer_dim * spec.region_bytes
+    held = []
+    for block, home in zip([*blocks, blocks[3]], homes, strict=True):
+        (slot,) = pools[home].allocate(1)
+        write_layout_block(layouts[home], slot.block_id, content(block.sequence_hash, size))
+        held.append(slot.register(block))
+    manager = OffloadManager(
+        layouts=layouts,
+        pools=pools,
+        engine=TransferEngine(max_batch_blocks=2, max_concurrent=2),
+        targets={},
+        filters={},
+        cancellation_token=CancellationToken(),
+        max_batch_blocks=2,
+        max_concurrent=2,
+    )
+    try:
+        on_g1 = held.pop()
+        back = manager.onboard(held, to=Tier.G1).result(timeout=60)  # disk, disk, host, host, host, disk
+        assert [b.sequence_hash for b in back] == [b.sequence_hash for b in blocks]
+        assert back[3].block_id == on_g1.block_id  # matched in the target, not copied
+        for block in back:
+            assert read_layout_block(layouts[Tier.G1], block.block_id) == content(block.sequence_hash, size)
+        assert sum(manager.stats().moved_blocks.values()) == 5  # five copied (two submits), one matched
+        on_g1.release()
+        release(back)
+        release(held)
+        for pool in pools.values():
+            assert pool.counts().active == 0
+    finally:
+        manager.close()
+        for layout in layouts.values():
+            for storage in layout.storages:
+                storage.close()  # type: ignore[attr-defined]
 
 
 # -- faults: every pool stays consistent, no block is registered with wrong data ----------------------------------
@@ -365,6 +465,49 @@ def test_closing_with_transfers_in_flight_settles_everything(tmp_path: Path) -> 
     release(held)  # handles can still be released after close
     assert not engine_threads()
     assert not list(tmp_path.iterdir())  # the disk file is gone
+
+
+def test_threads_offloading_and_onboarding_at_once_leave_every_block_right(tmp_path: Path) -> None:
+    events = RecordingEventManager()
+    settings = KvbmSettings(disk_offload_filter=False, max_transfer_batch_size=2, max_concurrent_transfers=2)
+    prompts = [list(range(200 * p, 200 * p + 12)) for p in range(6)]  # six prompts of three blocks
+    errors: list[BaseException] = []
+    with make_manager(tmp_path, host=12, disk=9, settings=settings, event_manager=events) as manager:
+        for tokens in prompts:
+            release(fill_and_register(manager, Tier.G2, tokens))
+        start = threading.Barrier(4)
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                start.wait()
+                for _ in range(25):
+                    tokens = prompts[rng.randrange(6)]  # threads share prompts: the same hash from several at once
+                    found = manager.pool(Tier.G2).match(hashes_of(manager, tokens))
+                    if found and rng.random() < 0.7:
+                        manager.offload(found, priority=rng.randrange(3)).result(timeout=60)
+                    release(found)
+                    with manager.match(tokens) as hit, contextlib.suppress(PoolExhaustedError):
+                        release(manager.onboard_sync(hit.disk, to="G2"))
+                    if rng.random() < 0.15:
+                        manager.pool(rng.choice([Tier.G2, Tier.G3])).reset_inactive()
+            except BaseException as error:  # reported by the main thread
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        assert manager.wait_idle(60)
+        every = [h for tokens in prompts for h in hashes_of(manager, tokens)]
+        for tier in (Tier.G2, Tier.G3):
+            assert_tier_holds_right_data(manager, tier, every)
+            counts = manager.pool(tier).counts()
+            assert counts.active == 0 and counts.free + counts.inactive == counts.total
+        assert manager.stats().pending_offloads == 0
+    assert_events_alternate(events)
 
 
 # -- a property: whatever the sequence of moves, every registered block holds its own bytes --------------------

@@ -70,6 +70,27 @@ def test_device_blocks_reach_host_and_disk_and_come_back(tmp_path: Path, device_
     assert_events_alternate(events)
 
 
+def test_one_onboard_takes_blocks_of_the_host_and_the_disk_at_once(tmp_path: Path) -> None:
+    with make_manager(tmp_path, device=24, host=20, disk=32, pinned=True) as manager:
+        put_on_disk(manager, Tier.G1, PROMPT[:32])  # eight blocks, on disk only
+        with manager.match(PROMPT[:32]) as found:
+            release(manager.onboard_sync(found.disk[2:5], to="G2"))  # three of them on the host too, inactive
+        with manager.match(PROMPT[:32]) as found:
+            assert (len(found.host), len(found.disk)) == (0, 8)  # a match continues where the tier above stopped
+            host_part = manager.pool(Tier.G2).match(hashes_of(manager, PROMPT[:32])[2:5])
+            mixed = [*found.disk[:2], *host_part, *found.disk[5:]]  # disk, host, disk: in prefix order
+            back = manager.onboard_sync(mixed)
+            again = manager.onboard_sync(mixed)  # now all on the device: matched there, not copied
+        assert [b.sequence_hash for b in back] == hashes_of(manager, PROMPT[:32])
+        assert [b.block_id for b in again] == [b.block_id for b in back]
+        size = block_nbytes(manager)
+        for block in back:
+            assert read_block(manager, Tier.G1, block.block_id) == content(block.sequence_hash, size)
+        release(host_part)
+        release(back)
+        release(again)
+
+
 def test_without_a_host_tier_the_gpu_offloads_to_disk(tmp_path: Path) -> None:
     with make_manager(tmp_path, device=8, host=0, disk=16) as manager:
         assert manager.offload_manager.offload_target(Tier.G1) is Tier.G3

@@ -200,6 +200,26 @@ def test_many_batches_in_flight_on_every_stream(layouts: list[Layout], tmp_path:
     assert_same_blocks(device, d_ids, host, h_ids)
 
 
+def test_a_disk_write_in_flight_never_holds_the_slot_a_gpu_copy_needs(layouts: list[Layout], tmp_path: Path) -> None:
+    dims = {"num_layers": 4, "outer_dim": 2, "page_size": 64, "inner_dim": 1024, "dtype_width_bytes": 2}  # 1 MiB
+    host = new(layouts, PINNED, tmp_path, layout_type=FullyContiguous(), num_blocks=512, **dims)
+    disk = new(layouts, DISK, tmp_path, layout_type=FullyContiguous(), num_blocks=512, **dims)
+    device = new(layouts, DEVICE, tmp_path, layout_type=LayerSeparate(True), num_blocks=4, **dims)
+    rng = np.random.default_rng(9)
+    fill_random(device, rng)
+
+    # one slot per lane: the disk write (508 MiB, hundreds of milliseconds) holds the host/disk lane's only slot
+    with TransferEngine(max_batch_blocks=512, max_concurrent=1) as engine:
+        engine.prepare_gpu()
+        writing = engine.submit(host, range(508), disk, range(508))
+        copied = engine.submit(device, [0, 1, 2, 3], host, [511, 510, 509, 508])  # blocks the write does not read
+        assert copied.result(timeout=60).ok
+        assert not writing.done()  # the GPU copy went past it: it did not wait for the disk lane's slot
+        assert writing.result(timeout=120).ok
+
+    assert_same_blocks(device, [0, 1, 2, 3], host, [511, 510, 509, 508])
+
+
 # --- failures ------------------------------------------------------------------------------------------------
 
 

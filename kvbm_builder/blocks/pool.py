@@ -29,20 +29,22 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
 from ..config.protocols import EventManager, Tier
 from ..errors import BlockPoolError, BlockReleasedError, PoolClosedError, PoolExhaustedError
 from .events import BlockEvent, NullEventManager, RemoveEvent, RemoveReason, StoreEvent
-from .hashing import TokenBlock, _u64
+from .hashing import _U64, TokenBlock, _u64
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockPool", "ImmutableBlock", "MutableBlock", "PoolCounts"]
+__all__ = ["BlockGroup", "BlockPool", "ImmutableBlock", "MutableBlock", "PoolCounts", "SlotGroup"]
 
 MAX_PRIORITY = (1 << 32) - 1
+
+G = TypeVar("G", bound="_Group")
 
 
 class _State(enum.Enum):
@@ -100,6 +102,7 @@ class BlockPool:
         self._tier = tier
         self._block_size = block_size
         self._event_manager: EventManager = event_manager if event_manager is not None else NullEventManager()
+        self._silent = type(self._event_manager) is NullEventManager  # no event objects made for nobody
         self._lock = threading.Lock()
         self._slots = [_Slot(i) for i in range(num_blocks)]
         self._free: deque[int] = deque(range(num_blocks))
@@ -172,13 +175,8 @@ class BlockPool:
         with self._lock:
             self._check_open()
             self._return_dropped()
-            available = len(self._free) + self._num_inactive
-            if count > available:
-                raise PoolExhaustedError(
-                    f"the {self._tier.words} has {len(self._free)} free and {self._num_inactive} evictable blocks, "
-                    f"{count} were asked for; the other {self._num_active} of {len(self._slots)} are in use: "
-                    f"release blocks, or configure more `{self._tier.slot}.num_blocks`"
-                )
+            if count > len(self._free) + self._num_inactive:
+                raise self._exhausted(count)
             handles = []
             for _ in range(count):
                 slot = self._slots[self._free.popleft()] if self._free else self._evict()
@@ -198,27 +196,12 @@ class BlockPool:
         are consumed. ``priority`` (0..2**32-1, default 0) orders eviction: lower goes first.
         """
         blocks = list(blocks)
-        token_blocks = list(token_blocks)
-        _check_priority(priority)
-        if len(blocks) != len(token_blocks):
-            raise BlockPoolError(
-                f"register needs one token block per block: got {len(blocks)} blocks and {len(token_blocks)} token "
-                f"blocks for the {self._tier.words}"
-            )
-        for block, token_block in zip(blocks, token_blocks, strict=True):
+        token_blocks = self._check_token_blocks(len(blocks), token_blocks, priority)
+        for block in blocks:
             if not isinstance(block, MutableBlock):
                 raise BlockPoolError(f"register takes MutableBlocks from allocate(), got {block!r}")
             if block._pool is not self:
                 raise BlockPoolError(f"{block!r} belongs to the {block._pool.tier.words}, not the {self._tier.words}")
-            if not isinstance(token_block, TokenBlock):
-                raise BlockPoolError(
-                    f"register takes TokenBlocks (token_blocks(...), TokenBlock.from_hash(...)), got {token_block!r}"
-                )
-            if token_block.tokens and len(token_block.tokens) != self._block_size:
-                raise BlockPoolError(
-                    f"a block of the {self._tier.words} holds {self._block_size} tokens, but the token block for "
-                    f"{block!r} has {len(token_block.tokens)}; only full blocks are registered"
-                )
         if len({id(b) for b in blocks}) != len(blocks):
             raise BlockPoolError("register was given the same MutableBlock twice")
         with self._lock:
@@ -226,25 +209,80 @@ class BlockPool:
             self._return_dropped()
             for block in blocks:
                 block._check_live()
-            out = []
-            for block, token_block in zip(blocks, token_blocks, strict=True):
+            for block in blocks:
                 block._fate = "registered"
-                existing = self._registry.get(token_block.sequence_hash)
-                if existing is not None:
-                    self._free_slot(block._slot)
-                    self._acquire(existing)
-                    existing.priority = max(existing.priority, priority)
-                    out.append(ImmutableBlock(self, existing))
-                    continue
-                slot = block._slot
-                slot.state = _State.ACTIVE
-                slot.token_block = token_block
-                slot.refs = 1
-                slot.priority = priority
-                self._registry[token_block.sequence_hash] = slot
-                self._outbox.append(self._event(StoreEvent, slot))
-                out.append(ImmutableBlock(self, slot))
+            slots = self._register_slots([block._slot for block in blocks], token_blocks, priority)
+            out = [ImmutableBlock(self, slot) for slot in slots]
         self._deliver()
+        return out
+
+    def _check_token_blocks(self, count: int, token_blocks: Sequence[TokenBlock], priority: int) -> list[TokenBlock]:
+        token_blocks = list(token_blocks)
+        _check_priority(priority)
+        if count != len(token_blocks):
+            raise BlockPoolError(
+                f"register needs one token block per block: got {count} blocks and {len(token_blocks)} token "
+                f"blocks for the {self._tier.words}"
+            )
+        size = self._block_size
+        for token_block in token_blocks:
+            if type(token_block) is not TokenBlock and not isinstance(token_block, TokenBlock):
+                raise BlockPoolError(
+                    f"register takes TokenBlocks (token_blocks(...), TokenBlock.from_hash(...)), got {token_block!r}"
+                )
+            if token_block.tokens and len(token_block.tokens) != size:
+                raise BlockPoolError(
+                    f"a block of the {self._tier.words} holds {size} tokens, but a token block given to register "
+                    f"has {len(token_block.tokens)}; only full blocks are registered"
+                )
+        return token_blocks
+
+    def _register_slots(
+        self, slots: list[_Slot], token_blocks: list[TokenBlock], priority: int, *, hold: bool = True
+    ) -> list[_Slot]:
+        """(With the lock held; the written slots checked.) Register each slot; the registered slots, one holder
+        each (an already registered hash gives its existing slot, and the written one is freed). ``hold`` False:
+        as if each were released right after, in order; nothing is returned."""
+        out = []
+        registry = self._registry
+        returned = 0
+        inactive, ticks, active_state, inactive_state = self._inactive, self._ticks, _State.ACTIVE, _State.INACTIVE
+        for slot, token_block in zip(slots, token_blocks, strict=True):
+            existing = registry.get(token_block.sequence_hash)
+            if existing is not None:
+                self._free_slot(slot)
+                self._acquire(existing)
+                existing.priority = max(existing.priority, priority)
+                if hold:
+                    out.append(existing)
+                else:  # released at once (as _drop_ref does; the heap is compacted once, below)
+                    existing.refs -= 1
+                    if not existing.refs:
+                        existing.state = inactive_state
+                        existing.returned_tick = tick = next(ticks)
+                        heapq.heappush(inactive, (existing.priority, tick, existing.block_id))
+                        returned += 1
+                continue
+            slot.token_block = token_block
+            slot.priority = priority
+            registry[token_block.sequence_hash] = slot
+            if not self._silent:
+                self._outbox.append(self._event(StoreEvent, slot))
+            if hold:
+                slot.state = active_state
+                slot.refs = 1
+                out.append(slot)
+            else:  # registered and released at once: inactive, returned now
+                slot.state = inactive_state
+                slot.refs = 0
+                slot.returned_tick = tick = next(ticks)
+                heapq.heappush(inactive, (priority, tick, slot.block_id))
+                returned += 1
+        self._num_active -= returned
+        self._num_inactive += returned
+        if not hold and len(inactive) > 2 * self._num_inactive + 64:
+            self._inactive = [e for e in inactive if self._is_current(e)]
+            heapq.heapify(self._inactive)
         return out
 
     def match(self, sequence_hashes: Iterable[int | TokenBlock]) -> list[ImmutableBlock]:
@@ -264,6 +302,111 @@ class BlockPool:
                 self._acquire(slot)
                 out.append(ImmutableBlock(self, slot))
             return out
+
+    # -- many blocks at once: one lock acquisition, no object per block (what the offload manager uses) -------
+
+    def allocate_group(self, count: int, *, partial: bool = False) -> SlotGroup:
+        """:meth:`allocate` as one handle for all the blocks (a :class:`SlotGroup`), in the same order.
+
+        ``partial``: as many as the tier has free or evictable, up to ``count`` (fewer, or none, when it is short)
+        instead of all or none (PoolExhaustedError)."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise BlockPoolError(f"count must be a whole number >= 0, got {count!r}")
+        with self._lock:
+            self._check_open()
+            self._return_dropped()
+            available = len(self._free) + self._num_inactive
+            if count > available:
+                if not partial:
+                    raise self._exhausted(count)
+                count = available
+            every, free, mutable = self._slots, self._free, _State.MUTABLE
+            slots = [every[free.popleft()] for _ in range(min(count, len(free)))]
+            slots += [self._evict() for _ in range(count - len(slots))]
+            for slot in slots:
+                slot.state = mutable
+            self._num_active += count
+            group = SlotGroup(self, slots)
+        self._deliver()
+        return group
+
+    def hold(self, blocks: Iterable[ImmutableBlock]) -> BlockGroup:
+        """One more holder of each block, as one handle (a :class:`BlockGroup`): ``clone()`` of each, without an
+        object per block. All or none: a block of another pool, or one released, raises and holds nothing."""
+        blocks = list(blocks)
+        with self._lock:
+            self._check_open()
+            for block in blocks:
+                if type(block) is not ImmutableBlock and not isinstance(block, ImmutableBlock):
+                    raise BlockPoolError(f"hold takes ImmutableBlocks of the {self._tier.words}, got {block!r}")
+                if block._pool is not self:
+                    raise BlockPoolError(
+                        f"{block!r} belongs to the {block._pool.tier.words}, not the {self._tier.words}"
+                    )
+                if block._fate is not None:
+                    block._check_live()
+            slots = [block._slot for block in blocks]
+            for slot in slots:
+                slot.refs += 1
+            return BlockGroup(self, slots)
+
+    def present(self, sequence_hashes: Iterable[int]) -> set[int]:
+        """Which of these sequence hashes are registered here (active or inactive), read at one moment. Changes
+        nothing (an inactive block stays inactive)."""
+        hashes = {h if type(h) is int and 0 <= h < _U64 else _u64(h, "sequence_hash") for h in sequence_hashes}
+        with self._lock:
+            return hashes & self._registry.keys()
+
+    def find(self, sequence_hashes: Iterable[int]) -> list[ImmutableBlock | None]:
+        """Each hash's registered block, held as :meth:`match` holds it, or None where the tier lacks it. Unlike
+        :meth:`match` it does not stop at the first miss."""
+        hashes = [h if type(h) is int and 0 <= h < _U64 else _u64(h, "sequence_hash") for h in sequence_hashes]
+        with self._lock:
+            self._check_open()
+            self._return_dropped()
+            out: list[ImmutableBlock | None] = []
+            for sequence_hash in hashes:
+                slot = self._registry.get(sequence_hash)
+                if slot is None:
+                    out.append(None)
+                else:
+                    self._acquire(slot)
+                    out.append(ImmutableBlock(self, slot))
+            return out
+
+    def release_all(self, blocks: Iterable[MutableBlock | ImmutableBlock]) -> None:
+        """``release()`` each handle (mutable or registered), as one step: all or none. A handle of another pool,
+        one already released or registered, or the same handle twice raises and releases nothing."""
+        blocks = list(blocks)
+        if not blocks:
+            return
+        with self._lock:
+            seen: set[int] = set()
+            for block in blocks:
+                if not isinstance(block, _Handle) or block._pool is not self:
+                    raise BlockPoolError(f"release_all takes blocks of the {self._tier.words}, got {block!r}")
+                if block._fate == "registered":
+                    raise BlockReleasedError(
+                        f"{block!r} was registered: release the ImmutableBlock that register() returned instead; "
+                        "release_all released nothing"
+                    )
+                if block._fate is not None or id(block) in seen:
+                    raise BlockReleasedError(
+                        f"{block!r} was already released (or given twice): a block is released once; release_all "
+                        "released nothing"
+                    )
+                seen.add(id(block))
+            for block in blocks:
+                block._fate = "released"
+            if self._closed:
+                return
+            self._return_dropped()
+            for block in blocks:  # in order, as many release() calls would
+                if isinstance(block, MutableBlock):
+                    self._free_slot(block._slot)
+                else:
+                    self._drop_ref(block._slot)
+        self._deliver()
 
     def reset_inactive(self) -> int:
         """Forget every inactive block (remove events, slots back to the free list); returns how many."""
@@ -289,7 +432,8 @@ class BlockPool:
             self._closed = True
             self._dropped.clear()
             for slot in sorted(self._registry.values(), key=lambda s: s.block_id):
-                self._outbox.append(self._event(RemoveEvent, slot, reason=RemoveReason.CLOSED))
+                if not self._silent:
+                    self._outbox.append(self._event(RemoveEvent, slot, reason=RemoveReason.CLOSED))
             self._registry.clear()
         self._deliver()
 
@@ -326,12 +470,106 @@ class BlockPool:
             handle._check_live()
             handle._slot.priority = priority
 
+    def _release_group(self, group: _Group) -> None:
+        with self._lock:
+            if group._fate is not None:
+                raise BlockReleasedError(f"{group!r} was already {group._fate}: a group is released once")
+            group._fate = "released"
+            if self._closed:
+                return
+            self._return_dropped()
+            if isinstance(group, SlotGroup):
+                self._free_slots(group._slots)
+            else:
+                self._drop_refs(group._slots)
+        self._deliver()
+
+    def _register_group(
+        self,
+        group: SlotGroup,
+        token_blocks: Sequence[TokenBlock] | None,
+        priority: int,
+        keep: bool,
+        like: BlockGroup | None = None,
+    ) -> BlockGroup | None:
+        if like is not None:  # registered blocks' token blocks: already checked when they were registered
+            if not isinstance(like, BlockGroup) or like._pool.block_size != self._block_size:
+                raise BlockPoolError(
+                    f"register_like takes a BlockGroup of a pool with blocks of {self._block_size} tokens, got {like!r}"
+                )
+            checked = like.token_blocks
+            if len(checked) != len(group._slots):
+                raise BlockPoolError(
+                    f"register_like needs one source per block: got {len(checked)} for {len(group._slots)} blocks"
+                )
+            _check_priority(priority)
+        else:
+            checked = self._check_token_blocks(len(group._slots), token_blocks or (), priority)
+        with self._lock:
+            self._check_open()
+            self._return_dropped()
+            group._check_live()
+            group._fate = "registered"
+            slots = self._register_slots(group._slots, checked, priority, hold=keep)
+            out = BlockGroup(self, slots) if keep else None
+        self._deliver()
+        return out
+
+    def _partition(self, group: G, parts: Sequence[Sequence[int]]) -> list[G]:
+        parts = [list(part) for part in parts]
+        with self._lock:
+            self._check_open()
+            group._check_live()
+            n = len(group._slots)
+            named = [i for part in parts for i in part]
+            if len(named) != n or set(named) != set(range(n)):
+                raise BlockPoolError(
+                    f"partition names each of a group's {n} blocks (positions 0..{n - 1}) exactly once; got {parts!r}"
+                )
+            group._fate = "partitioned"
+            slots = group._slots
+            return [type(group)(self, [slots[i] for i in part]) for part in parts]
+
+    def _join(self, groups: Sequence[G]) -> G:
+        with self._lock:
+            self._check_open()
+            kind = type(groups[0])
+            for group in groups:
+                if type(group) is not kind or group._pool is not self:
+                    raise BlockPoolError(f"join takes {kind.__name__}s of the {self._tier.words}, got {group!r}")
+                group._check_live()
+            if len({id(g) for g in groups}) != len(groups):
+                raise BlockPoolError("join was given the same group twice")
+            for group in groups:
+                group._fate = "joined"
+            return kind(self, [slot for group in groups for slot in group._slots])
+
+    def _handles(self, group: BlockGroup) -> list[ImmutableBlock]:
+        with self._lock:
+            self._check_open()
+            group._check_live()
+            group._fate = "handed out"
+            return [ImmutableBlock(self, slot) for slot in group._slots]
+
+    def _dropped_group(self, group: _Group) -> None:
+        """From a group's ``__del__``: no lock (see ``_dropped_handle``)."""
+        if not self._closed:
+            mutable = isinstance(group, SlotGroup)
+            self._dropped.extend((mutable, slot) for slot in group._slots)
+
     def _dropped_handle(self, handle: _Handle) -> None:
         """From a handle's ``__del__``: no lock may be taken here (the collector can run inside a locked section)."""
         if not self._closed:
             self._dropped.append((isinstance(handle, MutableBlock), handle._slot))
 
     # -- internals (called with the lock held) --------------------------------------------------------------
+
+    def _exhausted(self, count: int) -> PoolExhaustedError:
+        return PoolExhaustedError(
+            f"the {self._tier.words} has {len(self._free)} free and {self._num_inactive} evictable blocks, "
+            f"{count} were asked for; the other {self._num_active} of {len(self._slots)} are in use: "
+            f"release blocks, or configure more `{self._tier.slot}.num_blocks`"
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -359,6 +597,31 @@ class BlockPool:
             self._inactive = [e for e in self._inactive if self._is_current(e)]
             heapq.heapify(self._inactive)
 
+    def _drop_refs(self, slots: Iterable[_Slot]) -> None:
+        """``_drop_ref`` of each slot, in order (one holder each)."""
+        inactive, ticks = self._inactive, self._ticks
+        returned = 0
+        for slot in slots:
+            slot.refs -= 1
+            if slot.refs:
+                continue
+            slot.state = _State.INACTIVE
+            slot.returned_tick = tick = next(ticks)
+            heapq.heappush(inactive, (slot.priority, tick, slot.block_id))
+            returned += 1
+        self._num_active -= returned
+        self._num_inactive += returned
+        if len(inactive) > 2 * self._num_inactive + 64:  # drop entries of blocks matched since
+            self._inactive = [e for e in inactive if self._is_current(e)]
+            heapq.heapify(self._inactive)
+
+    def _free_slots(self, slots: Sequence[_Slot]) -> None:
+        free = self._free
+        for slot in slots:
+            slot.state = _State.FREE
+            free.append(slot.block_id)
+        self._num_active -= len(slots)
+
     def _free_slot(self, slot: _Slot) -> None:
         slot.state = _State.FREE
         self._num_active -= 1
@@ -377,7 +640,8 @@ class BlockPool:
         slot = self._slots[entry[2]]
         assert slot.token_block is not None
         del self._registry[slot.token_block.sequence_hash]
-        self._outbox.append(self._event(RemoveEvent, slot, reason=reason))
+        if not self._silent:
+            self._outbox.append(self._event(RemoveEvent, slot, reason=reason))
         slot.state = _State.FREE
         slot.token_block = None
         slot.priority = 0
@@ -409,6 +673,8 @@ class BlockPool:
 
     def _deliver(self) -> None:
         """Hand queued events to the event manager outside the lock, in the order they happened."""
+        if not self._outbox:  # read without the lock: a producer that queues after this delivers for itself
+            return
         while True:
             with self._lock:
                 if self._delivering or not self._outbox:
@@ -431,16 +697,15 @@ class BlockPool:
                     self._delivering = False
 
 
-class _Handle:
-    __slots__ = ("__weakref__", "_block_id", "_fate", "_pool", "_slot")
+class _Owned:
+    """What block handles and groups share: their pool, a fate once used up, release at the end of a ``with``
+    block, and a return to the pool (with a ResourceWarning) when garbage-collected unreleased."""
 
-    _kind = "block"
+    __slots__ = ("__weakref__", "_fate", "_pool")
 
-    def __init__(self, pool: BlockPool, slot: _Slot) -> None:
+    def __init__(self, pool: BlockPool) -> None:
         self._pool = pool
-        self._slot = slot
-        self._block_id = slot.block_id
-        self._fate: str | None = None  # "released" or "registered" once the handle is used up
+        self._fate: str | None = None  # how it was used up ("released", "registered", ...)
 
     @property
     def tier(self) -> Tier:
@@ -452,7 +717,45 @@ class _Handle:
 
     @property
     def released(self) -> bool:
+        """Used up: released, or turned into other handles (registered, partitioned, joined, handed out)."""
         return self._fate is not None
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def _return_dropped(self) -> None:
+        """From ``__del__``: queue what it holds for the pool's next operation (no lock may be taken here)."""
+        raise NotImplementedError
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fate is None:
+            self.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fate", "gone") is None:
+            try:
+                self._return_dropped()
+                warnings.warn(
+                    f"{self!r} was garbage-collected without release(); returned to the pool",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+            except Exception:  # nothing can be reported from a finalizer at interpreter exit
+                pass
+
+
+class _Handle(_Owned):
+    __slots__ = ("_block_id", "_slot")
+
+    _kind = "block"
+
+    def __init__(self, pool: BlockPool, slot: _Slot) -> None:
+        self._pool = pool
+        self._slot = slot
+        self._block_id = slot.block_id
+        self._fate = None  # "released" or "registered" once the handle is used up
 
     @property
     def block_id(self) -> int:
@@ -471,23 +774,8 @@ class _Handle:
                 + ("; use the ImmutableBlock that register() returned" if self._fate == "registered" else "")
             )
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._fate is None:
-            self.release()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fate", "gone") is None:
-            try:
-                self._pool._dropped_handle(self)
-                warnings.warn(
-                    f"{self!r} was garbage-collected without release(); returned to the pool",
-                    ResourceWarning,
-                    stacklevel=1,
-                )
-            except Exception:  # nothing can be reported from a finalizer at interpreter exit
-                pass
+    def _return_dropped(self) -> None:
+        self._pool._dropped_handle(self)
 
     def __repr__(self) -> str:
         state = f", {self._fate}" if self._fate else ""
@@ -539,3 +827,99 @@ class ImmutableBlock(_Handle):
 
     def __enter__(self) -> ImmutableBlock:
         return self
+
+
+class _Group(_Owned):
+    """Several blocks of one pool as one handle: no object per block, one lock acquisition per operation."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, pool: BlockPool, slots: list[_Slot]) -> None:
+        self._pool = pool
+        self._slots = slots
+        self._fate = None  # "released", "registered", "partitioned", "joined", "handed out"
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The slots' indices in the tier, in order (what a layout's ``memory_region`` and a transfer take)."""
+        self._check_live()
+        return [slot.block_id for slot in self._slots]
+
+    def release(self) -> None:
+        """Give every block back (once); a ``with`` block does it on exit."""
+        self._pool._release_group(self)
+
+    def partition(self: G, parts: Sequence[Sequence[int]]) -> list[G]:
+        """Split into groups of the given positions (each position in exactly one part); this group is used up."""
+        return self._pool._partition(self, parts)
+
+    @classmethod
+    def join(cls: type[G], groups: Sequence[G]) -> G:
+        """One group of the blocks of ``groups`` (of one pool), in order; they are used up."""
+        groups = list(groups)
+        if not groups:
+            raise BlockPoolError(f"{cls.__name__}.join needs at least one group")
+        return groups[0]._pool._join(groups)
+
+    def _check_live(self) -> None:
+        if self._fate is not None:
+            raise BlockReleasedError(f"{self!r} was {self._fate}; it can no longer be used")
+
+    def __enter__(self: G) -> G:
+        return self
+
+    def _return_dropped(self) -> None:
+        self._pool._dropped_group(self)
+
+    def __repr__(self) -> str:
+        state = f", {self._fate}" if self._fate else ""
+        return f"{type(self).__name__}({self._pool.tier.name}, {len(self._slots)} blocks{state})"
+
+
+class SlotGroup(_Group):
+    """Blocks just allocated (:meth:`BlockPool.allocate_group`), held by one owner: write them, then register
+    them all (:meth:`register`) or release them."""
+
+    __slots__ = ()
+
+    def register(
+        self, token_blocks: Sequence[TokenBlock], *, priority: int = 0, keep: bool = True
+    ) -> BlockGroup | None:
+        """:meth:`BlockPool.register` of every block, all or none; the group is used up.
+
+        ``keep``: return the registered blocks held, as a :class:`BlockGroup` (one holder of each, in order; a
+        hash already registered gives its existing block); otherwise nobody holds them afterwards (they are
+        inactive unless someone else holds them) and None is returned."""
+        return self._pool._register_group(self, token_blocks, priority, keep)
+
+    def register_like(self, sources: BlockGroup, *, priority: int = 0, keep: bool = True) -> BlockGroup | None:
+        """:meth:`register` under the token blocks of ``sources`` (held blocks of any pool with blocks of the same
+        size, one per block, in order): what a copy from ``sources`` into these blocks registers when it lands."""
+        return self._pool._register_group(self, None, priority, keep, like=sources)
+
+
+class BlockGroup(_Group):
+    """One holder of each of several registered blocks (:meth:`BlockPool.hold`, :meth:`SlotGroup.register`)."""
+
+    __slots__ = ()
+
+    @property
+    def token_blocks(self) -> list[TokenBlock]:
+        self._check_live()
+        return [slot.token_block for slot in self._slots]  # type: ignore[misc]  # registered: never None
+
+    @property
+    def sequence_hashes(self) -> list[int]:
+        return [token_block.sequence_hash for token_block in self.token_blocks]
+
+    @property
+    def priorities(self) -> list[int]:
+        self._check_live()
+        return [slot.priority for slot in self._slots]
+
+    def handles(self) -> list[ImmutableBlock]:
+        """One :class:`ImmutableBlock` per block, in order, taking over the group's holds; the group is used up."""
+        return self._pool._handles(self)

@@ -1,8 +1,11 @@
 """``TransferEngine``: moves the bytes of blocks between two layouts, in batches, without blocking its caller.
 
 A ``submit()`` checks its arguments, splits the blocks into batches of ``max_batch_blocks`` and returns a
-:class:`TransferFuture` at once; at most ``max_concurrent`` batches are in flight, the rest wait in order. How a
-batch moves depends on the two storage kinds (its *route*):
+:class:`TransferFuture` at once; at most ``max_concurrent`` batches are in flight on each *lane*, the rest wait in
+order. Batches that copy with the GPU (``device``, and ``staged`` through the GPU) and batches the CPU moves alone
+(``host``, ``io``, disk <-> disk) have a lane each: their slots are separate resources (CUDA streams, I/O threads),
+so a slow disk write never holds a slot a GPU copy waits for. How a batch moves depends on the two storage kinds
+(its *route*):
 
 - ``device``: GPU memory <-> GPU or pinned host memory. One launch of the batched copy kernel over the batch's
   table (or one ``cudaMemcpyAsync`` per run when the runs are few and large), on the slot's own non-blocking
@@ -86,6 +89,7 @@ class _Job:
         "error",
         "fds",
         "future",
+        "lane",
         "launched",
         "method",
         "owned",
@@ -108,6 +112,8 @@ class _Job:
         self.batches = 0
         self.error: tuple[_Batch, StepError] | None = None
         self.method = route  # device batches: kernel, table, memcpy or bounce (chosen once per submit)
+        kinds = (src.storages[0].kind, dst.storages[0].kind)
+        self.lane = "gpu" if route == "device" or StorageKind.DEVICE in kinds else "cpu"
         self.deltas: tuple[Any, Any] = (None, None)
         self.sides: tuple[Any, Any] = (None, None)  # GpuSide of each layout (device routes)
         self.owned = False  # copy(): the calling thread finishes the device batches itself
@@ -139,7 +145,8 @@ class TransferEngine:
     """Moves blocks between :class:`~kvbm_builder.layout.Layout` s of any kind (device, pinned, system, disk).
 
     ``max_batch_blocks`` (``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE``) blocks form one batch, at most ``max_concurrent``
-    (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``) batches are in flight. ``device_id`` is the GPU whose streams copy
+    (``DYN_KVBM_MAX_CONCURRENT_TRANSFERS``) batches are in flight on each lane (GPU copies; host and disk copies).
+    ``device_id`` is the GPU whose streams copy
     (by default the GPU of the first device layout submitted). Once ``cancellation_token`` is cancelled, or
     ``close()`` is called, nothing new starts and transfers not finished fail. ``listeners`` receive a
     :class:`TransferRecord` for every finished submit, success or failure, on the engine's threads.
@@ -194,9 +201,10 @@ class TransferEngine:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._launched = threading.Condition(self._lock)  # an owned job got a device batch queued, or finished
-        self._pending: deque[_Batch] = deque()
+        self._pending: dict[str, deque[_Batch]] = {"gpu": deque(), "cpu": deque()}  # by lane, in order
         self._inflight = 0
-        self._free_slots: list[int] = list(range(max_concurrent))
+        self._lane_inflight: dict[str, int] = {"gpu": 0, "cpu": 0}
+        self._free_slots: dict[str, list[int]] = {lane: list(range(max_concurrent)) for lane in self._pending}
         self._closed = False
         self._close_done = threading.Event()
         self._closer: threading.Thread | None = None
@@ -268,7 +276,7 @@ class TransferEngine:
         with self._lock:
             closed = self._closed
             if not closed:
-                self._pending.extend(batches)
+                self._pending[job.lane].extend(batches)
         if closed:
             _close_fds(job)
             raise self._refusal(job, "closed", "the engine was closed; make a new TransferEngine")
@@ -311,8 +319,9 @@ class TransferEngine:
         with self._lock:
             first = not self._closed
             self._closed = True
-            skipped = list(self._pending)
-            self._pending.clear()
+            skipped = [batch for pending in self._pending.values() for batch in pending]
+            for pending in self._pending.values():
+                pending.clear()
             finished = []
             for batch in skipped:
                 job = batch.job
@@ -345,7 +354,8 @@ class TransferEngine:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self._inflight} batches in flight, {len(self._pending)} waiting"
+        waiting = sum(len(pending) for pending in self._pending.values())
+        state = "closed" if self._closed else f"{self._inflight} batches in flight, {waiting} waiting"
         return (
             f"TransferEngine(max_batch_blocks={self.max_batch_blocks}, max_concurrent={self.max_concurrent}, {state})"
         )
@@ -533,13 +543,16 @@ class TransferEngine:
     # --- scheduling ----------------------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Start waiting batches while fewer than ``max_concurrent`` are in flight."""
+        """Start waiting batches while fewer than ``max_concurrent`` of their lane are in flight."""
         while True:
             finished: _Job | None = None
             with self._lock:
-                if not self._pending or self._inflight >= self.max_concurrent:
+                for lane, pending in self._pending.items():
+                    if pending and self._lane_inflight[lane] < self.max_concurrent:
+                        break
+                else:
                     return
-                batch = self._pending.popleft()
+                batch = pending.popleft()
                 job = batch.job
                 reason = self._stop_reason()
                 if job.error is None and reason is not None:
@@ -550,7 +563,8 @@ class TransferEngine:
                     launch = False
                 else:
                     self._inflight += 1
-                    batch.slot = self._free_slots.pop()
+                    self._lane_inflight[lane] += 1
+                    batch.slot = self._free_slots[lane].pop()
                     launch = True
             if not launch:
                 if finished is not None:
@@ -568,7 +582,8 @@ class TransferEngine:
             return
         with self._lock:
             if self._workers is None:
-                self._workers = ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="kvbm-transfer")
+                # the CPU lane's batches, and the GPU lane's staged ones, may all run at once
+                self._workers = ThreadPoolExecutor(2 * self.max_concurrent, thread_name_prefix="kvbm-transfer")
             workers = self._workers
         workers.submit(self._run_batch, batch)
 
@@ -577,17 +592,18 @@ class TransferEngine:
         job = batch.job
         with self._lock:
             self._inflight -= 1
-            self._free_slots.append(batch.slot)
+            self._lane_inflight[job.lane] -= 1
+            self._free_slots[job.lane].append(batch.slot)
             if error is not None:
                 job.fail(batch, error)
             job.remaining -= 1
             finished = job.remaining == 0
             if self._inflight == 0:
                 self._idle.notify_all()
+        if pump:  # the next waiting batch starts first: a caller's completion work never leaves a slot idle
+            self._pump()
         if finished:
             self._complete(job)
-        if pump:
-            self._pump()
 
     def _complete(self, job: _Job) -> None:
         _close_fds(job)
