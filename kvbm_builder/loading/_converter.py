@@ -16,12 +16,12 @@ import difflib
 import enum
 import functools
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, NewType, TypedDict, TypeVar, cast, overload
+from collections.abc import Callable, Mapping
+from typing import Any, NewType, TypedDict, TypeVar, cast, overload
 
 import attrs
 import cattrs
-from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
+from cattrs.errors import AttributeValidationNote, ClassValidationError
 from cattrs.gen.typeddicts import make_dict_structure_fn
 
 from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
@@ -48,66 +48,56 @@ LOADABLE: tuple[type, ...] = (
     *BUILTIN_ALLOCATORS,
 )
 
-converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=True)
+converter = cattrs.Converter(detailed_validation=True)
 
 #: A value the config field's own rule judges (no coercion: the builder sees exactly what the document holds).
 Raw = NewType("Raw", object)
 #: A byte budget: ``"16GiB"`` (2^30), ``"16GB"`` (10^9), ``"512 MiB"`` or a byte count.
 ByteSize = NewType("ByteSize", int)
-converter.register_structure_hook(Raw, lambda value, _: value)
 converter.register_structure_hook(ByteSize, lambda value, _: parse_size(value))
 
-
-# ---- tables: cattrs reads each key and collects what fails; the builder judges the rest --------------------------
-
-
-class Table(NamedTuple):
-    """What cattrs made of one table: the values it read, what failed (cattrs' exceptions, with notes) and the
-    keys of the values that failed, which the builder counts as set but says nothing more about."""
-
-    values: dict[str, Any]
-    errors: list[Exception]
-    failed: frozenset[str]
+#: What cattrs made of one table: the values it read, what failed (cattrs' exceptions, with notes) and the keys of the
+#: values that failed, which the builder counts as set but says nothing more about.
+Table = tuple[dict[str, Any], list[Exception], frozenset[str]]
 
 
-@attrs.frozen
 class View:
-    """The keys a document may give for one class (or one tier). cattrs structures the tables inside it (a TypedDict
-    of them); the other values go to the builder as they are, and the field's own rule judges them."""
+    """The keys a document may give for one class (or one tier): each field a document can hold, read as it is for
+    its own rule to judge, unless ``special`` gives it a type for cattrs to structure (a table inside, a byte size);
+    ``special`` may also add a key of the document's own (a tier's ``size``). Called, it loads a table."""
 
-    target: type
-    keys: dict[str, Any]  # key -> the type its value is structured as
-    runtime_only: tuple[str, ...]
-    typed: Any = attrs.field(init=False)
-    read: Callable[[Mapping[str, Any], Any], dict[str, Any]] = attrs.field(init=False)
-    allowed: frozenset[str] = attrs.field(init=False)
-    nested: bool = attrs.field(init=False)
+    def __init__(self, target: type, **special: Any) -> None:
+        described = specs(target)
+        self.target = target
+        self.keys = {name: special.get(name, Raw) for name, spec in described.items() if spec.document}
+        self.keys.update({key: kind for key, kind in special.items() if key not in described})
+        self.runtime_only = tuple(name for name, spec in described.items() if not spec.document)
+        self.required = frozenset(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
+        # cattrs structures the typed keys (a TypedDict of them) and passes the others through
+        typed = {key: kind for key, kind in self.keys.items() if kind is not Raw}
+        document = cast(Any, TypedDict)(f"{target.__name__}Document", typed, total=False)
+        self.read = make_dict_structure_fn(document, converter, _cattrs_forbid_extra_keys=False) if typed else None
 
-    def __attrs_post_init__(self) -> None:
-        nested = {key: t for key, t in self.keys.items() if t is not Raw}
-        typed = cast(Any, TypedDict)(f"{self.target.__name__}Document", nested, total=False)
-        object.__setattr__(self, "typed", typed)
-        object.__setattr__(self, "read", make_dict_structure_fn(typed, converter, _cattrs_forbid_extra_keys=False))
-        object.__setattr__(self, "allowed", frozenset(self.keys))
-        object.__setattr__(self, "nested", bool(nested))
-        _VIEWS[typed] = self
+    def __call__(self, value: object, _: object = None) -> Any:
+        return self.build(self.table(value))
 
     def table(self, value: object) -> Table:
-        if type(value) is not dict and not isinstance(value, Mapping):
+        if not isinstance(value, Mapping):
             raise document_error(f"must be a table of keys and values, got {show(value)}")
-        document = value if type(value) is dict else dict(value)  # cattrs copies it: the caller's stays as it is
-        unknown = document.keys() - self.allowed
-        errors: list[Exception] = [ForbiddenExtraKeysError("", self.typed, unknown)] if unknown else []
-        failed: frozenset[str] = _NO_KEYS
-        try:  # a table of values only (a model, an allocator) has nothing for cattrs to structure
-            values = self.read(document, self.typed) if self.nested else dict(document)
-        except ClassValidationError as group:
-            failed = frozenset(note.name for _, note in group.group_exceptions()[0])
-            values = self.read({k: v for k, v in document.items() if k not in failed}, self.typed)
-            errors[:0] = group.exceptions
-        for key in unknown:
-            del values[key]
-        return Table(values, errors, failed)
+        values = {key: item for key, item in value.items() if key in self.keys}
+        errors: list[Exception] = []
+        failed: frozenset[str] = frozenset()
+        if len(values) < len(value):
+            unknown = sorted(value.keys() - self.keys.keys(), key=str)
+            errors.append(ConfigError([self.unknown(key) for key in unknown]))
+        if self.read is not None:
+            try:
+                values = self.read(values, None)
+            except ClassValidationError as group:  # read the others again, without the values that failed
+                failed = frozenset(note.name for _, note in group.group_exceptions()[0])
+                values = self.read({k: v for k, v in values.items() if k not in failed}, None)
+                errors[:0] = group.exceptions
+        return values, errors, failed
 
     def unknown(self, key: object) -> Problem:
         """The problem with a key the table does not take: how to set a runtime object, or a did-you-mean."""
@@ -122,9 +112,38 @@ class View:
             (name,), f"unknown key; expected one of: {listed}" if listed else "unknown key; this table takes no keys"
         )
 
-
-_VIEWS: dict[Any, View] = {}
-_NO_KEYS: frozenset[str] = frozenset()
+    def build(self, table: Table) -> Any:
+        """The config from the table's values through its builder (a class without one: its constructor), then every
+        problem of the table at once, as one exception group."""
+        values, errors, failed = table
+        target = self.target
+        # the usual case: everything was read, nothing is missing, the builder would add nothing (for a layout: when
+        # exactly one memory choice was made); on a problem, the builder says it as for a chain of setters
+        usual = not (errors or failed) and values.keys() >= self.required
+        if usual and (target is not KvManagerLayoutConfig or len(values.keys() & CHOICES) == 1):
+            try:  # (try, not contextlib.suppress: this runs for every table of every load)
+                return target(**values)
+            except ConfigError:
+                pass
+        errors = list(errors)
+        built = None
+        try:
+            if hasattr(target, "builder"):
+                builder = target.builder()
+                for name, value in values.items():
+                    builder.set(name, value)
+                for name in failed:
+                    builder.mark_invalid(name)
+                built = builder.build()
+            else:
+                built = target(**values)
+        except ConfigError as err:  # what it says of a value that could not be read was said already
+            kept = [p for p in err.problems if not (p.path and p.path[0] in failed)]
+            missing = getattr(err, "missing", ())
+            errors.append(UninitializedFieldError(kept, "", missing) if missing else ConfigError(kept))
+        if errors:
+            raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
+        return built
 
 
 def _setter(target: type, name: str) -> str:
@@ -138,6 +157,7 @@ def document_error(message: str, *path: str | int) -> ConfigError:
 
 
 def _noted(exc: Exception, name: str) -> Exception:
+    """``exc`` as cattrs notes what failed under key ``name``."""
     note = AttributeValidationNote(f"@ attribute {name}", name, object)
     exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]  # add_note: 3.11+
     return exc
@@ -148,73 +168,29 @@ def _note_name(exc: BaseException) -> str | None:
     return None if note is None else note.name
 
 
-@functools.cache
-def _required(target: type) -> frozenset[str]:
-    return frozenset(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
-
-
-_CHOICES = frozenset(CHOICES)
-
-
-def _built(target: type, table: Table, values: Mapping[str, Any], problems: Sequence[Problem] = ()) -> Any:
-    """The config from ``values`` through its builder (a class without one: its constructor), then every problem of
-    the table at once, as one exception group."""
-    # the usual case: everything was read, nothing is missing, the builder would add nothing (for a layout: when
-    # exactly one memory choice was made); on a problem, the builder says it as for a chain of setters
-    complete = not (table.errors or problems or table.failed) and values.keys() >= _required(target)
-    if complete and (target is not KvManagerLayoutConfig or len(values.keys() & _CHOICES) == 1):
-        try:  # (try, not contextlib.suppress: this runs for every table of every load)
-            return target(**values)
-        except ConfigError:
-            pass
-    errors = [*table.errors, *([ConfigError(problems)] if problems else [])]
-    built = None
-    try:
-        if hasattr(target, "builder"):
-            builder = target.builder()
-            for name, value in values.items():
-                builder.set(name, value)
-            for name in table.failed:
-                builder.mark_invalid(name)
-            built = builder.build()
-        else:
-            built = target(**{k: v for k, v in values.items() if k not in table.failed})
-    except ConfigError as err:  # what it says of a value that could not be read was said already
-        kept = [p for p in err.problems if not (p.path and p.path[0] in table.failed)]
-        missing = getattr(err, "missing", ())
-        errors.append(UninitializedFieldError(kept, "", missing) if missing else ConfigError(kept))
-    if errors:
-        raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
-    return built
-
-
-def _view(target: type, **special: Any) -> View:
-    described = specs(target)
-    keys = {name: special.get(name, Raw) for name, spec in described.items() if spec.document}
-    keys.update({k: v for k, v in special.items() if k not in described})
-    return View(target, keys, tuple(name for name, spec in described.items() if not spec.document))
-
-
-def _load(view: View, value: object) -> Any:
-    table = view.table(value)
-    return _built(view.target, table, table.values)
-
-
-# ---- allocators: a table with a kind -------------------------------------------------------------------------------
-
-_ALLOCATOR_VIEWS = {cls: _view(cls) for cls in BUILTIN_ALLOCATORS}
-#: The view of each config class loaded by itself (the tiers' views are TIER_VIEWS).
-CLASS_VIEWS: dict[type, View] = dict(_ALLOCATOR_VIEWS)
-
-
-_VIEW_OF_KIND = {kind.value: _ALLOCATOR_VIEWS[cls] for kind, cls in ALLOCATOR_OF_KIND.items()}
-
-
-def _kind_of(value: object) -> StorageKind | None:
+def _kind(value: object) -> StorageKind | None:
     try:
         return StorageKind.parse(value)
     except ConfigError:
         return None
+
+
+_TABLES = (KvManagerRuntimeConfig, KvManagerModelConfig, KvEventConsolidatorConfig)
+#: The view of each config class loaded by itself (the tiers' views are TIER_VIEWS).
+CLASS_VIEWS: dict[type, View] = {cls: View(cls) for cls in (*_TABLES, *BUILTIN_ALLOCATORS)}
+
+
+def _register(cls: type, hook: Callable[[object, object], Any]) -> None:
+    # by predicate: registering an attrs class directly makes cattrs resolve its annotations, and the config
+    # classes name runtime types they import only for type checkers
+    converter.register_structure_hook_func(lambda t: t is cls, hook)
+
+
+for _cls in _TABLES:
+    _register(_cls, CLASS_VIEWS[_cls])
+
+
+# ---- allocators: a table with a kind -------------------------------------------------------------------------------
 
 
 def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
@@ -222,57 +198,49 @@ def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
     accepted = [kind.value for kind in StorageKind if tier is None or kind in tier.accepts]
 
     def hook(value: object, _: object) -> Any:
-        if type(value) is not dict and not isinstance(value, Mapping):
+        if not isinstance(value, Mapping):
             example = f"{{kind = '{tier.default_kind.value if tier else 'pinned'}'}}"
             raise document_error(f"must be an allocator table such as {example}, got {show(value)}")
-        rest = dict(value)
-        given = rest.pop("kind", None if tier is None else tier.default_kind.value)
+        given = value.get("kind", None if tier is None else tier.default_kind)
         if given is None:
             raise document_error(f"must be given: {', '.join(accepted)}", "kind")
-        # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator` as for a builder
-        view = _VIEW_OF_KIND.get(given) if type(given) is str else None  # the usual spelling, without parsing it
-        if view is None:
-            kind = _kind_of(given)
-            if kind is None:
-                raise document_error(f"must be {' or '.join(accepted)}, got {show(given)}", "kind")
-            view = _VIEW_OF_KIND[kind.value]
-        table = view.table(rest)
-        return _built(view.target, table, table.values)
+        kind = _kind(given)  # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator`
+        if kind is None:
+            raise document_error(f"must be {' or '.join(accepted)}, got {show(given)}", "kind")
+        return CLASS_VIEWS[ALLOCATOR_OF_KIND[kind]]({k: v for k, v in value.items() if k != "kind"})
 
     return hook
 
 
-def _own_allocator_hook(cls: type) -> Callable[[object, object], Any]:
+def _own_allocator_hook(cls: Any) -> Callable[[object, object], Any]:
     """An allocator loaded by itself: its table may name its own ``kind`` (as :func:`dump` writes it)."""
-    view = _ALLOCATOR_VIEWS[cls]
-    own = cast(Any, cls).storage_kind
+    view = CLASS_VIEWS[cls]
 
     def hook(value: object, _: object) -> Any:
         if not isinstance(value, Mapping) or "kind" not in value:
-            return _load(view, value)
-        rest = {k: v for k, v in value.items() if k != "kind"}
-        if _kind_of(value["kind"]) is own:
-            return _load(view, rest)
-        wrong = document_error(f"must be '{own.value}' for a {cls.__name__}, or left out; got {show(value['kind'])}")
-        table = view.table(rest)
-        return _built(cls, table._replace(errors=[_noted(wrong, "kind"), *table.errors]), table.values)
+            return view(value)
+        values, errors, failed = view.table({k: v for k, v in value.items() if k != "kind"})
+        if _kind(value["kind"]) is not cls.storage_kind:
+            why = f"must be '{cls.storage_kind.value}' for a {cls.__name__}, or left out; got {show(value['kind'])}"
+            errors.insert(0, _noted(document_error(why), "kind"))
+        return view.build((values, errors, failed))
 
     return hook
+
+
+for _allocator_cls in BUILTIN_ALLOCATORS:
+    _register(_allocator_cls, _own_allocator_hook(_allocator_cls))
 
 
 # ---- tiers: a byte budget needs the model ------------------------------------------------------------------------
 
-_FULLY_CONTIGUOUS = LayoutType.parse("FullyContiguous")
-TierAllocator = {tier: NewType(f"{tier.name}Allocator", object) for tier in Tier}
-AnyAllocator = NewType("AnyAllocator", object)
-for _tier, _slot_type in TierAllocator.items():
-    converter.register_structure_hook(_slot_type, _allocator_hook(_tier))
-converter.register_structure_hook(AnyAllocator, _allocator_hook(None))
-
-TIER_VIEWS: dict[Tier | None, View] = {
-    tier: _view(KvManagerLayoutConfig, size=ByteSize, allocator=TierAllocator[tier]) for tier in Tier
-}
-TIER_VIEWS[None] = _view(KvManagerLayoutConfig, size=ByteSize, allocator=AnyAllocator)
+#: The view of a tier's table: ``None`` for a layout loaded by itself, whose allocator must say its kind.
+TIER_VIEWS: dict[Tier | None, View] = {}
+for _tier, _allocator in {
+    tier: NewType(f"{tier.name if tier else 'Any'}Allocator", object) for tier in (*Tier, None)
+}.items():
+    converter.register_structure_hook(_allocator, _allocator_hook(_tier))
+    TIER_VIEWS[_tier] = View(KvManagerLayoutConfig, size=ByteSize, allocator=_allocator)
 
 
 def budget_blocks(
@@ -282,10 +250,13 @@ def budget_blocks(
     padding included (``floor(size / block bytes)``; at alignment 1 upstream's ``floor(GB * 1e9 / bytes per
     block)``). A problem under ``size`` when the budget holds no block or too many; None when the layout or the
     alignment is itself invalid (the layout's builder says why)."""
-    layout_type = _FULLY_CONTIGUOUS if layout_type is None else layout_type
-    if not isinstance(layout_type, LayoutType) or power_of_two(alignment) is not None:
+    try:
+        layout = LayoutType.parse("FullyContiguous" if layout_type is None else layout_type)
+    except ConfigError:
         return None
-    span = functools.partial(span_bytes, model, layout_type=layout_type, alignment=cast(int, alignment))
+    if power_of_two(alignment) is not None:
+        return None
+    span = functools.partial(span_bytes, model, layout_type=layout, alignment=cast(int, alignment))
     one = span(1)
     if one > MAX_BYTES:
         why = f"one block of this layout is too large: it spans {one} bytes with its padding, more than the"
@@ -306,10 +277,11 @@ def budget_blocks(
 def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
     """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
     missing or invalid, its own problems say why the tier could not be sized."""
-    values = dict(table.values)
+    values, errors, failed_keys = table
+    values, failed = dict(values), set(failed_keys)
     size = values.pop("size", None)
-    given_size = size is not None or "size" in table.failed
-    failed = set(table.failed) - {"size"}
+    given_size = size is not None or "size" in failed
+    failed.discard("size")
     problems: list[Problem] = []
     if ("num_blocks" in values or "num_blocks" in failed) and given_size:
         problems.append(Problem(("size",), "give either `num_blocks` or `size`, not both"))
@@ -321,88 +293,50 @@ def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManager
             why = "a byte budget needs the model to count blocks: give `num_blocks`, or load this tier as part of a "
             problems.append(Problem(("size",), why + "KvBlockManagerConfig"))
         elif size is not None and isinstance(model, KvManagerModelConfig):
-            if "layout_type" in values:  # read once: the layout's own converter takes it as it is
-                values["layout_type"] = _parsed_layout(values["layout_type"])
             counted = budget_blocks(size, model, values.get("layout_type"), values.get("alignment", 1))
             if isinstance(counted, Problem):
                 problems.append(counted)
             elif counted is not None:
                 values["num_blocks"] = counted
                 failed.discard("num_blocks")
-    if failed != table.failed:
-        table = table._replace(failed=frozenset(failed))
-    layout: KvManagerLayoutConfig[Any] = _built(KvManagerLayoutConfig, table, values, problems)
+    layout: KvManagerLayoutConfig[Any] = TIER_VIEWS[tier].build(
+        (values, [*errors, ConfigError(problems)] if problems else errors, frozenset(failed))
+    )
     return layout
 
 
-def _parsed_layout(value: object) -> object:
-    try:
-        return LayoutType.parse(value)
-    except ConfigError:
-        return value
+_register(KvManagerLayoutConfig, lambda value, _: tier_from_table(TIER_VIEWS[None].table(value), None, None))
 
 
-TierTable = {tier: NewType(f"{tier.name}Table", object) for tier in Tier}
-for _tier, _table_type in TierTable.items():
-    converter.register_structure_hook(
-        _table_type, functools.partial(lambda v, value, _: v.table(value), TIER_VIEWS[_tier])
-    )
+# ---- the whole configuration: its tables, then its tiers with its model --------------------------------------------
 
-
-def _exactly(cls: type) -> Callable[[Any], bool]:
-    # by predicate: registering an attrs class directly makes cattrs resolve its annotations, and the config
-    # classes name runtime types they import only for type checkers
-    return lambda t: t is cls
-
-
-def _register(cls: type) -> None:
-    view = CLASS_VIEWS[cls] = _view(cls)
-    converter.register_structure_hook_func(_exactly(cls), lambda value, _: _load(view, value))
-
-
-for _config in (KvManagerRuntimeConfig, KvManagerModelConfig, KvEventConsolidatorConfig):
-    _register(_config)
-
-MANAGER_VIEW = _view(
+MANAGER_VIEW = View(
     KvBlockManagerConfig,
     runtime=KvManagerRuntimeConfig,
     model=KvManagerModelConfig,
     consolidator_config=KvEventConsolidatorConfig | None,
-    **{tier.slot: TierTable[tier] | None for tier in Tier},
 )
-
-
-_SLOTS = tuple((tier, tier.slot) for tier in Tier)
 _ORDER = {key: i for i, key in enumerate(MANAGER_VIEW.keys)}
 
 
 def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
-    table = MANAGER_VIEW.table(value)
-    values, errors, failed = dict(table.values), list(table.errors), set(table.failed)
+    values, errors, failed = MANAGER_VIEW.table(value)
     model = values.get("model")
-    for tier, slot in _SLOTS:
-        tier_table = values.get(slot)
-        if isinstance(tier_table, Table):
+    for tier in Tier:
+        if values.get(tier.slot) is not None:
             try:
-                values[slot] = tier_from_table(tier_table, model, tier)
-            except ClassValidationError as group:
-                errors.append(_noted(group, slot))
-                del values[slot]
-                failed.add(slot)
+                values[tier.slot] = tier_from_table(TIER_VIEWS[tier].table(values[tier.slot]), model, tier)
+            except (ClassValidationError, ConfigError) as exc:
+                errors.append(_noted(exc, tier.slot))
+                del values[tier.slot]
+                failed |= {tier.slot}
     if errors:  # the document's tables in their order
         errors.sort(key=lambda exc: _ORDER.get(_note_name(exc) or "", len(_ORDER)))
-    config: KvBlockManagerConfig = _built(KvBlockManagerConfig, Table(values, errors, frozenset(failed)), values)
+    config: KvBlockManagerConfig = MANAGER_VIEW.build((values, errors, failed))
     return config
 
 
-def _standalone_tier_hook(value: object, _: object) -> KvManagerLayoutConfig[Any]:
-    return tier_from_table(TIER_VIEWS[None].table(value), None, None)
-
-
-converter.register_structure_hook_func(_exactly(KvBlockManagerConfig), _manager_hook)
-converter.register_structure_hook_func(_exactly(KvManagerLayoutConfig), _standalone_tier_hook)
-for _allocator in BUILTIN_ALLOCATORS:
-    converter.register_structure_hook_func(_exactly(_allocator), _own_allocator_hook(_allocator))
+_register(KvBlockManagerConfig, _manager_hook)
 
 
 # ---- exception groups into problems -------------------------------------------------------------------------------
@@ -418,22 +352,12 @@ def problems_of(exc: BaseException, path: tuple[str | int, ...] = ()) -> tuple[l
             found, lacking = problems_of(sub, path if name is None else (*path, name))
             problems += found
             missing += lacking
-    elif isinstance(exc, ForbiddenExtraKeysError):
-        view = _VIEWS[exc.cl]
-        problems += [view.unknown(key).under(*path) for key in sorted(exc.extra_fields, key=str)]
     elif isinstance(exc, ConfigError):
         problems += [p.under(*path) for p in exc.problems]
         missing += getattr(exc, "missing", ())
     else:  # a hook of ours failed unexpectedly: say so, with the path, rather than crash the whole load
         problems.append(Problem(path, f"cannot be read: {type(exc).__name__}: {show(str(exc), typed=False)}"))
     return problems, missing
-
-
-def rendered(exc: BaseException, root: str = "$") -> ConfigError:
-    """One ConfigError (an UninitializedFieldError when a required field was left out) for everything in ``exc``."""
-    problems, missing = problems_of(exc)
-    problems = list(dict.fromkeys(problems))
-    return UninitializedFieldError(problems, root, missing) if missing else ConfigError(problems, root)
 
 
 @overload
@@ -444,7 +368,8 @@ def load(mapping: Mapping[str, Any], cls: type[Any] = KvBlockManagerConfig) -> A
     """A config from its dict form (what ``json.load``, ``tomllib.load`` or ``yaml.safe_load`` give).
 
     Raises :class:`~kvbm_builder.errors.ConfigError` listing every problem, each with its path:
-    ``$.model.num_layers: must be >= 1, got 0``.
+    ``$.model.num_layers: must be >= 1, got 0``; an :class:`~kvbm_builder.errors.UninitializedFieldError` when a
+    required field was left out.
     """
     if cls not in LOADABLE:
         loadable = ", ".join(c.__name__ for c in LOADABLE)
@@ -452,67 +377,65 @@ def load(mapping: Mapping[str, Any], cls: type[Any] = KvBlockManagerConfig) -> A
     try:
         return converter.structure(mapping, cls)
     except (ClassValidationError, ConfigError) as exc:
-        raise rendered(exc) from None
+        problems, missing = problems_of(exc)
+        unique = dict.fromkeys(problems)
+        raise (UninitializedFieldError(unique, "$", missing) if missing else ConfigError(unique, "$")) from None
 
 
 # ---- dump: the dict form of a config -----------------------------------------------------------------------------
 
 
-def _dumped(value: object) -> Any:
-    """A field's value as a document writes it."""
-    if value is None or type(value) in (int, bool, str):
-        return value
-    if isinstance(value, LayoutType):
-        return value.to_upstream()
-    if isinstance(value, NixlOptions) and value.mode is NixlMode.ENABLED_WITH_AGENT:
-        why = "a caller's NIXL agent cannot be written to a document; write 'enabled' to let the manager make one"
-        raise RuntimeObjectError([Problem((), why)])
-    if isinstance(value, (NixlOptions, BlockParallelismStrategy)):
-        return value.mode.value if isinstance(value, NixlOptions) else value.name
-    if type(value) in LOADABLE:
-        return dump(cast(Validated, value), _root=False)
-    if isinstance(value, enum.Enum):
-        return value.value
-    why = "cannot be written to a document; only the built-in allocators (and names of layouts and modes) can"
-    raise RuntimeObjectError([Problem((), f"{show(value)} {why}")])
-
-
-def dump(config: Validated, *, _root: bool = True) -> dict[str, Any]:
+def dump(config: Validated) -> dict[str, Any]:
     """The dict form of ``config``: plain JSON-able data, which :func:`load` turns back into an equal config.
 
-    One rule for what a document cannot hold, from each field's description: a runtime object whose absence would
-    describe another cache (memory given as ``storage``, a caller's allocator or NIXL agent) is refused with a
-    :class:`~kvbm_builder.errors.RuntimeObjectError` naming it; one a caller attached (an event manager, an offload
-    filter, a progress callback, an executor) is left out with a :class:`~kvbm_builder.errors.RuntimeObjectWarning`;
-    the token and registry every runtime config makes for itself are left out silently (a loaded one makes its own).
+    What a document cannot hold, by each field's description: memory given as ``storage``, a caller's allocator or
+    NIXL agent raise a :class:`~kvbm_builder.errors.RuntimeObjectError` naming them (without them it would describe
+    another cache); objects a caller attached (an event manager, an offload filter, a progress callback, an
+    executor) are left out with one :class:`~kvbm_builder.errors.RuntimeObjectWarning`; the token and registry a
+    runtime config makes for itself are left out silently.
     """
-    cls = type(config)
-    if cls not in LOADABLE:
+    if type(config) not in LOADABLE:
         loadable = ", ".join(c.__name__ for c in LOADABLE)
         raise ConfigError([Problem((), f"cannot dump {show(config)}; dumpable: {loadable}")])
-    out: dict[str, Any] = {"kind": cast(Any, cls).storage_kind.value} if cls in BUILTIN_ALLOCATORS else {}
     problems: list[Problem] = []
     left_out: list[str] = []
+    out = _table_of(config, problems, left_out)
+    if left_out:
+        why = "a document cannot hold runtime objects; set them again in Python on the loaded config"
+        warnings.warn(RuntimeObjectWarning(f"dump() left out {', '.join(left_out)}: {why}"), stacklevel=2)
+    if problems:
+        raise RuntimeObjectError(problems, "$")
+    return out
+
+
+def _table_of(config: Validated, problems: list[Problem], left_out: list[str], *path: str) -> dict[str, Any]:
+    """``config``'s table; what it cannot hold goes to ``problems`` (refused) or ``left_out`` (left out)."""
+    cls = type(config)
+    out: dict[str, Any] = {"kind": cast(Any, cls).storage_kind.value} if cls in BUILTIN_ALLOCATORS else {}
     for field in attrs.fields(cast(Any, cls)):
-        value = getattr(config, field.name)
+        value, where = getattr(config, field.name), (*path, field.name)
         if (value is None and field.default is None) or isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
             continue  # an unset option; a token or registry a runtime config made for itself
         if not field.metadata[KEY].document:
             if field.eq:
                 why = f"cannot be written to a document; set it in Python with {_setter(cls, field.name)}"
-                problems.append(Problem((field.name,), why))
+                problems.append(Problem(where, why))
             else:
                 left_out.append(f"{cls.__name__}.{field.name}")
-            continue
-        try:
-            out[field.name] = _dumped(value)
-        except RuntimeObjectError as err:
-            problems.extend(p.under(field.name) for p in err.problems)
-    if left_out:
-        why = "a document cannot hold runtime objects; set them again in Python on the loaded config"
-        warnings.warn(
-            RuntimeObjectWarning(f"dump() left out {', '.join(left_out)}: {why}"), stacklevel=3 if _root else 4
-        )
-    if problems:
-        raise RuntimeObjectError(problems, "$" if _root else "")
+        elif value is None or type(value) in (int, bool, str):
+            out[field.name] = value
+        elif type(value) in LOADABLE:
+            out[field.name] = _table_of(value, problems, left_out, *where)
+        elif isinstance(value, LayoutType):
+            out[field.name] = value.to_upstream()
+        elif isinstance(value, NixlOptions) and value.mode is NixlMode.ENABLED_WITH_AGENT:
+            why = "a caller's NIXL agent cannot be written to a document; write 'enabled' to let the manager make one"
+            problems.append(Problem(where, why))
+        elif isinstance(value, (NixlOptions, BlockParallelismStrategy)):
+            out[field.name] = value.mode.value if isinstance(value, NixlOptions) else value.name
+        elif isinstance(value, enum.Enum):
+            out[field.name] = value.value
+        else:
+            why = "cannot be written to a document; only the built-in allocators (and names of layouts and modes) can"
+            problems.append(Problem(where, f"{show(value)} {why}"))
     return out
