@@ -168,7 +168,7 @@ def _note_name(exc: BaseException) -> str | None:
     return None if note is None else note.name
 
 
-def _kind(value: object) -> StorageKind | None:
+def kind_of(value: object) -> StorageKind | None:
     try:
         return StorageKind.parse(value)
     except ConfigError:
@@ -204,7 +204,7 @@ def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
         given = value.get("kind", None if tier is None else tier.default_kind)
         if given is None:
             raise document_error(f"must be given: {', '.join(accepted)}", "kind")
-        kind = _kind(given)  # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator`
+        kind = kind_of(given)  # a kind the tier does not take is the manager's rule, reported at `<tier>.allocator`
         if kind is None:
             raise document_error(f"must be {' or '.join(accepted)}, got {show(given)}", "kind")
         return CLASS_VIEWS[ALLOCATOR_OF_KIND[kind]]({k: v for k, v in value.items() if k != "kind"})
@@ -220,7 +220,7 @@ def _own_allocator_hook(cls: Any) -> Callable[[object, object], Any]:
         if not isinstance(value, Mapping) or "kind" not in value:
             return view(value)
         values, errors, failed = view.table({k: v for k, v in value.items() if k != "kind"})
-        if _kind(value["kind"]) is not cls.storage_kind:
+        if kind_of(value["kind"]) is not cls.storage_kind:
             why = f"must be '{cls.storage_kind.value}' for a {cls.__name__}, or left out; got {show(value['kind'])}"
             errors.insert(0, _noted(document_error(why), "kind"))
         return view.build((values, errors, failed))

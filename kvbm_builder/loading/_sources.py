@@ -10,10 +10,9 @@ when the value a variable set is what is wrong) and ``$arg.<key>``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, cast, overload
 
 import attrs
@@ -21,7 +20,7 @@ from cattrs.errors import ClassValidationError
 
 from ..config.allocators import ALLOCATOR_OF_KIND
 from ..config.env import EnvVar
-from ..config.fields import specs
+from ..config.fields import spec_of, specs
 from ..config.layout import KvManagerLayoutConfig
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
@@ -29,13 +28,14 @@ from ..config.protocols import StorageKind, Tier
 from ..config.settings import KvbmSettings
 from ..documents import read_document
 from ..errors import ConfigError, Problem, UninitializedFieldError, show
-from ._converter import TIER_VIEWS, budget_blocks, dump, load, problems_of, tier_from_table
+from ._converter import TIER_VIEWS, budget_blocks, dump, kind_of, load, problems_of, tier_from_table
 
 __all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
 
 C = TypeVar("C")
 
 Path = tuple[str, ...]
+ARGUMENT = "argument"  # the source of every explicit argument
 
 
 @attrs.frozen
@@ -47,72 +47,55 @@ class Change:
     source: str
 
 
-def _reader(environ: Mapping[str, str], problems: list[Problem]) -> Callable[[EnvVar], object]:
-    """Reads each variable once, collecting every problem so that one call reports them all."""
-
-    @functools.cache
-    def read(var: EnvVar) -> object:
-        try:
-            return var.read(environ)
-        except ConfigError as err:
-            problems.extend(err.problems)
-            return None
-
-    return read
-
-
-_SIZED_TIERS = tuple((tier, specs(KvBlockManagerConfig)[tier.slot].env) for tier in Tier)
-
-
-def _allocator_kind(document: Mapping[str, Any], tier: Tier) -> object:
-    """The kind of ``tier``'s allocator table in ``document``: a StorageKind, the text when it names none, None when
-    the tier has no allocator table (or is no table: its own error is reported), ``Tier`` when it has no tier."""
-    table = document.get(tier.slot)
-    if table is None:
-        return Tier
-    allocator = table.get("allocator") if isinstance(table, Mapping) else None
-    if not isinstance(allocator, Mapping):
-        return None
-    kind = allocator.get("kind", tier.default_kind)
+def _read(var: EnvVar, environ: Mapping[str, str], problems: list[Problem]) -> object:
+    """What ``var`` sets (None: nothing); a problem with its text goes to ``problems``, so one call reports all."""
     try:
-        return StorageKind.parse(kind)
-    except ConfigError:
-        return kind
+        return var.read(environ)
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return None
+
+
+#: The variables that set an allocator's field: its kind, the field, the variable, the field's default.
+_ALLOCATOR_VARS = [
+    (kind, name, var, attrs.fields_dict(cls)[name].default)
+    for kind, cls in ALLOCATOR_OF_KIND.items()
+    for name, spec in specs(cls).items()
+    for var in spec.env
+]
 
 
 def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[list[Change], list[Problem]]:
     """What the ``DYN_KVBM_*`` variables change in ``document`` (see the module's list), and their problems."""
     problems: list[Problem] = []
-    read = _reader(environ, problems)
     changes: list[Change] = []
-    kinds = {tier: _allocator_kind(document, tier) for tier in Tier}
-    for tier, sizing in _SIZED_TIERS:
-        for var in sizing:  # the block count first: it wins
-            value = read(var)
+    kinds: dict[Tier, StorageKind | None] = {}  # the kind of each tier's allocator table, if it has one
+    for tier in Tier:
+        table = document.get(tier.slot)
+        allocator = table.get("allocator") if isinstance(table, Mapping) else None
+        kinds[tier] = kind_of(allocator.get("kind", tier.default_kind)) if isinstance(allocator, Mapping) else None
+        for var in spec_of(KvBlockManagerConfig, tier.slot).env:  # the block count first: it wins
+            value = _read(var, environ, problems)
             if value is None:
                 continue
             if var.kind == "blocks":
                 changes.append(Change((tier.slot, "num_blocks"), value, f"env {var.name}"))
             else:
                 changes.append(Change((tier.slot, "size"), math.floor(cast(Any, value) * 10**9), f"env {var.name}"))
-            if kinds[tier] is Tier:
+            if table is None:
                 changes.append(Change((tier.slot, "allocator", "kind"), tier.default_kind.value, f"env {var.name}"))
                 kinds[tier] = tier.default_kind
             break
     for tier, kind in kinds.items():
-        for other, cls in ALLOCATOR_OF_KIND.items():
-            if other not in tier.accepts:
+        for other, name, var, default in _ALLOCATOR_VARS:
+            value = _read(var, environ, problems) if other in tier.accepts else None
+            if value is None:
                 continue
-            for name, spec in specs(cls).items():
-                for var in spec.env:
-                    value = read(var)
-                    if value is None:
-                        continue
-                    if kind is other:
-                        changes.append(Change((tier.slot, "allocator", name), value, f"env {var.name}"))
-                    elif isinstance(kind, StorageKind) and value != attrs.fields_dict(cls)[name].default:
-                        why = f"asks for {name}, but {tier.slot}'s allocator is {show(kind.value)}"
-                        problems.append(Problem(("$env", var.name), f"{why}; use kind '{other.value}'"))
+            if kind is other:
+                changes.append(Change((tier.slot, "allocator", name), value, f"env {var.name}"))
+            elif kind is not None and value != default:
+                why = f"asks for {name}, but {tier.slot}'s allocator is {show(kind.value)}"
+                problems.append(Problem(("$env", var.name), f"{why}; use kind '{other.value}'"))
     return changes, problems
 
 
@@ -122,16 +105,14 @@ def argument_changes(overrides: Mapping[str, object]) -> tuple[list[Change], lis
     problems: list[Problem] = []
     for key, value in overrides.items():
         path = tuple(key.split(".")) if isinstance(key, str) else ()
-        if not path or not all(path):
-            problems.append(
-                Problem(("$arg", show(key, typed=False)), "must be a dotted path such as 'host_layout.size'")
-            )
-        else:
+        if path and all(path):
             changes.append(Change(path, value, ARGUMENT))
+        else:
+            why = "must be a dotted path such as 'host_layout.size'"
+            problems.append(Problem(("$arg", show(key, typed=False)), why))
     return changes, problems
 
 
-ARGUMENT = "argument"  # the source of every explicit argument
 _SIBLING = {"size": "num_blocks", "num_blocks": "size"}  # a tier takes exactly one of the two
 _TIER_SLOTS = {tier.slot for tier in Tier}
 
@@ -140,12 +121,9 @@ def apply_changes(
     document: Mapping[str, Any], changes: Iterable[Change], origins: dict[Path, str]
 ) -> tuple[dict[str, Any], list[Problem]]:
     """``document`` with ``changes`` made, copying only the tables on their paths; ``origins`` records which change
-    set what (what no change set, the document did). Also the problems of changes that could not be made.
-
-    A change goes through tables only: one whose path meets a value that is not a table is not made. An argument's
-    is then a problem of its own (``--set model.num_layers.x=5``: ``num_layers`` may be fine); a variable's path
-    only meets a tier (``host_layout = 3``), whose own error is reported. Removing (``None``) what is not there
-    does nothing, and makes no table on the way."""
+    set what. A change goes through tables only: an argument whose path meets another value is a problem
+    (``--set model.num_layers.x=5``); a variable's only meets a tier, whose own error is reported. Removing (``None``)
+    what is not there does nothing."""
     out = dict(document)
     problems: list[Problem] = []
     for change in changes:
@@ -219,12 +197,11 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
     """:class:`~kvbm_builder.config.KvbmSettings` from the ``DYN_KVBM_*`` variables its fields name; bad values
     raise one ConfigError naming each variable."""
     problems: list[Problem] = []
-    read = _reader(environ, problems)
     values: dict[str, object] = {}
     set_by: dict[str, str] = {}
     for name, spec in specs(KvbmSettings).items():
         for var in spec.env:
-            value = read(var)
+            value = _read(var, environ, problems)
             if value is not None:
                 values[name], set_by[name] = value, var.name
     if not problems:
@@ -240,11 +217,9 @@ def load_file(path: str | os.PathLike[str]) -> KvBlockManagerConfig: ...
 @overload
 def load_file(path: str | os.PathLike[str], cls: type[C]) -> C: ...
 def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfig) -> Any:
-    """A config from a JSON, TOML or YAML file (by suffix). The environment is not read: see ``from_env``.
-
-    Raises :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
-    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config.
-    """
+    """A config from a JSON, TOML or YAML file (by suffix); the environment is not read (see ``from_env``). Raises
+    :class:`~kvbm_builder.errors.LoadError` when the file cannot be read as a document, and
+    :class:`~kvbm_builder.errors.ConfigError` (paths under ``$``) when the document is not a valid config."""
     return load(read_document(path), cls)
 
 
@@ -270,9 +245,7 @@ def resolve(
 ) -> Resolved:
     """The configuration of ``document`` (its values labelled ``origin``), then the ``DYN_KVBM_*`` variables of
     ``environ`` (pass ``{}`` to ignore them), then ``overrides`` (dotted paths, see :func:`argument_changes`).
-
-    Raises one :class:`~kvbm_builder.errors.ConfigError` with every problem of every layer (absolute paths).
-    """
+    Raises one :class:`~kvbm_builder.errors.ConfigError` with every problem of every layer (absolute paths)."""
     base: Mapping[str, Any] = {} if document is None else document
     origins: dict[Path, str] = {}  # who set what; what no change set, the document did
     problems: list[Problem] = []
