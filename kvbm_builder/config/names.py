@@ -8,7 +8,9 @@ spellings the schema refuses. Spaces are ASCII's six (:data:`SPACES`), the same 
 
 from __future__ import annotations
 
-__all__ = ["SPACES", "SPACE_CLASS", "name_key"]
+import re
+
+__all__ = ["SPACES", "SPACE_CLASS", "name_key", "name_pattern"]
 
 #: The spaces a name may have around it (where its parser trims): ASCII's whitespace.
 SPACES = " \t\n\r\f\v"
@@ -25,3 +27,20 @@ def name_key(value: object, *, trim: bool = False, drop: str = "", dash: bool = 
     for ch in drop:
         text = text.replace(ch, "")
     return text.replace("_", "-") if dash else text
+
+
+def _letter(ch: str, style: str) -> str:
+    if ch.isalpha():
+        return f"[{ch.lower()}{ch.upper()}]"
+    return "[-_]" if style == "trim-dash" and ch in "-_" else re.escape(ch)
+
+
+def name_pattern(words: tuple[str, ...], style: str) -> str:
+    """A regular expression (ECMA-262 and Python alike) matching the spellings a parser of that style accepts:
+    ``words`` ignores case, ``_`` and ``-`` anywhere; ``trim`` ignores case and surrounding spaces; ``trim-dash``
+    also reads ``_`` as ``-``."""
+    if style == "words":
+        stems = ["[-_]*".join(_letter(ch, style) for ch in word if ch not in "-_") for word in words]
+        return f"^[-_]*({'|'.join(stems)})[-_]*$"
+    stems = ["".join(_letter(ch, style) for ch in word) for word in words]
+    return f"^{SPACE_CLASS}*({'|'.join(stems)}){SPACE_CLASS}*$"

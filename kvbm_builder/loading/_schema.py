@@ -8,7 +8,6 @@ remains the judge.
 
 from __future__ import annotations
 
-import re
 from typing import Any, cast
 
 import attrs
@@ -18,7 +17,7 @@ from ..config.consolidator import KvEventConsolidatorConfig
 from ..config.fields import KEY, Spec
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
-from ..config.names import SPACE_CLASS
+from ..config.names import name_pattern
 from ..config.protocols import Tier
 from ..config.runtime import KvManagerRuntimeConfig
 from ..config.sizes import SIZE_PATTERN
@@ -30,25 +29,13 @@ _NAMES = {KvManagerRuntimeConfig: "Runtime", KvManagerModelConfig: "Model", KvEv
 _TIER_NAMES = {Tier.G1: "DeviceLayout", Tier.G2: "HostLayout", Tier.G3: "DiskLayout", None: "Layout"}
 
 
-def _letter(ch: str, style: str) -> str:
-    if ch.isalpha():
-        return f"[{ch.lower()}{ch.upper()}]"
-    return "[-_]" if style == "trim-dash" and ch in "-_" else re.escape(ch)
-
-
-def name_pattern(words: tuple[str, ...], style: str) -> str:
-    """A regular expression (ECMA-262 and Python alike) matching the spellings a parser of that style accepts:
-    ``words`` ignores case, ``_`` and ``-`` anywhere; ``trim`` ignores case and surrounding spaces; ``trim-dash``
-    also reads ``_`` as ``-``."""
-    if style == "words":
-        stems = ["[-_]*".join(_letter(ch, style) for ch in word if ch not in "-_") for word in words]
-        return f"^[-_]*({'|'.join(stems)})[-_]*$"
-    stems = ["".join(_letter(ch, style) for ch in word) for word in words]
-    return f"^{SPACE_CLASS}*({'|'.join(stems)}){SPACE_CLASS}*$"
-
-
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/$defs/{name}"}
+
+
+def _closed(properties: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A table that takes ``properties`` and no other key."""
+    return {"type": "object", **more, "properties": properties, "additionalProperties": False}
 
 
 # upstream's serialized form of a layout, as a table: {"LayerSeparate": {"outer_contiguous": b}} or
@@ -59,16 +46,19 @@ _LAYOUT_TABLE = {
     "maxProperties": 1,
     "patternProperties": {
         name_pattern(("LayerSeparate",), "words"): {
-            "type": "object",
-            "properties": {"outer_contiguous": {"type": "boolean"}},
+            **_closed({"outer_contiguous": {"type": "boolean"}}),
             "required": ["outer_contiguous"],
-            "additionalProperties": False,
         },
         name_pattern(("FullyContiguous",), "words"): {
             "anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False}]
         },
     },
     "additionalProperties": False,
+}
+_SIZE = {
+    "description": "A byte budget instead of num_blocks: '16GiB' (2^30), '16GB' (10^9) or a byte count; "
+    "blocks = floor(size / bytes per block, alignment padding included).",
+    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}],
 }
 
 
@@ -89,64 +79,47 @@ def _facets(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [out, {"type": "null"}]} if nullable else out
 
 
-def _table(view: View, doc: str, kind: str | None = None) -> dict[str, Any]:
-    properties: dict[str, Any] = {}
-    if kind is not None:
-        properties["kind"] = {
-            "description": "Which allocator this table describes.",
-            "type": "string",
-            "pattern": name_pattern((kind,), "trim"),
-            "examples": [kind],
-        }
+def _table(view: View, doc: str, **properties: Any) -> dict[str, Any]:
+    """The table of ``view``: each key described by its field (``size``, a document's own key, by :data:`_SIZE`),
+    and the ``properties`` given."""
     fields = attrs.fields_dict(cast(Any, view.target))
     for key in view.keys:
         field = fields.get(key)
-        if field is None:  # `size`: a document's own key
-            properties[key] = {
-                "description": "A byte budget instead of num_blocks: '16GiB' (2^30), '16GB' (10^9) or a byte count; "
-                "blocks = floor(size / bytes per block, alignment padding included).",
-                "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}],
-            }
+        if field is None:
+            properties[key] = _SIZE
             continue
         spec: Spec = field.metadata[KEY]
         schema = _facets(dict(spec.rule.schema)) if spec.rule is not None else {}
-        default = field.default
-        if default is not None and default is not attrs.NOTHING and type(default) in (int, bool, str):
-            schema["default"] = default
+        if type(field.default) in (int, bool, str):
+            schema["default"] = field.default
         properties[key] = {"description": spec.doc, **schema}
     required = [k for k in view.keys if k in fields and fields[k].default is attrs.NOTHING and k != "num_blocks"]
-    out: dict[str, Any] = {"type": "object", "description": doc, "properties": properties}
-    if required:
-        out["required"] = required
-    out["additionalProperties"] = False
-    return out
+    return _closed(properties, description=doc, **({"required": required} if required else {}))
 
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a :class:`~kvbm_builder.KvBlockManagerConfig` document."""
-    manager_fields = attrs.fields_dict(KvBlockManagerConfig)
-    defs: dict[str, Any] = {"KvBlockManagerConfig": _table(MANAGER_VIEW, cast(str, KvBlockManagerConfig.__doc__))}
+    defs = {"KvBlockManagerConfig": _table(MANAGER_VIEW, cast(str, KvBlockManagerConfig.__doc__))}
     manager = defs["KvBlockManagerConfig"]["properties"]
     for slot in Tier:
         manager[slot.slot] = {
             "description": manager[slot.slot]["description"],
             "anyOf": [_ref(_TIER_NAMES[slot]), {"type": "null"}],
         }
+    model_doc = attrs.fields_dict(KvBlockManagerConfig)["model"].metadata[KEY].doc
     for cls, name in _NAMES.items():
-        defs[name] = _table(
-            CLASS_VIEWS[cls],
-            manager_fields["model"].metadata[KEY].doc if cls is KvManagerModelConfig else (cls.__doc__ or ""),
-        )
+        defs[name] = _table(CLASS_VIEWS[cls], model_doc if cls is KvManagerModelConfig else (cls.__doc__ or ""))
+    kinds = {cast(Any, cls).storage_kind: cls.__name__ for cls in BUILTIN_ALLOCATORS}
     for tier, view in TIER_VIEWS.items():
+        # an allocator table may leave out its kind where it is the tier's own
+        choices = [
+            _ref(name) if tier is not None and kind is tier.default_kind else {**_ref(name), "required": ["kind"]}
+            for kind, name in kinds.items()
+            if tier is None or kind in tier.accepts
+        ]
         table = _table(
             view, f"{tier.words if tier else 'A tier'}: how many blocks, in what layout, backed by what memory."
         )
-        kinds = {cast(Any, c).storage_kind: c.__name__ for c in BUILTIN_ALLOCATORS}
-        accepted = [(k, name) for k, name in kinds.items() if tier is None or k in tier.accepts]
-        choices = [
-            _ref(name) if tier is not None and k is tier.default_kind else {**_ref(name), "required": ["kind"]}
-            for k, name in accepted
-        ]
         table["properties"]["allocator"] = {
             "description": "How this tier's memory is made.",
             **(choices[0] if len(choices) == 1 else {"anyOf": choices}),
@@ -157,7 +130,17 @@ def json_schema() -> dict[str, Any]:
         ]
         defs[_TIER_NAMES[tier]] = table
     for cls in BUILTIN_ALLOCATORS:
-        defs[cls.__name__] = _table(CLASS_VIEWS[cls], (cls.__doc__ or "").splitlines()[0], cls.storage_kind.value)  # type: ignore[attr-defined]
+        kind = cast(Any, cls).storage_kind.value
+        defs[cls.__name__] = _table(
+            CLASS_VIEWS[cls],
+            (cls.__doc__ or "").splitlines()[0],
+            kind={
+                "description": "Which allocator this table describes.",
+                "type": "string",
+                "pattern": name_pattern((kind,), "trim"),
+                "examples": [kind],
+            },
+        )
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "kvbm-builder configuration",
