@@ -126,7 +126,6 @@ class View:
             except ConfigError:
                 pass
         errors = list(errors)
-        built = None
         try:
             if hasattr(target, "builder"):
                 builder = target.builder()
@@ -137,19 +136,18 @@ class View:
                 built = builder.build()
             else:
                 built = target(**values)
+            if not errors:
+                return built
         except ConfigError as err:  # what it says of a value that could not be read was said already
             kept = [p for p in err.problems if not (p.path and p.path[0] in failed)]
             missing = getattr(err, "missing", ())
             errors.append(UninitializedFieldError(kept, "", missing) if missing else ConfigError(kept))
-        if errors:
-            raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
-        return built
+        raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
 
 
 def _setter(target: type, name: str) -> str:
-    return (
-        f"{target.__name__}.builder().{name}(...)" if hasattr(target, "builder") else f"{target.__name__}({name}=...)"
-    )
+    how = f".builder().{name}(...)" if hasattr(target, "builder") else f"({name}=...)"
+    return target.__name__ + how
 
 
 def document_error(message: str, *path: str | int) -> ConfigError:
@@ -188,9 +186,6 @@ def _register(cls: type, hook: Callable[[object, object], Any]) -> None:
 
 for _cls in _TABLES:
     _register(_cls, CLASS_VIEWS[_cls])
-
-
-# ---- allocators: a table with a kind -------------------------------------------------------------------------------
 
 
 def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
@@ -232,13 +227,10 @@ for _allocator_cls in BUILTIN_ALLOCATORS:
     _register(_allocator_cls, _own_allocator_hook(_allocator_cls))
 
 
-# ---- tiers: a byte budget needs the model ------------------------------------------------------------------------
-
 #: The view of a tier's table: ``None`` for a layout loaded by itself, whose allocator must say its kind.
 TIER_VIEWS: dict[Tier | None, View] = {}
-for _tier, _allocator in {
-    tier: NewType(f"{tier.name if tier else 'Any'}Allocator", object) for tier in (*Tier, None)
-}.items():
+for _tier in (*Tier, None):
+    _allocator = NewType("_allocator", object)  # each tier's allocator table has a type, for the tier's hook
     converter.register_structure_hook(_allocator, _allocator_hook(_tier))
     TIER_VIEWS[_tier] = View(KvManagerLayoutConfig, size=ByteSize, allocator=_allocator)
 
@@ -274,11 +266,11 @@ def budget_blocks(
     return count
 
 
-def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
+def tier_from_table(value: object, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
     """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
     missing or invalid, its own problems say why the tier could not be sized."""
-    values, errors, failed_keys = table
-    values, failed = dict(values), set(failed_keys)
+    values, errors, failed_keys = TIER_VIEWS[tier].table(value)
+    failed = set(failed_keys)
     size = values.pop("size", None)
     given_size = size is not None or "size" in failed
     failed.discard("size")
@@ -305,10 +297,8 @@ def tier_from_table(table: Table, model: object, tier: Tier | None) -> KvManager
     return layout
 
 
-_register(KvManagerLayoutConfig, lambda value, _: tier_from_table(TIER_VIEWS[None].table(value), None, None))
+_register(KvManagerLayoutConfig, lambda value, _: tier_from_table(value, None, None))
 
-
-# ---- the whole configuration: its tables, then its tiers with its model --------------------------------------------
 
 MANAGER_VIEW = View(
     KvBlockManagerConfig,
@@ -325,7 +315,7 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     for tier in Tier:
         if values.get(tier.slot) is not None:
             try:
-                values[tier.slot] = tier_from_table(TIER_VIEWS[tier].table(values[tier.slot]), model, tier)
+                values[tier.slot] = tier_from_table(values[tier.slot], model, tier)
             except (ClassValidationError, ConfigError) as exc:
                 errors.append(_noted(exc, tier.slot))
                 del values[tier.slot]
@@ -337,9 +327,6 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
 
 
 _register(KvBlockManagerConfig, _manager_hook)
-
-
-# ---- exception groups into problems -------------------------------------------------------------------------------
 
 
 def problems_of(exc: BaseException, path: tuple[str | int, ...] = ()) -> tuple[list[Problem], list[str]]:
@@ -382,9 +369,6 @@ def load(mapping: Mapping[str, Any], cls: type[Any] = KvBlockManagerConfig) -> A
         raise (UninitializedFieldError(unique, "$", missing) if missing else ConfigError(unique, "$")) from None
 
 
-# ---- dump: the dict form of a config -----------------------------------------------------------------------------
-
-
 def dump(config: Validated) -> dict[str, Any]:
     """The dict form of ``config``: plain JSON-able data, which :func:`load` turns back into an equal config.
 
@@ -395,8 +379,8 @@ def dump(config: Validated) -> dict[str, Any]:
     runtime config makes for itself are left out silently.
     """
     if type(config) not in LOADABLE:
-        loadable = ", ".join(c.__name__ for c in LOADABLE)
-        raise ConfigError([Problem((), f"cannot dump {show(config)}; dumpable: {loadable}")])
+        dumpable = ", ".join(c.__name__ for c in LOADABLE)
+        raise ConfigError([Problem((), f"cannot dump {show(config)}; dumpable: {dumpable}")])
     problems: list[Problem] = []
     left_out: list[str] = []
     out = _table_of(config, problems, left_out)

@@ -28,7 +28,7 @@ from ..config.protocols import StorageKind, Tier
 from ..config.settings import KvbmSettings
 from ..documents import read_document
 from ..errors import ConfigError, Problem, UninitializedFieldError, show
-from ._converter import TIER_VIEWS, budget_blocks, dump, kind_of, load, problems_of, tier_from_table
+from ._converter import budget_blocks, dump, kind_of, load, problems_of, tier_from_table
 
 __all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
 
@@ -223,9 +223,6 @@ def load_file(path: str | os.PathLike[str], cls: type[Any] = KvBlockManagerConfi
     return load(read_document(path), cls)
 
 
-# ---- resolving ---------------------------------------------------------------------------------------------------
-
-
 @attrs.frozen
 class Resolved:
     """A configuration resolved from its layers, with ``sources``: for the dotted path of every value in
@@ -310,13 +307,7 @@ def from_env(
     """
     if not isinstance(base, KvBlockManagerConfig):
         return resolve(base, environ=environ).config
-    shape = {
-        tier.slot: {"allocator": {"kind": cast(Any, layout.allocator).storage_kind.value}}
-        if type(layout.allocator) in ALLOCATOR_OF_KIND.values()
-        else {}
-        for tier, layout in base.tiers()
-    }
-    rebuilt, problems, origins = _changed_tiers(base, base.model, environ, shape)
+    rebuilt, problems, origins = _changed_tiers(base, base.model, environ)
     try:
         settings_from_env(environ)
     except ConfigError as err:
@@ -332,49 +323,51 @@ def from_env(
 
 
 def _changed_tiers(
-    base: object, model: KvManagerModelConfig, environ: Mapping[str, str], shape: Mapping[str, Any]
+    base: KvBlockManagerConfig | None, model: KvManagerModelConfig, environ: Mapping[str, str]
 ) -> tuple[dict[str, KvManagerLayoutConfig[Any]], list[Problem], dict[Path, str]]:
-    """The tiers of ``base`` (or new ones) the variables change, the problems they raise and who set what."""
+    """The tiers of ``base`` the variables change (``attrs.evolve``) or create (as in a document), the problems
+    they raise and who set what."""
+    shape = {  # what the variables may see of base: its tiers, and the kind of each built-in allocator
+        tier.slot: {"allocator": {"kind": cast(Any, layout.allocator).storage_kind.value}}
+        if type(layout.allocator) in ALLOCATOR_OF_KIND.values()
+        else {}
+        for tier, layout in (base.tiers() if base is not None else ())
+    }
     changes, problems = env_changes(shape, environ)
     origins = {change.path: change.source for change in changes}
     rebuilt: dict[str, KvManagerLayoutConfig[Any]] = {}
     for tier in Tier:
         mine = [c for c in changes if c.path[0] == tier.slot]
+        layout = getattr(base, tier.slot, None)
         try:
-            if mine:
-                rebuilt[tier.slot] = _changed_tier(getattr(base, tier.slot, None), mine, model, tier)
+            if mine and layout is not None:
+                rebuilt[tier.slot] = _evolved(layout, mine, model)
+            elif mine:  # a tier the variables create, as they would in a document
+                rebuilt[tier.slot] = tier_from_table(apply_changes({}, mine, {})[0][tier.slot], model, tier)
         except (ClassValidationError, ConfigError) as exc:
             problems.extend(_attributed(p.under(tier.slot), origins) for p in problems_of(exc)[0])
     return rebuilt, problems, origins
 
 
-def _changed_tier(
-    layout: KvManagerLayoutConfig[Any] | None, changes: list[Change], model: KvManagerModelConfig, tier: Tier
+def _evolved(
+    layout: KvManagerLayoutConfig[Any], changes: list[Change], model: KvManagerModelConfig
 ) -> KvManagerLayoutConfig[Any]:
-    if layout is None:  # a tier the variables create, as they would in a document
-        table = apply_changes({}, changes, {})[0][tier.slot]
-        return tier_from_table(TIER_VIEWS[tier].table(table), model, tier)
     kwargs: dict[str, Any] = {}
-    for change in changes:
-        if change.path[1:] == ("num_blocks",):
-            kwargs["num_blocks"] = change.value
-        elif change.path[1:] == ("size",):
-            counted = budget_blocks(cast(int, change.value), model, layout.layout_type, layout.alignment)
+    sized = next((c for c in changes if len(c.path) == 2), None)  # num_blocks, or a size
+    if sized is not None:
+        counted = sized.value
+        if sized.path[1] == "size":
+            counted = budget_blocks(cast(int, sized.value), model, layout.layout_type, layout.alignment)
             if isinstance(counted, Problem):
                 raise ConfigError([counted])
-            kwargs["num_blocks"] = counted
-    if "num_blocks" in kwargs and layout.storage is not None:
-        sized = next(c.path[1] for c in changes if c.path[1] in ("num_blocks", "size"))
-        raise ConfigError(
-            [Problem((sized,), "cannot resize a tier whose memory was given as `storage`; unset the variable")]
-        )
+        if layout.storage is not None:
+            why = "cannot resize a tier whose memory was given as `storage`; unset the variable"
+            raise ConfigError([Problem((sized.path[1],), why)])
+        kwargs["num_blocks"] = counted
     allocator = {c.path[2]: c.value for c in changes if len(c.path) == 3 and c.path[2] != "kind"}
     if allocator:
         kwargs["allocator"] = attrs.evolve(cast(Any, layout.allocator), **allocator)
     return attrs.evolve(layout, **kwargs)
-
-
-# ---- the variables alone -----------------------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -390,7 +383,7 @@ def cache_sizes_from_env(model: KvManagerModelConfig, environ: Mapping[str, str]
     amount by the one size rule for a FullyContiguous tier at alignment 1 (upstream's
     ``floor(GB * 1e9 / bytes_per_block)``). Example: 28 layers, outer 2, page 16, inner 1024, 2 bytes = 1,835,008
     bytes per block; ``DYN_KVBM_CPU_CACHE_GB=4`` gives 2179 blocks."""
-    tiers, problems, _ = _changed_tiers(None, model, os.environ if environ is None else environ, {})
+    tiers, problems, _ = _changed_tiers(None, model, os.environ if environ is None else environ)
     if problems:
         raise ConfigError(problems)
     return CacheSizes(*(tiers[t.slot].num_blocks if t.slot in tiers else None for t in (Tier.G2, Tier.G3)))
