@@ -18,7 +18,7 @@ for step in $steps; do
     quickstart) python3 examples/quickstart.py --disk-dir /tmp 2>&1 | tee "$OUT/quickstart.log" ;;
     examples) { python3 examples/offload_roundtrip.py && python3 examples/metrics.py --blocks 8; } > "$OUT/examples.log" 2>&1
       tail -40 "$OUT/examples.log" ;;
-    gpu-tests) timeout 480 python3 -m pytest -q -p no:cacheprovider -rs -m gpu tests tests/test_metrics_manager.py \
+    gpu-tests) timeout 480 python3 -m pytest -q -p no:cacheprovider -rs --continue-on-collection-errors -m gpu tests tests/test_metrics_manager.py \
       tests/test_offload.py > "$OUT/gpu_tests.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
     pinned) python3 benchmarks/bench_pinned.py 2>&1 | tee "$OUT/bench_pinned.log" ;;
     device) python3 benchmarks/bench_device.py 2>&1 | tee "$OUT/bench_device.log" ;;
