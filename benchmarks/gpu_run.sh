@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project runs on the lent GPU machine, in one call (the device tool's `run`, carrying .whl):
 #   bash benchmarks/gpu_run.sh [tests] [gpu-tests] [quickstart] [examples] [pinned] [device] [all-tests] [transfer-tests]
-#                              [transfer] [offload]
+#                              [transfer] [offload] [small]
 # Logs land in $OUT (the device tool brings them back). The wheels come from ../shared/gpu/wheels.sh.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
@@ -29,6 +29,7 @@ for step in $steps; do
       tail -14 "$OUT/bench_transfer_stdout.log" ;;
     offload) python3 benchmarks/bench_offload.py --gpu --disk-dir /tmp --json "$OUT/bench_offload.json" 2>&1 \
       | tee "$OUT/bench_offload.log" ;;
+    small) python3 benchmarks/profile_small_copy.py --profile 2>&1 | tee "$OUT/profile_small_copy.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

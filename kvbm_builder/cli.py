@@ -281,17 +281,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_output()
         return EXIT_BROKEN_PIPE
     finally:
-        # From here Ctrl-C ends the process as it ends any program. Written out here, not in a function: Python
-        # raises KeyboardInterrupt on entering a function, which would land outside this try. A Ctrl-C that lands
-        # during the switch is dropped: the command is over anyway.
-        for _ in range(8 if argv is None else 0):
+        # From here Ctrl-C ends the process as it ends any program. Written with no call before the `try`: Python
+        # raises a pending KeyboardInterrupt after a call returns or on entering a function, which would land
+        # outside it. signal.signal() raises one still pending before it switches: then it is called again.
+        switched = argv is not None
+        while not switched:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-            except KeyboardInterrupt:
-                continue
-            except ValueError:  # not the main thread: signals are not this thread's to set
+                switched = True
+            except KeyboardInterrupt:  # the command is over anyway
                 pass
-            break
+            except ValueError:  # not the main thread: signals are not this thread's to set
+                switched = True
 
 
 def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:

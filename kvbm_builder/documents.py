@@ -9,6 +9,7 @@ duplicate key, an unknown suffix) is a one-line :class:`~kvbm_builder.errors.Loa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -91,6 +92,8 @@ def _read(path: PathArg) -> bytes:
     except FileNotFoundError:
         raise _error(path, "no such file") from None
     except OSError as err:
+        if err.errno == errno.ENXIO and _is_socket(path):  # a socket cannot even be opened
+            raise _error(path, "is a socket, not a configuration file; only regular files are read") from None
         raise _error(path, f"cannot be read: {err.strerror or err}") from None
     except ValueError:  # a NUL byte in the name
         raise _error(path, "is not a file name: it contains a NUL byte") from None
@@ -120,6 +123,13 @@ def _read(path: PathArg) -> bytes:
     if len(data) > MAX_DOCUMENT_BYTES:
         raise _too_large(path, None)
     return data
+
+
+def _is_socket(path: PathArg) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _too_large(path: PathArg, size: int | None) -> LoadError:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kvbm_builder import FullyContiguous, LayerSeparate, LayoutType, StorageKind, Tier
 from kvbm_builder.layout import Layout, LayoutSpec
 from kvbm_builder.transfer import TransferError, region_table
+from kvbm_builder.transfer._table import check_blocks
 
 
 @attrs.frozen
@@ -237,6 +238,34 @@ def test_bad_block_ids_are_refused_with_the_reason(src_ids: object, dst_ids: obj
 
     assert caught.value.step == "validate"
     assert (caught.value.src_tier, caught.value.dst_tier) == (Tier.G2, Tier.G2)
+
+
+ID = st.one_of(st.integers(-3, 10), st.integers(-(2**70), 2**70), st.booleans())
+
+
+def _verdict(src_ids: object, dst_ids: object) -> str | tuple[list[int], list[int]]:
+    src, dst = layout(spec(FullyContiguous())), layout(spec(FullyContiguous()), addr=1 << 44)
+    try:
+        s_ids, d_ids = check_blocks(src, src_ids, dst, dst_ids)  # type: ignore[arg-type]
+    except TransferError as err:
+        return str(err).split(": ", 1)[1]
+    return s_ids.tolist(), d_ids.tolist()
+
+
+@given(st.lists(ID, max_size=6), st.lists(ID, max_size=6))
+def test_ids_are_judged_alike_as_lists_tuples_and_arrays_and_as_a_simple_model_says(
+    src_ids: list[int], dst_ids: list[int]
+) -> None:
+    """Lists and tuples of plain ints are checked in Python, anything else by numpy: the verdicts agree."""
+    verdict = _verdict(src_ids, dst_ids)
+
+    assert _verdict(tuple(src_ids), tuple(dst_ids)) == verdict
+    if not any(type(x) is bool or abs(x) >= 2**63 for x in [*src_ids, *dst_ids]):
+        assert _verdict(np.array(src_ids, dtype=np.int64), np.array(dst_ids, dtype=np.int64)) == verdict
+    plain = all(type(x) is int for x in [*src_ids, *dst_ids])
+    in_range = all(0 <= x < 8 for x in [*src_ids, *dst_ids])
+    ok = plain and in_range and len(src_ids) == len(dst_ids) and len(set(dst_ids)) == len(dst_ids)
+    assert (verdict == (src_ids, dst_ids)) if ok else isinstance(verdict, str)
 
 
 @pytest.mark.parametrize("field", ["num_layers", "outer_dim", "page_size"])

@@ -15,6 +15,7 @@ pass over neighbours.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,19 +103,36 @@ def check_blocks(src: Layout, src_blocks: Sequence[int], dst: Layout, dst_blocks
         array = _as_ids(blocks)
         if array is None:
             raise fail(f"{name} must be a sequence of integers")
-        if array.size and (int(array.min()) < 0 or int(array.max()) >= spec.num_blocks):
-            bad = next(int(x) for x in array if not 0 <= x < spec.num_blocks)
-            raise fail(f"{name} holds {bad}, outside the layout's blocks 0..{spec.num_blocks - 1}")
+        if array.size:  # a few plain ints are checked in Python, which beats numpy's cost per call
+            low, high = (min(blocks), max(blocks)) if _plain(blocks) else (int(array.min()), int(array.max()))
+            if low < 0 or high >= spec.num_blocks:
+                bad = next(int(x) for x in array if not 0 <= x < spec.num_blocks)
+                raise fail(f"{name} holds {bad}, outside the layout's blocks 0..{spec.num_blocks - 1}")
         ids.append(array)
     if ids[0].size != ids[1].size:
         raise fail(f"{ids[0].size} source blocks but {ids[1].size} target blocks; give one target per source")
-    if ids[1].size > 1 and not (np.diff(np.sort(ids[1])) > 0).all():
+    if ids[1].size > 1 and not _distinct(dst_blocks, ids[1]):
         raise fail("a target block appears twice; each target block can receive one source block")
     return ids[0], ids[1]
 
 
+def _plain(blocks: object) -> bool:
+    """A list or tuple of plain ints."""
+    return type(blocks) in (list, tuple) and all(type(x) is int for x in blocks)  # type: ignore[attr-defined]
+
+
+def _distinct(blocks: object, array: Any) -> bool:
+    if _plain(blocks):
+        return len(set(blocks)) == len(blocks)  # type: ignore[call-overload, arg-type]
+    ordered = np.sort(array)
+    return bool((ordered[1:] != ordered[:-1]).all())
+
+
 def _as_ids(blocks: object) -> Any:
     """``blocks`` as an int64 array, or None when it is not a flat sequence of integers (bools are not ids)."""
+    if _plain(blocks):
+        with contextlib.suppress(OverflowError):  # beyond int64: numpy's general path says what it is
+            return np.array(blocks, dtype=_I64)
     if not isinstance(blocks, np.ndarray):
         try:
             if bool in set(map(type, blocks)):  # type: ignore[call-overload]  # True is an int to numpy too

@@ -52,8 +52,10 @@ def work() -> Iterator[Path]:
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its encoding or DYN_KVBM_* settings, and ``extra`` (a NUL cannot be
+    in an environment)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_KVBM_", "PYTHONIOENCODING", "LC_", "LANG"))}
-    env.update(extra)
+    env.update({k: v for k, v in extra.items() if "\0" not in v})
     return env
 
 
@@ -68,7 +70,8 @@ def one_run(index: int, root: Path) -> str | None:
     action = rng.choice(["none", "none", "none", "pipe", "interrupt", "interrupt", "terminate"])
     if action == "interrupt":
         args = ["validate", *(str(root / "many" / f"c{i}.json") for i in range(rng.randrange(30, 150))), *args[1:]]
-    command: list[str | bytes] = [sys.executable, "-m", "kvbm_builder", *(os.fsencode(a) for a in args)]
+    # (an argument cannot hold a NUL: the system ends it there)
+    command: list[str | bytes] = [sys.executable, "-m", "kvbm_builder", *(os.fsencode(a).split(b"\0")[0] for a in args)]
     try:
         status, err = run_process(command, env, action)
     finally:
