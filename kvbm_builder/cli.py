@@ -287,12 +287,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         switched = argv is not None
         while not switched:
             try:
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _default_ctrl_c()
                 switched = True
             except KeyboardInterrupt:  # the command is over anyway
                 pass
             except ValueError:  # not the main thread: signals are not this thread's to set
                 switched = True
+
+
+def _default_ctrl_c() -> None:
+    """SIGINT back to its default action, blocked while it switches where the system can block it: a Ctrl-C that
+    came between Python's check for pending signals and the switch would be printed as a traceback ("Signal 2
+    ignored due to race condition"); blocked, it waits in the kernel and ends the process once unblocked."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:  # no signal masks (Windows)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        return
+    before = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    finally:
+        mask(signal.SIG_SETMASK, before)
 
 
 def _run(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:

@@ -213,3 +213,22 @@ def test_ctrl_c_ends_it_with_130_and_one_line(tmp_path: Path) -> None:
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert (process.returncode, err) == (130, b"kvbm-builder: interrupted\n")
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
+def test_ctrl_c_cannot_land_between_the_check_and_the_switch_to_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the process fuzz family (1 run in 2,400): a Ctrl-C inside signal.signal(), after its check for pending
+    signals, printed "OSError: Signal 2 ignored due to race condition". While it switches, SIGINT is blocked."""
+    seen: list[tuple[object, set[signal.Signals]]] = []
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+    def switch(signum: int, handler: Any) -> Any:
+        seen.append((handler, signal.pthread_sigmask(signal.SIG_BLOCK, set())))
+        return None
+
+    monkeypatch.setattr(signal, "signal", switch)
+
+    cli._default_ctrl_c()
+
+    assert seen == [(signal.SIG_DFL, before | {signal.SIGINT})]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
