@@ -136,8 +136,10 @@ class Builder(Generic[T]):
         if not values.keys() >= self._required_set:  # a set operation, in C: the usual case costs nothing
             missing = [name for name in self._required if name not in values]
             problems.extend(Problem((name,), "must be initialized") for name in missing)
-            # the hook and the class may both see an exclusive choice: say it once
-            problems = _merged(problems, target.check_values(values), rejected)
+            # the hook and the class may both see an exclusive choice: say it once (a failed hook speaks for the
+            # object as a whole, as below)
+            more = target.check_values(values)
+            problems = _merged(problems, [p for p in more if p.path] if hook_failed else more, rejected)
             if hook_failed:
                 raise ConfigError(problems, root)
             raise UninitializedFieldError(problems, root, missing)
