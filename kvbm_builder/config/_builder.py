@@ -138,8 +138,8 @@ class Builder(Generic[T]):
             problems.extend(Problem((name,), "must be initialized") for name in missing)
             # the hook and the class may both see an exclusive choice: say it once (a failed hook speaks for the
             # object as a whole, as below)
-            more = target.check_values(values)
-            problems = _merged(problems, [p for p in more if p.path] if hook_failed else more, rejected)
+            checked = target.check_values(values)
+            problems = _merged(problems, [p for p in checked if p.path] if hook_failed else checked, rejected)
             if hook_failed:
                 raise ConfigError(problems, root)
             raise UninitializedFieldError(problems, root, missing)
