@@ -58,7 +58,7 @@ converter.register_structure_hook(ByteSize, lambda value, _: parse_size(value))
 
 #: What cattrs made of one table: the values it read, what failed (cattrs' exceptions, with notes) and the keys of the
 #: values that failed, which the builder counts as set but says nothing more about.
-Table = tuple[dict[str, Any], list[Exception], frozenset[str]]
+Table = tuple[dict[str, Any], list[Exception], set[str]]
 
 
 class View:
@@ -86,7 +86,7 @@ class View:
             raise document_error(f"must be a table of keys and values, got {show(value)}")
         values = {key: item for key, item in value.items() if key in self.keys}
         errors: list[Exception] = []
-        failed: frozenset[str] = frozenset()
+        failed: set[str] = set()
         if len(values) < len(value):
             unknown = sorted(value.keys() - self.keys.keys(), key=str)
             errors.append(ConfigError([self.unknown(key) for key in unknown]))
@@ -94,7 +94,7 @@ class View:
             try:
                 values = self.read(values, None)
             except ClassValidationError as group:  # read the others again, without the values that failed
-                failed = frozenset(note.name for _, note in group.group_exceptions()[0])
+                failed = {note.name for _, note in group.group_exceptions()[0]}
                 values = self.read({k: v for k, v in values.items() if k not in failed}, None)
                 errors[:0] = group.exceptions
         return values, errors, failed
@@ -269,8 +269,7 @@ def budget_blocks(
 def tier_from_table(value: object, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
     """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
     missing or invalid, its own problems say why the tier could not be sized."""
-    values, errors, failed_keys = TIER_VIEWS[tier].table(value)
-    failed = set(failed_keys)
+    values, errors, failed = TIER_VIEWS[tier].table(value)
     size = values.pop("size", None)
     given_size = size is not None or "size" in failed
     failed.discard("size")
@@ -291,10 +290,9 @@ def tier_from_table(value: object, model: object, tier: Tier | None) -> KvManage
             elif counted is not None:
                 values["num_blocks"] = counted
                 failed.discard("num_blocks")
-    layout: KvManagerLayoutConfig[Any] = TIER_VIEWS[tier].build(
-        (values, [*errors, ConfigError(problems)] if problems else errors, frozenset(failed))
-    )
-    return layout
+    if problems:
+        errors.append(ConfigError(problems))
+    return cast("KvManagerLayoutConfig[Any]", TIER_VIEWS[tier].build((values, errors, failed)))
 
 
 _register(KvManagerLayoutConfig, lambda value, _: tier_from_table(value, None, None))
@@ -319,11 +317,9 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
             except (ClassValidationError, ConfigError) as exc:
                 errors.append(_noted(exc, tier.slot))
                 del values[tier.slot]
-                failed |= {tier.slot}
-    if errors:  # the document's tables in their order
-        errors.sort(key=lambda exc: _ORDER.get(_note_name(exc) or "", len(_ORDER)))
-    config: KvBlockManagerConfig = MANAGER_VIEW.build((values, errors, failed))
-    return config
+                failed.add(tier.slot)
+    errors.sort(key=lambda exc: _ORDER.get(_note_name(exc) or "", len(_ORDER)))  # the document's tables in order
+    return cast(KvBlockManagerConfig, MANAGER_VIEW.build((values, errors, failed)))
 
 
 _register(KvBlockManagerConfig, _manager_hook)
