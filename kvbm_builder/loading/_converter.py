@@ -35,7 +35,7 @@ from ..config.runtime import KvManagerRuntimeConfig, NixlMode, NixlOptions
 from ..config.sizes import MAX_BYTES, parse_size
 from ..errors import ConfigError, Problem, RuntimeObjectError, RuntimeObjectWarning, UninitializedFieldError, show
 
-__all__ = ["LOADABLE", "budget_blocks", "converter", "document_error", "dump", "load", "tier_from_table"]
+__all__ = ["LOADABLE", "budget_blocks", "converter", "dump", "kind_of", "load", "problems_of", "tier_from_table"]
 
 C = TypeVar("C")
 

@@ -159,30 +159,6 @@ def apply_changes(
     return out, problems
 
 
-_ABSENT = object()
-
-
-def value_at(document: object, path: Path) -> object:
-    """The value at ``path`` in ``document``, or the value that stands where a table on the way was expected (a
-    layout given by name, where the dict form has a table); ``_ABSENT`` when there is none. Walks only the path."""
-    for key in path:
-        if not isinstance(document, Mapping):
-            return document
-        document = document.get(key, _ABSENT)
-        if document is _ABSENT:
-            break
-    return document
-
-
-def leaf_paths(value: object, prefix: Path = ()) -> Iterable[Path]:
-    """Paths of the values in a dumped config (an empty table holds none)."""
-    if isinstance(value, Mapping):
-        for key, inner in value.items():
-            yield from leaf_paths(inner, (*prefix, str(key)))
-    elif prefix:
-        yield prefix
-
-
 def _attributed(problem: Problem, origins: Mapping[Path, str]) -> Problem:
     """A document problem, shown under the variable that set the value it is about, if one did."""
     path = tuple(str(p) for p in problem.path)
@@ -269,29 +245,33 @@ def resolve(
     return Resolved(config, settings, _sources(dump(config), base, origins, origin))
 
 
+_ABSENT = object()
+
+
 def _sources(
-    dumped: Mapping[str, Any], document: Mapping[str, Any], origins: Mapping[Path, str], origin: str
+    dumped: Mapping[str, Any], given: object, origins: Mapping[Path, str], origin: str, path: Path = (), found: str = ""
 ) -> dict[str, str]:
-    """Where each value of ``dumped`` came from: the change that set it (or a table around it), else ``origin``
-    when ``document`` holds it, else the default. Only the paths of the dumped config are looked up: a document's
-    own values are never walked (YAML's aliases can make a small document stand for billions of them)."""
-
-    def source_of(path: Path) -> str | None:
-        found = next((origins[path[:end]] for end in range(len(path), 0, -1) if path[:end] in origins), None)
-        if found is None:
-            given = value_at(document, path)
-            return origin if given is not _ABSENT and not isinstance(given, Mapping) else None
-        return found
-
+    """Where each value of ``dumped`` came from: the change that set it or a table around it (``found``, for the
+    tables around ``path``), else ``origin`` when the document holds it (``given``: what stands at ``path`` in the
+    document), else the default. Only the dumped config is walked: a document's own values never are (YAML's
+    aliases can make a small document stand for billions of them)."""
     sources: dict[str, str] = {}
-    for path in leaf_paths(dumped):
-        source = source_of(path)
-        size_path = (*path[:-1], "size")
-        if source is None and path[-1] == "num_blocks":
-            size_source = source_of(size_path)
-            if size_source is not None:
-                source = f"{size_source}, from size = {show(value_at(document, size_path), typed=False)}"
-        sources[".".join(path)] = source or "default"
+    for key, value in dumped.items():
+        where = (*path, key)
+        inner = given.get(key, _ABSENT) if isinstance(given, Mapping) else given  # a value where a table was: given
+        source = origins.get(where, found)
+        if isinstance(value, Mapping):
+            sources.update(_sources(value, inner, origins, origin, where, source))
+            continue
+        if not source and inner is not _ABSENT and not isinstance(inner, Mapping):
+            source = origin
+        if not source and key == "num_blocks":  # counted from a byte budget
+            size = given.get("size", _ABSENT) if isinstance(given, Mapping) else given
+            held = size is not _ABSENT and not isinstance(size, Mapping)
+            size_source = origins.get((*path, "size"), found) or (origin if held else "")
+            if size_source:
+                source = f"{size_source}, from size = {show(size, typed=False)}"
+        sources[".".join(where)] = source or "default"
     return sources
 
 
