@@ -53,6 +53,7 @@ __all__ = [
     "UnknownTierError",
     "UsageError",
     "show",
+    "show_key",
 ]
 
 PathItem = str | int
@@ -81,6 +82,14 @@ def show(value: object, *, typed: bool = True) -> str:
     except Exception:  # a caller's object whose __repr__ fails
         text = f"<{type(value).__name__} object>"
     return f"{text} ({type(value).__name__})" if typed else text
+
+
+def show_key(key: object) -> str:
+    """A document's key as a path shows it: a text of up to 60 characters as it is, anything else as :func:`show`
+    renders it (a megabyte-long key stays a short path)."""
+    if isinstance(key, str) and len(key) <= _repr.maxstring:
+        return key
+    return show(key, typed=not isinstance(key, str))
 
 
 def render_path(root: str, path: Sequence[PathItem]) -> str:

@@ -170,6 +170,16 @@ def test_an_unknown_key_with_nothing_close_lists_the_keys() -> None:
     ]
 
 
+def test_an_unknown_key_of_any_length_is_named_by_a_short_path() -> None:
+    """Found by the documents fuzz family: a megabyte-long key was the path of its own problem, in full."""
+    long = "x" * 1_000_000
+
+    [(path, message)] = errors(document(runtime={"worker_id": 0, long: 1}))
+
+    assert path.startswith("$.runtime.'xxxxxxxxxx") and "..." in path and len(path) < 80
+    assert message == "unknown key; expected one of: `worker_id`, `nixl`"
+
+
 @pytest.mark.parametrize(
     ("section", "key", "setter"),
     [

@@ -185,6 +185,13 @@ def test_an_argument_is_a_dotted_path() -> None:
     ]
 
 
+def test_an_argument_through_a_value_is_named_by_a_short_path_whatever_its_length() -> None:
+    [(path, message)] = problems(overrides={"model.num_layers." + "y" * 100_000: 1})
+
+    assert path.startswith("$arg.'model.num_layers.yyy") and "..." in path and len(path) < 80
+    assert message.startswith("cannot set a value inside model.num_layers: it is 28, not a table")
+
+
 def test_sources_name_the_layer_of_every_value() -> None:
     document = doc(host_layout={"size": "16GiB", "layout_type": "layer_separate_outer_contiguous", "allocator": {}})
     sources = resolve(document, environ={"DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "50"}, origin="config.toml").sources

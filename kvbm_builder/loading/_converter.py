@@ -33,7 +33,15 @@ from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
 from ..config.runtime import KvManagerRuntimeConfig, NixlMode, NixlOptions
 from ..config.sizes import MAX_BYTES, parse_size
-from ..errors import ConfigError, Problem, RuntimeObjectError, RuntimeObjectWarning, UninitializedFieldError, show
+from ..errors import (
+    ConfigError,
+    Problem,
+    RuntimeObjectError,
+    RuntimeObjectWarning,
+    UninitializedFieldError,
+    show,
+    show_key,
+)
 
 __all__ = ["LOADABLE", "budget_blocks", "converter", "dump", "kind_of", "load", "problems_of", "tier_from_table"]
 
@@ -101,7 +109,7 @@ class View:
 
     def unknown(self, key: object) -> Problem:
         """The problem with a key the table does not take: how to set a runtime object, or a did-you-mean."""
-        name = key if isinstance(key, str) else show(key)
+        name = show_key(key)
         if key in self.runtime_only:
             return Problem((name,), f"cannot come from a document: set it in Python with {_setter(self.target, name)}")
         close = difflib.get_close_matches(key, list(self.keys), n=1) if isinstance(key, str) and len(key) < 64 else []

@@ -27,7 +27,7 @@ from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
 from ..config.settings import KvbmSettings
 from ..documents import read_document
-from ..errors import ConfigError, Problem, UninitializedFieldError, show
+from ..errors import ConfigError, Problem, UninitializedFieldError, show, show_key
 from ._converter import budget_blocks, dump, kind_of, load, problems_of, tier_from_table
 
 __all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
@@ -134,9 +134,9 @@ def apply_changes(
                 break  # nothing there to remove
             if inner is not None and not isinstance(inner, Mapping):
                 if change.source == ARGUMENT:
-                    where = ".".join(change.path[: depth + 1])
+                    where = show_key(".".join(change.path[: depth + 1]))
                     why = f"cannot set a value inside {where}: it is {show(inner)}, not a table"
-                    problems.append(Problem(("$arg", ".".join(change.path)), why))
+                    problems.append(Problem(("$arg", show_key(".".join(change.path))), why))
                 break
             table[key] = {} if inner is None else dict(inner)
             table = table[key]
