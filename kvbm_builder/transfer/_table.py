@@ -99,19 +99,22 @@ def check_blocks(src: Layout, src_blocks: Sequence[int], dst: Layout, dst_blocks
                 "between layouts of one model (num_layers, outer_dim, page_size * inner_dim * dtype_width_bytes)"
             )
     ids = []
+    plain = []  # a few plain ints are checked in Python, which beats numpy's cost per call
     for name, blocks, spec in (("src_blocks", src_blocks, a), ("dst_blocks", dst_blocks, b)):
-        array = _as_ids(blocks)
+        small = _plain(blocks)
+        array = _as_ids(blocks, small)
         if array is None:
             raise fail(f"{name} must be a sequence of integers")
-        if array.size:  # a few plain ints are checked in Python, which beats numpy's cost per call
-            low, high = (min(blocks), max(blocks)) if _plain(blocks) else (int(array.min()), int(array.max()))
+        if array.size:
+            low, high = (min(blocks), max(blocks)) if small else (int(array.min()), int(array.max()))
             if low < 0 or high >= spec.num_blocks:
                 bad = next(int(x) for x in array if not 0 <= x < spec.num_blocks)
                 raise fail(f"{name} holds {bad}, outside the layout's blocks 0..{spec.num_blocks - 1}")
         ids.append(array)
+        plain.append(small)
     if ids[0].size != ids[1].size:
         raise fail(f"{ids[0].size} source blocks but {ids[1].size} target blocks; give one target per source")
-    if ids[1].size > 1 and not _distinct(dst_blocks, ids[1]):
+    if ids[1].size > 1 and not _distinct(dst_blocks, ids[1], plain[1]):
         raise fail("a target block appears twice; each target block can receive one source block")
     return ids[0], ids[1]
 
@@ -121,16 +124,17 @@ def _plain(blocks: object) -> bool:
     return type(blocks) in (list, tuple) and all(type(x) is int for x in blocks)  # type: ignore[attr-defined]
 
 
-def _distinct(blocks: object, array: Any) -> bool:
-    if _plain(blocks):
+def _distinct(blocks: object, array: Any, plain: bool) -> bool:
+    if plain:
         return len(set(blocks)) == len(blocks)  # type: ignore[call-overload, arg-type]
     ordered = np.sort(array)
     return bool((ordered[1:] != ordered[:-1]).all())
 
 
-def _as_ids(blocks: object) -> Any:
-    """``blocks`` as an int64 array, or None when it is not a flat sequence of integers (bools are not ids)."""
-    if _plain(blocks):
+def _as_ids(blocks: object, plain: bool) -> Any:
+    """``blocks`` as an int64 array, or None when it is not a flat sequence of integers (bools are not ids);
+    ``plain``: :func:`_plain` said it is a list or tuple of plain ints."""
+    if plain:
         with contextlib.suppress(OverflowError):  # beyond int64: numpy's general path says what it is
             return np.array(blocks, dtype=_I64)
     if not isinstance(blocks, np.ndarray):
