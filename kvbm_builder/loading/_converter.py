@@ -5,9 +5,10 @@ document differs from Python: a tier gives ``num_blocks`` or a byte budget ``siz
 byte count; :func:`budget_blocks` is the one size rule); a tier's ``allocator`` is a table with a ``kind``
 (``device``, ``pinned``, ``system``, ``disk``; left out, the tier's own); runtime objects cannot come from a document.
 
-cattrs' detailed validation reads each table key by key and collects what fails; what was read goes through the
-class's builder, whose rules are the only rules, so every problem of a document is reported at once, rendered from
-cattrs' exception groups to ``$.path: message`` lines, as a builder chain meaning the same would report them.
+cattrs' detailed validation reads the tables inside each table and collects what fails (its exception groups are
+rendered to problems under the keys that failed); what was read goes through the class's builder, whose rules are the
+only rules, so every problem of a document is reported at once (``$.path: message`` lines), as a builder chain
+meaning the same would report them.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import difflib
 import enum
 import functools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NewType, TypedDict, TypeVar, cast, overload
 
 import attrs
 import cattrs
-from cattrs.errors import AttributeValidationNote, ClassValidationError
+from cattrs.errors import ClassValidationError
 from cattrs.gen.typeddicts import make_dict_structure_fn
 
 from ..config.allocators import ALLOCATOR_OF_KIND, BUILTIN_ALLOCATORS
@@ -43,7 +44,7 @@ from ..errors import (
     show_key,
 )
 
-__all__ = ["LOADABLE", "budget_blocks", "converter", "dump", "kind_of", "load", "problems_of", "tier_from_table"]
+__all__ = ["LOADABLE", "budget_blocks", "config_error", "converter", "dump", "kind_of", "load", "tier_from_table"]
 
 C = TypeVar("C")
 
@@ -64,9 +65,9 @@ Raw = NewType("Raw", object)
 ByteSize = NewType("ByteSize", int)
 converter.register_structure_hook(ByteSize, lambda value, _: parse_size(value))
 
-#: What cattrs made of one table: the values it read, what failed (cattrs' exceptions, with notes) and the keys of the
-#: values that failed, which the builder counts as set but says nothing more about.
-Table = tuple[dict[str, Any], list[Exception], set[str]]
+#: What cattrs made of one table: the values it read, the problems found (paths relative to the table) and the keys of
+#: the values that failed, which the builder counts as set but says nothing more about.
+Table = tuple[dict[str, Any], list[Problem], set[str]]
 
 
 class View:
@@ -77,8 +78,7 @@ class View:
     def __init__(self, target: type, **special: Any) -> None:
         described = specs(target)
         self.target = target
-        self.keys = {name: special.get(name, Raw) for name, spec in described.items() if spec.document}
-        self.keys.update({key: kind for key, kind in special.items() if key not in described})
+        self.keys = {**{name: Raw for name, spec in described.items() if spec.document}, **special}
         self.runtime_only = tuple(name for name, spec in described.items() if not spec.document)
         self.required = frozenset(f.name for f in attrs.fields(cast(Any, target)) if f.default is attrs.NOTHING)
         # cattrs structures the typed keys (a TypedDict of them) and passes the others through
@@ -93,19 +93,18 @@ class View:
         if not isinstance(value, Mapping):
             raise document_error(f"must be a table of keys and values, got {show(value)}")
         values = {key: item for key, item in value.items() if key in self.keys}
-        errors: list[Exception] = []
+        problems: list[Problem] = []
         failed: set[str] = set()
         if len(values) < len(value):
-            unknown = sorted(value.keys() - self.keys.keys(), key=str)
-            errors.append(ConfigError([self.unknown(key) for key in unknown]))
+            problems = [self.unknown(key) for key in sorted(value.keys() - self.keys.keys(), key=str)]
         if self.read is not None:
             try:
                 values = self.read(values, None)
             except ClassValidationError as group:  # read the others again, without the values that failed
                 failed = {note.name for _, note in group.group_exceptions()[0]}
                 values = self.read({k: v for k, v in values.items() if k not in failed}, None)
-                errors[:0] = group.exceptions
-        return values, errors, failed
+                problems[:0] = problems_of(group)
+        return values, problems, failed
 
     def unknown(self, key: object) -> Problem:
         """The problem with a key the table does not take: how to set a runtime object, or a did-you-mean."""
@@ -122,18 +121,17 @@ class View:
 
     def build(self, table: Table) -> Any:
         """The config from the table's values through its builder (a class without one: its constructor), then every
-        problem of the table at once, as one exception group."""
-        values, errors, failed = table
+        problem of the table at once, in one ConfigError."""
+        values, problems, failed = table
         target = self.target
         # the usual case: everything was read, nothing is missing, the builder would add nothing (for a layout: when
         # exactly one memory choice was made); on a problem, the builder says it as for a chain of setters
-        usual = not (errors or failed) and values.keys() >= self.required
+        usual = not (problems or failed) and values.keys() >= self.required
         if usual and (target is not KvManagerLayoutConfig or len(values.keys() & CHOICES) == 1):
             try:  # (try, not contextlib.suppress: this runs for every table of every load)
                 return target(**values)
             except ConfigError:
                 pass
-        errors = list(errors)
         try:
             if hasattr(target, "builder"):
                 builder = target.builder()
@@ -144,13 +142,11 @@ class View:
                 built = builder.build()
             else:
                 built = target(**values)
-            if not errors:
+            if not problems:
                 return built
         except ConfigError as err:  # what it says of a value that could not be read was said already
-            kept = [p for p in err.problems if not (p.path and p.path[0] in failed)]
-            missing = getattr(err, "missing", ())
-            errors.append(UninitializedFieldError(kept, "", missing) if missing else ConfigError(kept))
-        raise ClassValidationError(f"While structuring {target.__name__}", errors, target)
+            problems += [p for p in err.problems if not (p.path and p.path[0] in failed)]
+        raise ConfigError(problems)
 
 
 def _setter(target: type, name: str) -> str:
@@ -162,16 +158,23 @@ def document_error(message: str, *path: str | int) -> ConfigError:
     return ConfigError([Problem(path, message)])
 
 
-def _noted(exc: Exception, name: str) -> Exception:
-    """``exc`` as cattrs notes what failed under key ``name``."""
-    note = AttributeValidationNote(f"@ attribute {name}", name, object)
-    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]  # add_note: 3.11+
-    return exc
+def problems_of(group: ClassValidationError) -> list[Problem]:
+    """The problems in cattrs' exception group, each under the key cattrs noted it failed at."""
+    problems: list[Problem] = []
+    for exc, note in group.group_exceptions()[0]:
+        if isinstance(exc, ConfigError):
+            problems += [p.under(note.name) for p in exc.problems]
+        else:  # a hook of ours failed unexpectedly: say so, with the path, rather than crash the whole load
+            why = f"cannot be read: {type(exc).__name__}: {show(str(exc), typed=False)}"
+            problems.append(Problem((note.name,), why))
+    return problems
 
 
-def _note_name(exc: BaseException) -> str | None:
-    note = next((n for n in getattr(exc, "__notes__", ()) if isinstance(n, AttributeValidationNote)), None)
-    return None if note is None else note.name
+def config_error(problems: Iterable[Problem], root: str) -> ConfigError:
+    """One error with each problem once: an UninitializedFieldError when one says a required field is missing."""
+    unique = dict.fromkeys(problems)
+    missing = [str(p.path[-1]) for p in unique if p.message == "must be initialized"]
+    return UninitializedFieldError(unique, root, missing) if missing else ConfigError(unique, root)
 
 
 def kind_of(value: object) -> StorageKind | None:
@@ -222,11 +225,11 @@ def _own_allocator_hook(cls: Any) -> Callable[[object, object], Any]:
     def hook(value: object, _: object) -> Any:
         if not isinstance(value, Mapping) or "kind" not in value:
             return view(value)
-        values, errors, failed = view.table({k: v for k, v in value.items() if k != "kind"})
+        values, problems, failed = view.table({k: v for k, v in value.items() if k != "kind"})
         if kind_of(value["kind"]) is not cls.storage_kind:
             why = f"must be '{cls.storage_kind.value}' for a {cls.__name__}, or left out; got {show(value['kind'])}"
-            errors.insert(0, _noted(document_error(why), "kind"))
-        return view.build((values, errors, failed))
+            problems.insert(0, Problem(("kind",), why))
+        return view.build((values, problems, failed))
 
     return hook
 
@@ -277,11 +280,10 @@ def budget_blocks(
 def tier_from_table(value: object, model: object, tier: Tier | None) -> KvManagerLayoutConfig[Any]:
     """A tier's layout from its table; ``size`` becomes ``num_blocks`` with ``model``'s blocks. When the model is
     missing or invalid, its own problems say why the tier could not be sized."""
-    values, errors, failed = TIER_VIEWS[tier].table(value)
+    values, problems, failed = TIER_VIEWS[tier].table(value)
     size = values.pop("size", None)
     given_size = size is not None or "size" in failed
     failed.discard("size")
-    problems: list[Problem] = []
     if ("num_blocks" in values or "num_blocks" in failed) and given_size:
         problems.append(Problem(("size",), "give either `num_blocks` or `size`, not both"))
     elif "num_blocks" not in values and "num_blocks" not in failed:
@@ -298,9 +300,7 @@ def tier_from_table(value: object, model: object, tier: Tier | None) -> KvManage
             elif counted is not None:
                 values["num_blocks"] = counted
                 failed.discard("num_blocks")
-    if problems:
-        errors.append(ConfigError(problems))
-    return cast("KvManagerLayoutConfig[Any]", TIER_VIEWS[tier].build((values, errors, failed)))
+    return cast("KvManagerLayoutConfig[Any]", TIER_VIEWS[tier].build((values, problems, failed)))
 
 
 _register(KvManagerLayoutConfig, lambda value, _: tier_from_table(value, None, None))
@@ -312,43 +312,25 @@ MANAGER_VIEW = View(
     model=KvManagerModelConfig,
     consolidator_config=KvEventConsolidatorConfig | None,
 )
-_ORDER = {key: i for i, key in enumerate(MANAGER_VIEW.keys)}
+_ORDER: dict[str | int, int] = {key: i for i, key in enumerate(MANAGER_VIEW.keys)}
 
 
 def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
-    values, errors, failed = MANAGER_VIEW.table(value)
+    values, problems, failed = MANAGER_VIEW.table(value)
     model = values.get("model")
     for tier in Tier:
         if values.get(tier.slot) is not None:
             try:
                 values[tier.slot] = tier_from_table(values[tier.slot], model, tier)
-            except (ClassValidationError, ConfigError) as exc:
-                errors.append(_noted(exc, tier.slot))
+            except ConfigError as err:
+                problems += [p.under(tier.slot) for p in err.problems]
                 del values[tier.slot]
                 failed.add(tier.slot)
-    errors.sort(key=lambda exc: _ORDER.get(_note_name(exc) or "", len(_ORDER)))  # the document's tables in order
-    return cast(KvBlockManagerConfig, MANAGER_VIEW.build((values, errors, failed)))
+    problems.sort(key=lambda p: _ORDER.get(p.path[0] if p.path else "", len(_ORDER)))  # the document's tables in order
+    return cast(KvBlockManagerConfig, MANAGER_VIEW.build((values, problems, failed)))
 
 
 _register(KvBlockManagerConfig, _manager_hook)
-
-
-def problems_of(exc: BaseException, path: tuple[str | int, ...] = ()) -> tuple[list[Problem], list[str]]:
-    """The problems (with paths from the document's root) and the missing fields that ``exc`` holds."""
-    problems: list[Problem] = []
-    missing: list[str] = []
-    if isinstance(exc, ClassValidationError):
-        for sub in exc.exceptions:
-            name = _note_name(sub)
-            found, lacking = problems_of(sub, path if name is None else (*path, name))
-            problems += found
-            missing += lacking
-    elif isinstance(exc, ConfigError):
-        problems += [p.under(*path) for p in exc.problems]
-        missing += getattr(exc, "missing", ())
-    else:  # a hook of ours failed unexpectedly: say so, with the path, rather than crash the whole load
-        problems.append(Problem(path, f"cannot be read: {type(exc).__name__}: {show(str(exc), typed=False)}"))
-    return problems, missing
 
 
 @overload
@@ -367,10 +349,8 @@ def load(mapping: Mapping[str, Any], cls: type[Any] = KvBlockManagerConfig) -> A
         raise ConfigError([Problem((), f"cannot load a {getattr(cls, '__name__', show(cls))}; loadable: {loadable}")])
     try:
         return converter.structure(mapping, cls)
-    except (ClassValidationError, ConfigError) as exc:
-        problems, missing = problems_of(exc)
-        unique = dict.fromkeys(problems)
-        raise (UninitializedFieldError(unique, "$", missing) if missing else ConfigError(unique, "$")) from None
+    except ConfigError as err:
+        raise config_error(err.problems, "$") from None
 
 
 def dump(config: Validated) -> dict[str, Any]:

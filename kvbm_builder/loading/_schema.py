@@ -8,13 +8,14 @@ remains the judge.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import attrs
 
-from ..config.allocators import BUILTIN_ALLOCATORS
+from ..config.allocators import ALLOCATOR_OF_KIND
 from ..config.consolidator import KvEventConsolidatorConfig
-from ..config.fields import KEY, Spec
+from ..config.fields import KEY, Spec, spec_of
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.names import name_pattern
@@ -62,38 +63,34 @@ _SIZE = {
 }
 
 
-def _facets(schema: dict[str, Any]) -> dict[str, Any]:
-    """A rule's facets as JSON Schema: names become a pattern, a config class a reference."""
-    out = dict(schema)
-    names = out.pop("names", None)
-    nullable = out.pop("nullable", False)
-    if names is not None:
-        out = {"type": "string", "pattern": name_pattern(*names), "examples": list(names[0])}
-        if names[0][0] == "FullyContiguous":
-            out = {"anyOf": [out, _LAYOUT_TABLE]}
-    cls = out.pop("class", None)
-    if cls is not None:
-        out = _ref(_NAMES.get(cls, cls.__name__))
-    if "anyOf" in out:
-        out["anyOf"] = [_facets(part) for part in out["anyOf"]]
-    return {"anyOf": [out, {"type": "null"}]} if nullable else out
+def _facets(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A rule's facets as JSON Schema: a config class becomes a reference, names a pattern."""
+    if "class" in schema:
+        return _ref(_NAMES.get(schema["class"], schema["class"].__name__))
+    if "anyOf" in schema:
+        return {**schema, "anyOf": [_facets(part) for part in schema["anyOf"]]}
+    if "names" not in schema:
+        return dict(schema)
+    words, style = schema["names"]
+    out = {"type": "string", "pattern": name_pattern(words, style), "examples": list(words)}
+    if words[0] == "FullyContiguous":
+        out = {"anyOf": [out, _LAYOUT_TABLE]}
+    return {"anyOf": [out, {"type": "null"}]} if schema["nullable"] else out
 
 
 def _table(view: View, doc: str, **properties: Any) -> dict[str, Any]:
-    """The table of ``view``: each key described by its field (``size``, a document's own key, by :data:`_SIZE`),
-    and the ``properties`` given."""
+    """The table of ``view``, after the ``properties`` given: each key described by its field (``size``, a key of
+    the document's own, by :data:`_SIZE`)."""
     fields = attrs.fields_dict(cast(Any, view.target))
     for key in view.keys:
-        field = fields.get(key)
-        if field is None:
+        if key not in fields:
             properties[key] = _SIZE
             continue
-        spec: Spec = field.metadata[KEY]
-        schema = _facets(dict(spec.rule.schema)) if spec.rule is not None else {}
-        if type(field.default) in (int, bool, str):
-            schema["default"] = field.default
-        properties[key] = {"description": spec.doc, **schema}
-    required = [k for k in view.keys if k in fields and fields[k].default is attrs.NOTHING and k != "num_blocks"]
+        spec: Spec = fields[key].metadata[KEY]
+        properties[key] = {"description": spec.doc, **(_facets(spec.rule.schema) if spec.rule is not None else {})}
+        if type(fields[key].default) in (int, bool, str):
+            properties[key]["default"] = fields[key].default
+    required = [key for key in view.keys if key in view.required and key != "num_blocks"]
     return _closed(properties, description=doc, **({"required": required} if required else {}))
 
 
@@ -101,20 +98,18 @@ def json_schema() -> dict[str, Any]:
     """The JSON Schema of a :class:`~kvbm_builder.KvBlockManagerConfig` document."""
     defs = {"KvBlockManagerConfig": _table(MANAGER_VIEW, cast(str, KvBlockManagerConfig.__doc__))}
     manager = defs["KvBlockManagerConfig"]["properties"]
-    for slot in Tier:
-        manager[slot.slot] = {
-            "description": manager[slot.slot]["description"],
-            "anyOf": [_ref(_TIER_NAMES[slot]), {"type": "null"}],
-        }
-    model_doc = attrs.fields_dict(KvBlockManagerConfig)["model"].metadata[KEY].doc
     for cls, name in _NAMES.items():
-        defs[name] = _table(CLASS_VIEWS[cls], model_doc if cls is KvManagerModelConfig else (cls.__doc__ or ""))
-    kinds = {cast(Any, cls).storage_kind: cls.__name__ for cls in BUILTIN_ALLOCATORS}
+        doc = spec_of(KvBlockManagerConfig, "model").doc if cls is KvManagerModelConfig else cls.__doc__
+        defs[name] = _table(CLASS_VIEWS[cls], doc or "")
     for tier, view in TIER_VIEWS.items():
+        if tier is not None:
+            manager[tier.slot]["anyOf"] = [_ref(_TIER_NAMES[tier]), {"type": "null"}]
         # an allocator table may leave out its kind where it is the tier's own
         choices = [
-            _ref(name) if tier is not None and kind is tier.default_kind else {**_ref(name), "required": ["kind"]}
-            for kind, name in kinds.items()
+            _ref(cls.__name__)
+            if tier is not None and kind is tier.default_kind
+            else {**_ref(cls.__name__), "required": ["kind"]}
+            for kind, cls in ALLOCATOR_OF_KIND.items()
             if tier is None or kind in tier.accepts
         ]
         table = _table(
@@ -129,16 +124,15 @@ def json_schema() -> dict[str, Any]:
             {"oneOf": [{"required": ["allocator"]}, {"required": ["logical"]}]},
         ]
         defs[_TIER_NAMES[tier]] = table
-    for cls in BUILTIN_ALLOCATORS:
-        kind = cast(Any, cls).storage_kind.value
+    for kind, cls in ALLOCATOR_OF_KIND.items():
         defs[cls.__name__] = _table(
             CLASS_VIEWS[cls],
             (cls.__doc__ or "").splitlines()[0],
             kind={
                 "description": "Which allocator this table describes.",
                 "type": "string",
-                "pattern": name_pattern((kind,), "trim"),
-                "examples": [kind],
+                "pattern": name_pattern((kind.value,), "trim"),
+                "examples": [kind.value],
             },
         )
     return {

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar, cast, overload
+from typing import Any, NamedTuple, TypeVar, cast, overload
 
 import attrs
-from cattrs.errors import ClassValidationError
 
 from ..config.allocators import ALLOCATOR_OF_KIND
 from ..config.env import EnvVar
@@ -26,9 +25,10 @@ from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
 from ..config.settings import KvbmSettings
+from ..config.sizes import GB
 from ..documents import read_document
-from ..errors import ConfigError, Problem, UninitializedFieldError, show, show_key
-from ._converter import budget_blocks, dump, kind_of, load, problems_of, tier_from_table
+from ..errors import ConfigError, Problem, show, show_key
+from ._converter import budget_blocks, config_error, dump, kind_of, load, tier_from_table
 
 __all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
 
@@ -38,8 +38,7 @@ Path = tuple[str, ...]
 ARGUMENT = "argument"  # the source of every explicit argument
 
 
-@attrs.frozen
-class Change:
+class Change(NamedTuple):
     """Set ``path`` of the document to ``value`` (None removes it), on behalf of ``source``."""
 
     path: Path
@@ -78,10 +77,8 @@ def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tupl
             value = _read(var, environ, problems)
             if value is None:
                 continue
-            if var.kind == "blocks":
-                changes.append(Change((tier.slot, "num_blocks"), value, f"env {var.name}"))
-            else:
-                changes.append(Change((tier.slot, "size"), math.floor(cast(Any, value) * 10**9), f"env {var.name}"))
+            key, value = ("num_blocks", value) if var.kind == "blocks" else ("size", math.floor(cast(Any, value) * GB))
+            changes.append(Change((tier.slot, key), value, f"env {var.name}"))
             if table is None:
                 changes.append(Change((tier.slot, "allocator", "kind"), tier.default_kind.value, f"env {var.name}"))
                 kinds[tier] = tier.default_kind
@@ -126,36 +123,32 @@ def apply_changes(
     what is not there does nothing."""
     out = dict(document)
     problems: list[Problem] = []
-    for change in changes:
+    for path, value, source in changes:
         table = out
-        for depth, key in enumerate(change.path[:-1]):
+        for depth, key in enumerate(path[:-1]):
             inner = table.get(key)
-            if inner is None and change.value is None:
+            if inner is None and value is None:
                 break  # nothing there to remove
             if inner is not None and not isinstance(inner, Mapping):
-                if change.source == ARGUMENT:
-                    where = show_key(".".join(change.path[: depth + 1]))
+                if source == ARGUMENT:
+                    where = show_key(".".join(path[: depth + 1]))
                     why = f"cannot set a value inside {where}: it is {show(inner)}, not a table"
-                    problems.append(Problem(("$arg", show_key(".".join(change.path))), why))
+                    problems.append(Problem(("$arg", show_key(".".join(path))), why))
                 break
             table[key] = {} if inner is None else dict(inner)
             table = table[key]
         else:
-            for depth in range(1, len(change.path)):  # a value set where a table was, or inside one
-                origins.pop(change.path[:depth], None)
-            last = change.path[-1]
-            cleared = [change.path]
-            if len(change.path) == 2 and change.path[0] in _TIER_SLOTS and last in _SIBLING:
-                table.pop(_SIBLING[last], None)
-                cleared.append((change.path[0], _SIBLING[last]))
-            for gone in cleared:
-                for path in [p for p in origins if p[: len(gone)] == gone]:
-                    del origins[path]
-            if change.value is None:
-                table.pop(last, None)
+            # what the value replaces loses its origin: a table around it, what was inside it, a tier's other size key
+            other = _SIBLING.get(path[-1]) if len(path) == 2 and path[0] in _TIER_SLOTS else None
+            for old in [p for p in origins if p[: len(path)] == path[: len(p)] or p[:2] == (path[0], other)]:
+                del origins[old]
+            if other is not None:
+                table.pop(other, None)
+            if value is None:
+                table.pop(path[-1], None)
             else:
-                table[last] = change.value
-                origins[change.path] = change.source
+                table[path[-1]] = value
+                origins[path] = source
     return out, problems
 
 
@@ -173,19 +166,17 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
     """:class:`~kvbm_builder.config.KvbmSettings` from the ``DYN_KVBM_*`` variables its fields name; bad values
     raise one ConfigError naming each variable."""
     problems: list[Problem] = []
-    values: dict[str, object] = {}
-    set_by: dict[str, str] = {}
-    for name, spec in specs(KvbmSettings).items():
-        for var in spec.env:
-            value = _read(var, environ, problems)
-            if value is not None:
-                values[name], set_by[name] = value, var.name
+    values = {name: _read(var, environ, problems) for name, var in _SETTINGS_VARS.items()}
     if not problems:
         try:
-            return KvbmSettings(**values)  # type: ignore[arg-type]
+            return KvbmSettings(**{name: value for name, value in values.items() if value is not None})  # type: ignore[arg-type]
         except ConfigError as err:
-            problems = [Problem(("$env", set_by[str(p.path[0])]), p.message) for p in err.problems]
+            problems = [Problem(("$env", _SETTINGS_VARS[str(p.path[0])].name), p.message) for p in err.problems]
     raise ConfigError(problems)
+
+
+#: The variable that sets each field of the settings.
+_SETTINGS_VARS = {name: var for name, spec in specs(KvbmSettings).items() for var in spec.env}
 
 
 @overload
@@ -233,15 +224,12 @@ def resolve(
     except ConfigError as err:
         problems += err.problems
     config = None
-    missing: tuple[str, ...] = ()
     try:
         config = load(base)
     except ConfigError as err:
         problems.extend(_attributed(p, origins) for p in err.problems)
-        missing = getattr(err, "missing", ())
     if problems or config is None or settings is None:
-        unique = dict.fromkeys(problems)
-        raise UninitializedFieldError(unique, "", missing) if missing else ConfigError(unique, "")
+        raise config_error(problems, "")
     return Resolved(config, settings, _sources(dump(config), base, origins, origin))
 
 
@@ -294,10 +282,8 @@ def from_env(
         problems += err.problems
     if problems:
         raise ConfigError(dict.fromkeys(problems))
-    if not rebuilt:
-        return base
     try:
-        return attrs.evolve(base, **cast(dict[str, Any], rebuilt))
+        return attrs.evolve(base, **cast(dict[str, Any], rebuilt)) if rebuilt else base
     except ConfigError as err:
         raise ConfigError([_attributed(p, origins) for p in err.problems]) from None
 
@@ -324,8 +310,8 @@ def _changed_tiers(
                 rebuilt[tier.slot] = _evolved(layout, mine, model)
             elif mine:  # a tier the variables create, as they would in a document
                 rebuilt[tier.slot] = tier_from_table(apply_changes({}, mine, {})[0][tier.slot], model, tier)
-        except (ClassValidationError, ConfigError) as exc:
-            problems.extend(_attributed(p.under(tier.slot), origins) for p in problems_of(exc)[0])
+        except ConfigError as err:
+            problems.extend(_attributed(p.under(tier.slot), origins) for p in err.problems)
     return rebuilt, problems, origins
 
 
