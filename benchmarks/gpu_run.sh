@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project runs on the lent GPU machine, in one call (the device tool's `run`, carrying .whl):
 #   bash benchmarks/gpu_run.sh [tests] [gpu-tests] [quickstart] [examples] [pinned] [device] [all-tests] [transfer-tests]
-#                              [transfer] [offload] [small]
+#                              [transfer] [offload] [small] [batch]
 # Logs land in $OUT (the device tool brings them back). The wheels come from ../shared/gpu/wheels.sh.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
@@ -30,6 +30,7 @@ for step in $steps; do
     offload) python3 benchmarks/bench_offload.py --gpu --disk-dir /tmp --json "$OUT/bench_offload.json" 2>&1 \
       | tee "$OUT/bench_offload.log" ;;
     small) python3 benchmarks/profile_small_copy.py --profile 2>&1 | tee "$OUT/profile_small_copy.log" ;;
+    batch) python3 benchmarks/profile_small_copy.py --batch 2>&1 | tee "$OUT/profile_batch.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

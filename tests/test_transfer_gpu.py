@@ -336,3 +336,34 @@ def test_a_block_never_touched_keeps_its_bytes(layouts: list[Layout], tmp_path: 
     assert {b: block_bytes(pinned, b) for b in range(16) if b not in (10, 2, 7)} == {
         b: v for b, v in before.items() if b not in (10, 2, 7)
     }
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["one-driver-call", "a-call-per-run"])
+def test_the_copy_engine_moves_the_same_bytes_in_one_driver_call_or_one_call_per_run(
+    layouts: list[Layout], tmp_path: Path, batched: bool
+) -> None:
+    dims = {"num_layers": 4, "outer_dim": 2, "page_size": 64, "inner_dim": 1024, "dtype_width_bytes": 2}  # 1 MiB
+    device = new(layouts, DEVICE, tmp_path, layout_type=FullyContiguous(), num_blocks=24, **dims)
+    ls = new(layouts, DEVICE, tmp_path, layout_type=LayerSeparate(True), num_blocks=24, **dims)
+    host = new(layouts, PINNED, tmp_path, layout_type=FullyContiguous(), num_blocks=24, **dims)
+    back = new(layouts, DEVICE, tmp_path, layout_type=FullyContiguous(), num_blocks=24, **dims)
+    rng = np.random.default_rng(12)
+
+    with TransferEngine(max_batch_blocks=8) as engine:
+        engine.prepare_gpu()
+        cuda = engine._cuda
+        assert cuda is not None
+        if batched and cuda.batch is None:
+            pytest.skip("this driver has no cuMemcpyBatchAsync (CUDA 12.8+)")
+        if not batched:
+            cuda.batch = None
+        offload, onboard = round_trip(engine, device, host, back, rng, n=20)  # three batches each way
+        assert offload.method == onboard.method == "memcpy"
+        fill_random(ls, rng)
+        d_ids, h_ids = rng.permutation(24)[:20], rng.permutation(24)[:20]
+        engine.device_copy = "bounce"  # the kernel gathers into GPU scratch, the copy engine moves whole blocks
+        assert engine.copy(ls, d_ids, host, h_ids).method == "bounce"
+        assert_same_blocks(ls, d_ids, host, h_ids)
+        fill_random(ls, rng)
+        assert engine.copy(host, h_ids, ls, d_ids).method == "bounce"
+        assert_same_blocks(host, h_ids, ls, d_ids)

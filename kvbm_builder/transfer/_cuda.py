@@ -8,7 +8,8 @@ Four ways to move a batch between GPU memory and GPU or pinned host memory (``co
   addresses and the batch's block ids (a few hundred bytes, copied to the GPU ahead of the kernel); the GPU works
   out every region's address and copies it with 16-byte accesses, reading or writing pinned host memory directly.
 - ``table``: ``kvbm_copy`` over a table of every run's (src, dst, size), the general form (for comparison).
-- ``memcpy``: one ``cudaMemcpyAsync`` per run, when runs are few and large (the copy engine at full speed).
+- ``memcpy``: the copy engine, when runs are large (1 MiB and more): one ``cuMemcpyBatchAsync`` for all the batch's
+  runs where the driver has it (CUDA 12.8+), else one ``cudaMemcpyAsync`` per run.
 - ``bounce``: the kernel gathers (or scatters) the device side into GPU scratch memory, chunk by chunk, and the copy
   engine moves each chunk to or from the host blocks, the two overlapping on two streams.
 
@@ -31,6 +32,7 @@ import numpy as np
 from ..config.layout import FullyContiguous
 from ..config.protocols import Storage, StorageKind
 from ..layout import Layout
+from ._batch import BatchCopyError, batch_copy
 from ._hostio import StepError
 from ._kernel import KernelConfig
 from ._table import RegionTable
@@ -132,6 +134,7 @@ class CudaContext:
         self._lock = threading.Lock()
         self._memory: dict[int, tuple[Any, ...]] = {}  # id(storage) -> (addr, size, kind, device delta)
         self._broken: BaseException | None = None
+        self.batch = batch_copy()  # the driver's batched copy, None on drivers before CUDA 12.8
         self.slots: list[Slot] = []
         with self.device:
             self.table_kernel, self.blocks_kernel = _compile(config.unroll)
@@ -212,13 +215,27 @@ class CudaContext:
             lane.event.record(slot.stream)
 
     def enqueue_memcpy(self, slot: Slot, lane: Lane, table: RegionTable) -> None:
-        """Method ``memcpy``: one ``cudaMemcpyAsync`` per run (host pointers, as the table has them)."""
-        runtime = cupy.cuda.runtime
+        """Method ``memcpy``: the table's runs on the copy engine (host pointers, as the table has them)."""
         with self.device, _step("cudaMemcpyAsync"):
-            ptr = slot.stream.ptr
-            for s, d, n in zip(table.src.tolist(), table.dst.tolist(), table.size.tolist(), strict=True):
-                runtime.memcpyAsync(d, s, n, _MEMCPY_DEFAULT, ptr)
+            self._dma(slot.stream, table.dst, table.src, table.size)
             lane.event.record(slot.stream)
+
+    def _dma(self, stream: Any, dst: Any, src: Any, size: Any) -> None:
+        """Queue ``size[i]`` bytes from ``src[i]`` to ``dst[i]`` on ``stream``: one batched driver call for two or
+        more runs where the driver has it, else a ``cudaMemcpyAsync`` per run. (The device is current.)"""
+        runtime = cupy.cuda.runtime
+        if self.batch is not None and len(size) > 1:
+            runtime.setDevice(self.device_id)  # the driver call needs the context current on this thread
+            self.batch(
+                np.ascontiguousarray(dst, dtype=np.uint64),
+                np.ascontiguousarray(src, dtype=np.uint64),
+                np.ascontiguousarray(size, dtype=np.uint64),
+                stream.ptr,
+            )
+            return
+        ptr = stream.ptr
+        for s, d, n in zip(np.asarray(src).tolist(), np.asarray(dst).tolist(), np.asarray(size).tolist(), strict=True):
+            runtime.memcpyAsync(d, s, n, _MEMCPY_DEFAULT, ptr)
 
     def enqueue_bounce(
         self,
@@ -235,7 +252,6 @@ class CudaContext:
         scratch by the kernel on ``slot.stream`` and moved to (from) the host blocks by DMA on ``slot.dma``, with
         two scratch buffers so that one chunk's kernel overlaps the other's DMA. Events order the two streams on
         the GPU; the CPU queues everything and returns. The slot's first lane's event marks the end."""
-        runtime = cupy.cuda.runtime
         block = spec.num_layers * spec.outer_dim * spec.region_bytes
         per_chunk = max(1, self.config.bounce_bytes // block)
         n = int(device_ids.shape[0])
@@ -273,14 +289,12 @@ class CudaContext:
                     self._launch(self.blocks_kernel, kernel_stream, base + 8 * at[c], plans[c])
                     lane.filled.record(kernel_stream)
                     dma_stream.wait_event(lane.filled)
-                    for h, k, nbytes in extents:
-                        runtime.memcpyAsync(h, lane.scratch + k * block, nbytes, _MEMCPY_DEFAULT, dma_stream.ptr)
+                    self._dma(dma_stream, *_runs(extents, lane.scratch, block, to_host=True))
                     lane.used.record(dma_stream)
                 else:
                     if c >= 2:
                         dma_stream.wait_event(lane.used)  # the kernel of chunk c - 2 has read this scratch
-                    for h, k, nbytes in extents:
-                        runtime.memcpyAsync(lane.scratch + k * block, h, nbytes, _MEMCPY_DEFAULT, dma_stream.ptr)
+                    self._dma(dma_stream, *_runs(extents, lane.scratch, block, to_host=False))
                     lane.filled.record(dma_stream)
                     kernel_stream.wait_event(lane.filled)
                     self._launch(self.blocks_kernel, kernel_stream, base + 8 * at[c], plans[c])
@@ -404,8 +418,16 @@ def _step(step: str) -> Any:
     """CUDA errors while queueing work, as the StepError of ``step``."""
     try:
         yield
-    except cupy.cuda.runtime.CUDARuntimeError as exc:
+    except (cupy.cuda.runtime.CUDARuntimeError, BatchCopyError) as exc:
         raise StepError(step, f"queueing the copy failed: {exc}") from exc
+
+
+def _runs(extents: list[tuple[int, int, int]], scratch: int, block: int, *, to_host: bool) -> tuple[Any, Any, Any]:
+    """(dst, src, size) arrays of the DMA between host extents ``(host address, scratch block, bytes)`` and
+    scratch."""
+    rows = np.asarray(extents, dtype=np.uint64).reshape(-1, 3)
+    host, local = rows[:, 0], np.uint64(scratch) + rows[:, 1] * np.uint64(block)
+    return (host, local, rows[:, 2]) if to_host else (local, host, rows[:, 2])
 
 
 def chunk_shape(src: GpuSide, dst: GpuSide, spec: Any) -> tuple[int, int, int]:

@@ -56,23 +56,23 @@ log = logging.getLogger("kvbm_builder.transfer")
 Listener = Callable[[TransferRecord], None]
 
 #: Layouts contiguous on both sides over at least this many bytes at a time (FullyContiguous to FullyContiguous)
-#: go as one cudaMemcpyAsync per run: the copy engine then beats the kernel (H200: 0.94 of the PCIe ceiling
-#: against 0.93 at 256 blocks of 4 MiB) and the launches cost nothing next to the copies. benchmarks/RESULTS.md.
+#: go by the copy engine, all of a batch's runs in one cuMemcpyBatchAsync: 0.93 / 0.97 of the PCIe ceiling at 64 /
+#: 256 blocks of 4 MiB on an H200, where the kernel reaches 0.90 / 0.94; runs of 64 KiB are too small for it (0.6).
+#: benchmarks/RESULTS.md.
 MEMCPY_MIN_RUN_BYTES = 2**20
 #: Bytes of one staging buffer (two per slot): the chunk the GPU copies while the CPU works on the other one.
 STAGING_BYTES = 16 * 2**20
 #: Threads that run the I/O operations of host and disk batches; disks want several requests in flight.
 IO_THREADS = 16
-#: How device batches with many small regions move, as benchmarks/bench_transfer.py measured them on an H200 (4 MiB
-#: blocks of 64 KiB regions, benchmarks/RESULTS.md): out of the GPU the kernel writes pinned memory directly (0.93
-#: of the ceiling at 256 blocks, as good as any other way). Into it, a submit of several batches goes ``bounce``:
-#: the copy engine reads the host blocks into GPU scratch and the kernel scatters them, while the other slots' batches
-#: overlap (0.95-0.96 at 256 blocks against 0.93 for the kernel reading pinned memory over PCIe); a single batch
-#: cannot overlap its DMA with anything and goes faster through the kernel (0.85 against 0.80 at 16 blocks).
+#: How device batches with many small regions move to or from pinned memory, as benchmarks/bench_transfer.py
+#: measured them on an H200 (4 MiB blocks of 64 KiB regions, benchmarks/RESULTS.md). A submit of several batches
+#: goes ``bounce``: the kernel gathers (scatters) the device regions in GPU scratch and the copy engine moves whole
+#: host blocks, while the other slots' batches overlap (0.97 at 256 blocks each way, against 0.93 / 0.91 for the
+#: kernel reading or writing pinned memory over PCIe). A single batch cannot overlap its DMA with anything: the
+#: kernel, as fast there (0.87 against 0.88 offload, 0.85 against 0.86 onboard at 16 blocks) with no scratch.
 #: Device to device uses the kernel.
-SCATTERED_OFFLOAD = "kernel"
-SCATTERED_ONBOARD = "bounce"
-SCATTERED_ONBOARD_ONE_BATCH = "kernel"
+SCATTERED_SEVERAL_BATCHES = "bounce"
+SCATTERED_ONE_BATCH = "kernel"
 _COPY_METHODS = ("auto", "kernel", "table", "memcpy", "bounce")
 _STEPS = {"kernel": "copy kernel", "table": "copy kernel", "memcpy": "cudaMemcpyAsync", "bounce": "bounce copy"}
 _HOST_KINDS = (StorageKind.PINNED, StorageKind.SYSTEM)
@@ -476,10 +476,7 @@ class TransferEngine:
         if choice == "auto":
             if chunk_shape(sides[0], sides[1], src.spec)[2] >= MEMCPY_MIN_RUN_BYTES:
                 return "memcpy"
-            if kinds == (StorageKind.PINNED, StorageKind.DEVICE):
-                choice = SCATTERED_ONBOARD if several_batches else SCATTERED_ONBOARD_ONE_BATCH
-            else:
-                choice = SCATTERED_OFFLOAD
+            choice = SCATTERED_SEVERAL_BATCHES if several_batches else SCATTERED_ONE_BATCH
         if choice == "bounce" and not can_bounce:
             choice = "kernel"
         if choice in ("kernel", "table") and not can_kernel:
