@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from hypothesis import settings
@@ -25,6 +26,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits Ctrl-C ignored, and so
+    # would every command the tests start: they then could not show how Ctrl-C ends them. Python's own handler here
+    # becomes the default action in each child.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     soak = config.getoption("--soak")
     if soak:
         os.environ["KVBM_SOAK"] = str(soak)
