@@ -4,6 +4,7 @@ both sides allow, and arguments that cannot describe a transfer refused with the
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import attrs
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from kvbm_builder import FullyContiguous, LayerSeparate, LayoutType, StorageKind, Tier
 from kvbm_builder.layout import Layout, LayoutSpec
 from kvbm_builder.transfer import TransferError, region_table
-from kvbm_builder.transfer._table import check_blocks
+from kvbm_builder.transfer._table import check_blocks, whole_block_runs
 
 
 @attrs.frozen
@@ -113,6 +114,27 @@ def test_every_region_is_moved_exactly_once_to_its_place(case: tuple[Layout, lis
 
     assert regions_of(table, src.spec.region_bytes) == expected_regions(src, s_ids, dst, d_ids)
     assert table.nbytes == len(s_ids) * src.spec.num_layers * src.spec.outer_dim * src.spec.region_bytes
+
+
+@given(transfers())
+def test_whole_block_runs_move_every_region_to_its_place_where_blocks_are_one_piece(
+    case: tuple[Layout, list[int], Layout, list[int]],
+) -> None:
+    src, s_ids, dst, d_ids = case
+    ids = check_blocks(src, s_ids, dst, d_ids)
+
+    runs = whole_block_runs(src, ids[0], dst, ids[1])
+
+    fully = (src.spec.layout_type, dst.spec.layout_type) == (FullyContiguous(), FullyContiguous())
+    if not fully or len(src.storages) != 1 or len(dst.storages) != 1:
+        assert runs is None  # a block is several pieces on one side: the table says which
+        return
+    assert runs is not None
+    dst_addr, src_addr, size = (r.astype(np.int64) for r in runs)
+    zero = np.zeros_like(size)
+    as_table = SimpleNamespace(src=src_addr, dst=dst_addr, size=size, src_storage=zero, dst_storage=zero)
+    assert len(size) == len(s_ids)  # one run per block pair, in the caller's order
+    assert regions_of(as_table, src.spec.region_bytes) == expected_regions(src, s_ids, dst, d_ids)
 
 
 @given(transfers())

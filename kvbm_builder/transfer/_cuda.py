@@ -214,10 +214,11 @@ class CudaContext:
             self._launch(self.table_kernel, slot.stream, pointer, n)
             lane.event.record(slot.stream)
 
-    def enqueue_memcpy(self, slot: Slot, lane: Lane, table: RegionTable) -> None:
-        """Method ``memcpy``: the table's runs on the copy engine (host pointers, as the table has them)."""
+    def enqueue_memcpy(self, slot: Slot, lane: Lane, dst: Any, src: Any, size: Any) -> None:
+        """Method ``memcpy``: runs ``size[i]`` bytes from ``src[i]`` to ``dst[i]`` on the copy engine (host pointers,
+        as a layout's addresses are)."""
         with self.device, _step("cudaMemcpyAsync"):
-            self._dma(slot.stream, table.dst, table.src, table.size)
+            self._dma(slot.stream, dst, src, size)
             lane.event.record(slot.stream)
 
     def _dma(self, stream: Any, dst: Any, src: Any, size: Any) -> None:

@@ -687,11 +687,15 @@ class TransferEngine:
     ) -> None:
         """Queue one device copy (``method``) between two layouts on the slot; the lane's event marks its end."""
         if method in ("memcpy", "table"):
-            from ._table import table_of
+            from ._table import table_of, whole_block_runs
 
+            runs = whole_block_runs(src, s_ids, dst, d_ids) if method == "memcpy" else None
+            if runs is not None:  # whole blocks: their runs from the ids, no table to build
+                cuda.enqueue_memcpy(slot, lane, *runs)
+                return
             table = table_of(src, s_ids, dst, d_ids)
             if method == "memcpy":
-                cuda.enqueue_memcpy(slot, lane, table)
+                cuda.enqueue_memcpy(slot, lane, table.dst, table.src, table.size)
             else:
                 deltas = (self._gpu_side(cuda, src, "source")[0], self._gpu_side(cuda, dst, "target")[0])
                 cuda.enqueue_table(slot, lane, table, deltas)
