@@ -253,7 +253,7 @@ class KvBlockManager:
             raise ConfigError([Problem((), message)])
         self.config = config
         if settings is None:
-            from .loading import settings_from_env
+            from .config.settings import settings_from_env
 
             settings = settings_from_env()
         self.settings: KvbmSettings = settings

@@ -328,6 +328,21 @@ def test_from_env_cannot_resize_a_tier_of_given_storage() -> None:
     )
 
 
+def test_from_env_names_the_variable_behind_an_allocator_problem_as_resolve_does() -> None:
+    environ = {"DYN_KVBM_USE_HUGE_PAGES": "1", "DYN_KVBM_ENABLE_NUMA": "1"}
+    document = doc(host_layout={"num_blocks": 10, "allocator": {}})
+    with pytest.raises(ConfigError) as from_document:
+        resolve(document, environ=environ)
+    with pytest.raises(ConfigError) as from_built:
+        from_env(environ, load(document))
+
+    assert from_built.value.errors == from_document.value.errors
+    [(path, message)] = from_built.value.errors
+    assert path == "$env.DYN_KVBM_ENABLE_NUMA"
+    assert message.startswith("huge_pages and numa cannot both be on")
+    assert message.endswith("(it sets $.host_layout.allocator.numa)")
+
+
 def _layout_on(region: object) -> Any:
     return KvManagerLayoutConfig.builder().num_blocks(1).storage([region]).build()
 

@@ -95,6 +95,15 @@ class EnvVar:
                 raise
             return None
 
+    def read_noting(self, environ: Mapping[str, str], problems: list[Problem]) -> object:
+        """As :meth:`read`, but a problem goes to ``problems`` (the variable then sets nothing), so that one pass
+        over several variables reports every problem."""
+        try:
+            return self.read(environ)
+        except ConfigError as err:
+            problems.extend(err.problems)
+            return None
+
     def _parse(self, text: str) -> object:
         if self.kind == "text":
             return text

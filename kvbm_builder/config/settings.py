@@ -1,20 +1,24 @@
-"""``KvbmSettings``: what a running KVBM reads from ``DYN_KVBM_*`` besides the cache hierarchy itself."""
+"""``KvbmSettings``: what a running KVBM reads from ``DYN_KVBM_*`` besides the cache hierarchy itself, and
+:func:`settings_from_env`, which reads them (the manager and the transfer engine do, without the loader)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import ClassVar
 
 import attrs
 
+from ..errors import ConfigError, Problem
 from . import env
 from .env import EnvVar
-from .fields import U64_MAX, Validated, field, integer, true_or_false
+from .fields import U64_MAX, Validated, field, integer, specs, true_or_false
 
 
 @attrs.frozen(kw_only=True)
 class KvbmSettings(Validated):
     """Transfer, metrics and filter settings. Upstream reads them from the environment, and so does
-    :func:`kvbm_builder.loading.settings_from_env`; engines and pools take them as plain values."""
+    :func:`settings_from_env`; engines and pools take them as plain values."""
 
     _kvbm_root: ClassVar[str] = "settings"
 
@@ -55,3 +59,20 @@ class KvbmSettings(Validated):
         env=EnvVar(env.DYN_KVBM_CACHE_STATS_MAX_REQUESTS, "count"),
         doc="The requests the cache hit-rate gauges look back over.",
     )
+
+
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
+    """:class:`KvbmSettings` from the ``DYN_KVBM_*`` variables its fields name; bad values raise one ConfigError
+    naming each variable. (Also :func:`kvbm_builder.loading.settings_from_env`.)"""
+    problems: list[Problem] = []
+    values = {name: var.read_noting(environ, problems) for name, var in _VARIABLES.items()}
+    if not problems:
+        try:
+            return KvbmSettings(**{name: value for name, value in values.items() if value is not None})  # type: ignore[arg-type]
+        except ConfigError as err:
+            problems = [Problem(("$env", _VARIABLES[str(p.path[0])].name), p.message) for p in err.problems]
+    raise ConfigError(problems)
+
+
+#: The variable that sets each field.
+_VARIABLES = {name: var for name, spec in specs(KvbmSettings).items() for var in spec.env}

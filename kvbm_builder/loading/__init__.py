@@ -13,11 +13,11 @@ Every problem of one load is reported in one :class:`~kvbm_builder.errors.Config
 :class:`~kvbm_builder.errors.LoadError` naming it.
 """
 
-from ..config.settings import KvbmSettings
+from ..config.settings import KvbmSettings, settings_from_env
 from ..documents import read_document, to_toml
 from ._converter import budget_blocks, dump, load
 from ._schema import json_schema
-from ._sources import CacheSizes, Resolved, cache_sizes_from_env, from_env, load_file, resolve, settings_from_env
+from ._sources import CacheSizes, Resolved, cache_sizes_from_env, from_env, load_file, resolve
 
 __all__ = [
     "CacheSizes",

@@ -64,6 +64,9 @@ Raw = NewType("Raw", object)
 #: A byte budget: ``"16GiB"`` (2^30), ``"16GB"`` (10^9), ``"512 MiB"`` or a byte count.
 ByteSize = NewType("ByteSize", int)
 converter.register_structure_hook(ByteSize, lambda value, _: parse_size(value))
+# the config classes by predicate (registering an attrs class directly makes cattrs resolve its annotations, and they
+# name runtime types imported only for type checkers), each through its hook in _HOOKS
+converter.register_structure_hook_func(lambda cls: cls in LOADABLE, lambda value, cls: _HOOKS[cls](value, cls))
 
 #: What cattrs made of one table: the values it read, the problems found (paths relative to the table) and the keys of
 #: the values that failed, which the builder counts as set but says nothing more about.
@@ -189,16 +192,6 @@ _TABLES = (KvManagerRuntimeConfig, KvManagerModelConfig, KvEventConsolidatorConf
 CLASS_VIEWS: dict[type, View] = {cls: View(cls) for cls in (*_TABLES, *BUILTIN_ALLOCATORS)}
 
 
-def _register(cls: type, hook: Callable[[object, object], Any]) -> None:
-    # by predicate: registering an attrs class directly makes cattrs resolve its annotations, and the config
-    # classes name runtime types they import only for type checkers
-    converter.register_structure_hook_func(lambda t: t is cls, hook)
-
-
-for _cls in _TABLES:
-    _register(_cls, CLASS_VIEWS[_cls])
-
-
 def _allocator_hook(tier: Tier | None) -> Callable[[object, object], Any]:
     """A tier's ``allocator`` table (``tier=None``: a layout loaded by itself, which must say its kind)."""
     accepted = [kind.value for kind in StorageKind if tier is None or kind in tier.accepts]
@@ -232,10 +225,6 @@ def _own_allocator_hook(cls: Any) -> Callable[[object, object], Any]:
         return view.build((values, problems, failed))
 
     return hook
-
-
-for _allocator_cls in BUILTIN_ALLOCATORS:
-    _register(_allocator_cls, _own_allocator_hook(_allocator_cls))
 
 
 #: The view of a tier's table: ``None`` for a layout loaded by itself, whose allocator must say its kind.
@@ -303,9 +292,6 @@ def tier_from_table(value: object, model: object, tier: Tier | None) -> KvManage
     return cast("KvManagerLayoutConfig[Any]", TIER_VIEWS[tier].build((values, problems, failed)))
 
 
-_register(KvManagerLayoutConfig, lambda value, _: tier_from_table(value, None, None))
-
-
 MANAGER_VIEW = View(
     KvBlockManagerConfig,
     runtime=KvManagerRuntimeConfig,
@@ -330,7 +316,13 @@ def _manager_hook(value: object, _: object) -> KvBlockManagerConfig:
     return cast(KvBlockManagerConfig, MANAGER_VIEW.build((values, problems, failed)))
 
 
-_register(KvBlockManagerConfig, _manager_hook)
+#: How each loadable class is structured, by itself or inside a table.
+_HOOKS: dict[type, Callable[[object, object], Any]] = {
+    **{cls: CLASS_VIEWS[cls] for cls in _TABLES},
+    **{cls: _own_allocator_hook(cls) for cls in BUILTIN_ALLOCATORS},
+    KvManagerLayoutConfig: lambda value, _: tier_from_table(value, None, None),
+    KvBlockManagerConfig: _manager_hook,
+}
 
 
 @overload

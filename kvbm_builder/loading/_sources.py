@@ -18,19 +18,18 @@ from typing import Any, NamedTuple, TypeVar, cast, overload
 import attrs
 
 from ..config.allocators import ALLOCATOR_OF_KIND
-from ..config.env import EnvVar
 from ..config.fields import spec_of, specs
 from ..config.layout import KvManagerLayoutConfig
 from ..config.manager import KvBlockManagerConfig
 from ..config.model import KvManagerModelConfig
 from ..config.protocols import StorageKind, Tier
-from ..config.settings import KvbmSettings
+from ..config.settings import KvbmSettings, settings_from_env
 from ..config.sizes import GB
 from ..documents import read_document
 from ..errors import ConfigError, Problem, show, show_key
 from ._converter import budget_blocks, config_error, dump, kind_of, load, tier_from_table
 
-__all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve", "settings_from_env"]
+__all__ = ["CacheSizes", "Resolved", "cache_sizes_from_env", "from_env", "load_file", "resolve"]
 
 C = TypeVar("C")
 
@@ -44,15 +43,6 @@ class Change(NamedTuple):
     path: Path
     value: object
     source: str
-
-
-def _read(var: EnvVar, environ: Mapping[str, str], problems: list[Problem]) -> object:
-    """What ``var`` sets (None: nothing); a problem with its text goes to ``problems``, so one call reports all."""
-    try:
-        return var.read(environ)
-    except ConfigError as err:
-        problems.extend(err.problems)
-        return None
 
 
 #: The variables that set an allocator's field: its kind, the field, the variable, the field's default.
@@ -74,7 +64,7 @@ def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tupl
         allocator = table.get("allocator") if isinstance(table, Mapping) else None
         kinds[tier] = kind_of(allocator.get("kind", tier.default_kind)) if isinstance(allocator, Mapping) else None
         for var in spec_of(KvBlockManagerConfig, tier.slot).env:  # the block count first: it wins
-            value = _read(var, environ, problems)
+            value = var.read_noting(environ, problems)
             if value is None:
                 continue
             key, value = ("num_blocks", value) if var.kind == "blocks" else ("size", math.floor(cast(Any, value) * GB))
@@ -85,7 +75,7 @@ def env_changes(document: Mapping[str, Any], environ: Mapping[str, str]) -> tupl
             break
     for tier, kind in kinds.items():
         for other, name, var, default in _ALLOCATOR_VARS:
-            value = _read(var, environ, problems) if other in tier.accepts else None
+            value = var.read_noting(environ, problems) if other in tier.accepts else None
             if value is None:
                 continue
             if kind is other:
@@ -160,23 +150,6 @@ def _attributed(problem: Problem, origins: Mapping[Path, str]) -> Problem:
         if source is not None and source.startswith("env "):
             return Problem(("$env", source[4:]), f"{problem.message} (it sets {'.'.join(('$', *path))})")
     return Problem(("$", *problem.path), problem.message)
-
-
-def settings_from_env(environ: Mapping[str, str] = os.environ) -> KvbmSettings:
-    """:class:`~kvbm_builder.config.KvbmSettings` from the ``DYN_KVBM_*`` variables its fields name; bad values
-    raise one ConfigError naming each variable."""
-    problems: list[Problem] = []
-    values = {name: _read(var, environ, problems) for name, var in _SETTINGS_VARS.items()}
-    if not problems:
-        try:
-            return KvbmSettings(**{name: value for name, value in values.items() if value is not None})  # type: ignore[arg-type]
-        except ConfigError as err:
-            problems = [Problem(("$env", _SETTINGS_VARS[str(p.path[0])].name), p.message) for p in err.problems]
-    raise ConfigError(problems)
-
-
-#: The variable that sets each field of the settings.
-_SETTINGS_VARS = {name: var for name, spec in specs(KvbmSettings).items() for var in spec.env}
 
 
 @overload
@@ -301,38 +274,40 @@ def _changed_tiers(
     }
     changes, problems = env_changes(shape, environ)
     origins = {change.path: change.source for change in changes}
+    tables = apply_changes({}, changes, {})[0]  # what the variables set, as a document's tables
     rebuilt: dict[str, KvManagerLayoutConfig[Any]] = {}
     for tier in Tier:
-        mine = [c for c in changes if c.path[0] == tier.slot]
-        layout = getattr(base, tier.slot, None)
+        table, layout = tables.get(tier.slot), getattr(base, tier.slot, None)
         try:
-            if mine and layout is not None:
-                rebuilt[tier.slot] = _evolved(layout, mine, model)
-            elif mine:  # a tier the variables create, as they would in a document
-                rebuilt[tier.slot] = tier_from_table(apply_changes({}, mine, {})[0][tier.slot], model, tier)
+            if table is not None and layout is not None:
+                rebuilt[tier.slot] = _evolved(layout, table, model)
+            elif table is not None:  # a tier the variables create, as they would in a document
+                rebuilt[tier.slot] = tier_from_table(table, model, tier)
         except ConfigError as err:
             problems.extend(_attributed(p.under(tier.slot), origins) for p in err.problems)
     return rebuilt, problems, origins
 
 
 def _evolved(
-    layout: KvManagerLayoutConfig[Any], changes: list[Change], model: KvManagerModelConfig
+    layout: KvManagerLayoutConfig[Any], table: Mapping[str, Any], model: KvManagerModelConfig
 ) -> KvManagerLayoutConfig[Any]:
+    """``layout`` with what the variables set: its block count or size (a byte budget counted in ``model``'s
+    blocks), or fields of its allocator."""
     kwargs: dict[str, Any] = {}
-    sized = next((c for c in changes if len(c.path) == 2), None)  # num_blocks, or a size
-    if sized is not None:
-        counted = sized.value
-        if sized.path[1] == "size":
-            counted = budget_blocks(cast(int, sized.value), model, layout.layout_type, layout.alignment)
-            if isinstance(counted, Problem):
-                raise ConfigError([counted])
+    for key, value in table.items():
+        if key == "allocator":
+            try:
+                kwargs["allocator"] = attrs.evolve(cast(Any, layout.allocator), **value)
+            except ConfigError as err:  # paths from the allocator: put them where the variables set them
+                raise err.rerooted("", "allocator") from None
+            continue
+        counted = budget_blocks(value, model, layout.layout_type, layout.alignment) if key == "size" else value
+        if isinstance(counted, Problem):
+            raise ConfigError([counted])
         if layout.storage is not None:
             why = "cannot resize a tier whose memory was given as `storage`; unset the variable"
-            raise ConfigError([Problem((sized.path[1],), why)])
+            raise ConfigError([Problem((key,), why)])
         kwargs["num_blocks"] = counted
-    allocator = {c.path[2]: c.value for c in changes if len(c.path) == 3 and c.path[2] != "kind"}
-    if allocator:
-        kwargs["allocator"] = attrs.evolve(cast(Any, layout.allocator), **allocator)
     return attrs.evolve(layout, **kwargs)
 
 

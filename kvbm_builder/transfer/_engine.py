@@ -221,7 +221,7 @@ class TransferEngine:
     def from_env(cls, environ: Mapping[str, str] = os.environ, **kwargs: Any) -> TransferEngine:
         """An engine with ``DYN_KVBM_MAX_TRANSFER_BATCH_SIZE`` and ``DYN_KVBM_MAX_CONCURRENT_TRANSFERS`` applied
         (bad values raise the loader's ConfigError naming the variable); other arguments as for the constructor."""
-        from ..loading import settings_from_env
+        from ..config.settings import settings_from_env
 
         settings = settings_from_env(environ)
         kwargs.setdefault("max_batch_blocks", settings.max_transfer_batch_size)
