@@ -144,6 +144,10 @@ class ConfigError(KvbmError, ValueError):
         return (type(self), (self.problems, self.root))
 
 
+#: What a problem says of a required field that was never set (upstream's words, after the field's name).
+MUST_BE_INITIALIZED = "must be initialized"
+
+
 class UninitializedFieldError(ConfigError):
     """A required builder field was never set.
 
@@ -158,9 +162,9 @@ class UninitializedFieldError(ConfigError):
 
     def _summary(self) -> str:
         first = self.problems[0] if self.problems else None
-        if first is None or first.message != "must be initialized" or not self.missing:
+        if first is None or first.message != MUST_BE_INITIALIZED or not self.missing:
             return super()._summary()
-        upstream = f"`{first.path[-1] if first.path else self.missing[0]}` must be initialized"
+        upstream = f"`{first.path[-1] if first.path else self.missing[0]}` {MUST_BE_INITIALIZED}"
         return upstream if len(self.problems) == 1 else f"{upstream}\n{super()._summary()}"
 
     def rerooted(self, root: str, *prefix: PathItem) -> ConfigError:

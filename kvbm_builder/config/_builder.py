@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import attrs
 
-from ..errors import BuilderConsumedError, ConfigError, Problem, UninitializedFieldError, show
+from ..errors import MUST_BE_INITIALIZED, BuilderConsumedError, ConfigError, Problem, UninitializedFieldError, show
 from .fields import Validated
 
 T = TypeVar("T", bound=Validated)
@@ -135,7 +135,7 @@ class Builder(Generic[T]):
         root = target._kvbm_root
         if not values.keys() >= self._required_set:  # a set operation, in C: the usual case costs nothing
             missing = [name for name in self._required if name not in values]
-            problems.extend(Problem((name,), "must be initialized") for name in missing)
+            problems.extend(Problem((name,), MUST_BE_INITIALIZED) for name in missing)
             # the hook and the class may both see an exclusive choice: say it once (a failed hook speaks for the
             # object as a whole, as below)
             checked = target.check_values(values)

@@ -35,6 +35,7 @@ from ..config.protocols import StorageKind, Tier
 from ..config.runtime import KvManagerRuntimeConfig, NixlMode, NixlOptions
 from ..config.sizes import MAX_BYTES, parse_size
 from ..errors import (
+    MUST_BE_INITIALIZED,
     ConfigError,
     Problem,
     RuntimeObjectError,
@@ -176,7 +177,7 @@ def problems_of(group: ClassValidationError) -> list[Problem]:
 def config_error(problems: Iterable[Problem], root: str) -> ConfigError:
     """One error with each problem once: an UninitializedFieldError when one says a required field is missing."""
     unique = dict.fromkeys(problems)
-    missing = [str(p.path[-1]) for p in unique if p.message == "must be initialized"]
+    missing = [str(p.path[-1]) for p in unique if p.message == MUST_BE_INITIALIZED]
     return UninitializedFieldError(unique, root, missing) if missing else ConfigError(unique, root)
 
 
